@@ -1,0 +1,22 @@
+"""CalibAtt sparse attention for ComfyUI video models.
+
+The repository root is the ComfyUI custom-node package (any folder name works: every import inside is
+relative). Importing it without ComfyUI gives the plain-PyTorch engine (masks, kernels, calibration); inside
+ComfyUI it also registers the nodes.
+"""
+
+import sys
+
+from .version import __version__
+
+
+def _inside_comfyui() -> bool:
+    # ComfyUI imports its own modules (folder_paths, comfy.*) before it loads custom nodes.
+    return "folder_paths" in sys.modules and "comfy" in sys.modules
+
+
+if _inside_comfyui():
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS, comfy_entrypoint  # noqa: F401
+
+    WEB_DIRECTORY = "./web"
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "comfy_entrypoint"]

@@ -1,0 +1,48 @@
+"""AttentionCall: everything a host knows at one self-attention call, normalised once.
+
+Hosts (the ComfyUI override, the diffusers processor) build it; the calibrator and the sparse runner consume it.
+Neither of those ever looks at host objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..masks.geometry import TokenGrid
+from .layouts import from_bhld, to_bhld
+
+
+@dataclass
+class AttentionCall:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layout: str  # "bld" (B, L, H*D) or "bhld" (B, H, L, D)
+    heads: int
+    layer: int
+    sigma: float  # current noise level (host-side float, read once per step, not per call)
+    grid: TokenGrid  # token grid of this call (text_tokens included)
+    # Batch rows that belong to the positive (conditional) prompt; None = all rows are positive.
+    positive_rows: Optional[Sequence[int]] = None
+    scale: Optional[float] = None
+    # The host's dense attention for this call, returning the host's layout; used for fallbacks.
+    dense: Optional[Callable[[], torch.Tensor]] = None
+
+    def bhld(self):
+        """(q, k, v) as (B, H, L, D) views."""
+        return tuple(to_bhld(t, self.layout, self.heads) for t in (self.q, self.k, self.v))
+
+    def to_host_layout(self, out_bhld: torch.Tensor) -> torch.Tensor:
+        return from_bhld(out_bhld, self.layout)
+
+    @property
+    def seq_len(self) -> int:
+        return self.q.shape[1] if self.layout == "bld" else self.q.shape[2]
+
+    def positive_index(self) -> Optional[torch.Tensor]:
+        if self.positive_rows is None:
+            return None
+        return torch.as_tensor(list(self.positive_rows), dtype=torch.long, device=self.q.device)

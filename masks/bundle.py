@@ -1,0 +1,238 @@
+"""MaskBundle: compiled skip lists for every sigma bucket plus what they were calibrated for.
+
+In memory a bundle keeps each distinct (layer, head) block mask once, bit-packed, and an entry table
+[bucket, layer, head] -> mask id; identical masks across buckets, layers or heads cost nothing extra. Skip lists
+for one bucket are built on demand, on the device that will use them. Nothing here knows about ComfyUI.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..version import __version__
+from .errors import BundleError
+from .geometry import ModelSignature, TokenGrid
+from .packing import pack_bits, row_counts, unpack_bits
+from .sigmas import SigmaBuckets, validate_sigmas
+from .skiplists import BlockGeometry, LayerSkipList, RepetitionPlan, SkipLists, mask_to_table
+
+FORMAT = "calibatt-mask-bundle"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class MaskBundle:
+    signature: ModelSignature
+    grid: TokenGrid
+    geometry: BlockGeometry
+    calibrated_sigmas: list  # strictly decreasing, one per calibrated step
+    step_bucket: list  # calibrated step -> bucket
+    packed_masks: torch.Tensor  # [U, nq, ceil(nk/8)] uint8, distinct masks
+    entry_mask: torch.Tensor  # [B, L, H] int32 -> row of packed_masks
+    entry_rep: torch.Tensor  # [B, L, H] int32 -> row of rep_anchors, -1 if not repetitive
+    rep_anchors: torch.Tensor  # [R, K] int64
+    rep_row_anchor: torch.Tensor  # [R, frame_tokens] int64
+    settings: dict = field(default_factory=dict)
+    producer: dict = field(default_factory=lambda: {"package": "calibatt", "version": __version__})
+    path: Optional[str] = None
+    _cache: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
+    _max_counts: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        validate_sigmas(self.calibrated_sigmas, self.step_bucket, self.num_buckets, self.path)
+        self._buckets = SigmaBuckets(self.calibrated_sigmas, self.step_bucket)
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_skip_lists(cls, signature: ModelSignature, grid: TokenGrid, buckets: list,
+                        calibrated_sigmas, step_bucket, settings: Optional[dict] = None) -> "MaskBundle":
+        """buckets: list of SkipLists (one per bucket, in bucket order)."""
+        if not buckets:
+            raise BundleError("a bundle needs at least one bucket", field="buckets")
+        geometry = buckets[0].geometry
+        if geometry.num_tokens != grid.video_tokens:
+            raise BundleError(f"skip lists cover {geometry.num_tokens} tokens; the grid has {grid.video_tokens} "
+                              f"video tokens", field="blocks.num_tokens")
+        L, H = buckets[0].num_layers, buckets[0].num_heads
+        if (L, H) != (signature.num_layers, signature.num_heads):
+            raise BundleError(f"skip lists cover {L} layers x {H} heads; the signature says "
+                              f"{signature.num_layers} x {signature.num_heads}", field="model")
+        mask_ids: dict = {}
+        packed: list = []
+        rep_ids: dict = {}
+        anchors: list = []
+        rows: list = []
+        B = len(buckets)
+        entry_mask = torch.empty(B, L, H, dtype=torch.int32)
+        entry_rep = torch.full((B, L, H), -1, dtype=torch.int32)
+        frame_tokens = grid.frame_tokens
+        for b, sl in enumerate(buckets):
+            if sl.geometry != geometry or (sl.num_layers, sl.num_heads) != (L, H):
+                raise BundleError(f"bucket {b} has a different geometry or layer/head count", field="buckets")
+            bits = pack_bits(sl.block_mask().cpu())
+            for l in range(L):
+                for h in range(H):
+                    key = bits[l, h].numpy().tobytes()
+                    mid = mask_ids.get(key)
+                    if mid is None:
+                        mid = mask_ids[key] = len(packed)
+                        packed.append(bits[l, h])
+                    entry_mask[b, l, h] = mid
+            rep = sl.repetition
+            if rep is not None:
+                if rep.frame_tokens != frame_tokens:
+                    raise BundleError(f"repetition plan uses {rep.frame_tokens}-token frames; the grid has "
+                                      f"{frame_tokens}", field="repetition.frame_tokens")
+                for l, h in (rep.head_slot >= 0).nonzero().tolist():
+                    s = int(rep.head_slot[l, h])
+                    a, r = rep.anchors[s], rep.row_anchor[s]
+                    key = a.numpy().tobytes() + b"|" + r.to(torch.uint8).numpy().tobytes()
+                    rid = rep_ids.get(key)
+                    if rid is None:
+                        rid = rep_ids[key] = len(anchors)
+                        anchors.append(a)
+                        rows.append(r)
+                    entry_rep[b, l, h] = rid
+        K = anchors[0].numel() if anchors else 1
+        if any(a.numel() != K for a in anchors):
+            raise BundleError("all repetitive heads must use the same number of anchors per frame",
+                              field="repetition.anchors")
+        return cls(
+            signature=signature, grid=grid, geometry=geometry,
+            calibrated_sigmas=[float(s) for s in calibrated_sigmas], step_bucket=[int(b) for b in step_bucket],
+            packed_masks=torch.stack(packed), entry_mask=entry_mask, entry_rep=entry_rep,
+            rep_anchors=torch.stack(anchors).long() if anchors else torch.zeros(0, K, dtype=torch.int64),
+            rep_row_anchor=(torch.stack(rows).long() if rows
+                            else torch.zeros(0, frame_tokens, dtype=torch.int64)),
+            settings=dict(settings or {}),
+        )
+
+    # ---- shape facts ------------------------------------------------------------------------------------------
+    @property
+    def num_buckets(self) -> int:
+        return self.entry_mask.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.entry_mask.shape[1]
+
+    @property
+    def num_heads(self) -> int:
+        return self.entry_mask.shape[2]
+
+    @property
+    def num_unique_masks(self) -> int:
+        return self.packed_masks.shape[0]
+
+    def bucket_for_sigma(self, sigma: float) -> int:
+        return self._buckets.bucket_for_sigma(sigma)
+
+    def sigma_ranges(self):
+        return self._buckets.edges()
+
+    def max_counts(self) -> torch.Tensor:
+        """[U] int32: longest row of each distinct mask (sizes padded tables without a device sync)."""
+        if self._max_counts is None:
+            self._max_counts = row_counts(self.packed_masks).max(-1).values
+        return self._max_counts
+
+    def entry_densities(self) -> torch.Tensor:
+        """[B, L, H] float64 fraction of key blocks computed, repetitive heads at their anchor share."""
+        g = self.geometry
+        per_mask = row_counts(self.packed_masks).sum(-1).double() / (g.nq * g.nk)
+        dens = per_mask[self.entry_mask.long()]
+        if self.rep_anchors.shape[0]:
+            frames = max(1, g.num_tokens // self.grid.frame_tokens)
+            rep_share = min(1.0, frames * self.rep_anchors.shape[1] / g.num_tokens)
+            dens = torch.where(self.entry_rep >= 0, torch.full_like(dens, rep_share), dens)
+        return dens
+
+    @property
+    def density(self) -> float:
+        return float(self.entry_densities().mean())
+
+    def step_densities(self) -> list:
+        d = self.entry_densities().mean(dim=(1, 2))
+        return [float(d[b]) for b in self.step_bucket]
+
+    # ---- skip lists -------------------------------------------------------------------------------------------
+    def repetition_plan(self, bucket: int) -> Optional[RepetitionPlan]:
+        er = self.entry_rep[bucket]
+        if not bool((er >= 0).any()):
+            return None
+        used = sorted(set(er[er >= 0].tolist()))
+        remap = {r: i for i, r in enumerate(used)}
+        slot = er.clone()
+        for r, i in remap.items():
+            slot[er == r] = i
+        idx = torch.tensor(used, dtype=torch.long)
+        return RepetitionPlan(self.grid.frame_tokens, slot, self.rep_anchors[idx], self.rep_row_anchor[idx])
+
+    def skip_lists(self, bucket: int, device=None) -> SkipLists:
+        """SkipLists of one bucket on `device`, built there (unpacking on the GPU is cheap); the last two are cached."""
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        key = (bucket, str(device))
+        hit = self._cache.get(key)
+        if hit is not None:
+            self._cache.move_to_end(key)
+            return hit
+        if not (0 <= bucket < self.num_buckets):
+            raise BundleError(f"bucket {bucket} out of range [0, {self.num_buckets})", path=self.path, field="bucket")
+        g = self.geometry
+        rep = self.repetition_plan(bucket)
+        ids = self.entry_mask[bucket].long()  # [L, H]
+        widths = self.max_counts()[ids].amax(-1).tolist()  # per layer, host-side: no device sync
+        layers = []
+        for l in range(self.num_layers):
+            bits = self.packed_masks[ids[l]].to(device, non_blocking=True)
+            mask = unpack_bits(bits, g.nk)
+            table, counts = mask_to_table(mask, width=int(widths[l]))
+            layers.append(LayerSkipList(g, table, counts, rep.for_layer(l) if rep is not None else None))
+            if layers[-1].repetition is not None:
+                layers[-1].repetition = layers[-1].repetition.to(device)
+        sl = SkipLists(g, layers, rep)
+        self._cache[key] = sl
+        while len(self._cache) > 2:
+            self._cache.popitem(last=False)
+        return sl
+
+    def release(self):
+        """Drop cached device skip lists (call when sampling ends)."""
+        self._cache.clear()
+
+    # ---- fit checks ---------------------------------------------------------------------------------------------
+    def check_compatible(self, signature: Optional[ModelSignature] = None, grid: Optional[TokenGrid] = None):
+        """Raise BundleError listing every way the model / latent differs from what the bundle was made for."""
+        problems = []
+        if signature is not None:
+            problems += self.signature.mismatches(signature)
+        if grid is not None:
+            problems += self.grid.mismatches(grid)
+        if problems:
+            made = f"{self.signature.family}, {self.signature.num_layers} layers, {self.grid.describe()}"
+            raise BundleError(
+                "this mask bundle does not fit: " + "; ".join(problems)
+                + f". The bundle was made for {made}. Calibrate a bundle for this model and video size "
+                "(Calibrate Sparse Attention), or load one made for it.",
+                path=self.path, field="model" if signature is not None and self.signature.mismatches(signature)
+                else "grid")
+
+    def summary(self) -> str:
+        s = self.signature
+        return (f"{s.family}: {s.num_layers} layers x {s.num_heads} heads | grid {self.grid.describe()} | "
+                f"{len(self.calibrated_sigmas)} steps in {self.num_buckets} sigma buckets | "
+                f"blocks {self.geometry.block_q}x{self.geometry.block_k} | density {self.density:.3f} | "
+                f"{self.num_unique_masks} distinct masks"
+                + (f" | {int((self.entry_rep >= 0).sum())} repetitive head entries" if self.rep_anchors.shape[0]
+                   else ""))
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for t in (self.packed_masks, self.entry_mask, self.entry_rep, self.rep_anchors, self.rep_row_anchor):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]

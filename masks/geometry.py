@@ -1,0 +1,154 @@
+"""What a bundle was calibrated for: the model's shape (signature) and the token grid of one latent video.
+
+Both are plain frozen dataclasses with dict round trips, so the bundle's JSON metadata, the host adapters and
+the compatibility check all speak the same terms.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+from .errors import BundleError
+
+KNOWN_FAMILIES = ("wan21", "wan22", "mochi", "hunyuan", "ltxv", "tinywan", "generic")
+TEXT_POSITIONS = ("none", "end")
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """The shape facts that identify a checkpoint family; a bundle only fits models with the same signature."""
+
+    family: str
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    dim: int
+    # Anything else that separates checkpoints of one family (e.g. in_channels for I2V vs T2V, the Wan 2.2 expert).
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelSignature":
+        return cls(
+            family=str(d["family"]),
+            num_layers=int(d["num_layers"]),
+            num_heads=int(d["num_heads"]),
+            head_dim=int(d["head_dim"]),
+            dim=int(d["dim"]),
+            extra=dict(d.get("extra", {})),
+        )
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def mismatches(self, other: "ModelSignature") -> list[str]:
+        """Human sentences for every field where `other` (the model in use) differs from self (the bundle)."""
+        out = []
+        if self.family != other.family:
+            out.append(f"bundle was calibrated for model family '{self.family}'; this model is '{other.family}'")
+        for name, unit in (("num_layers", "layers"), ("num_heads", "attention heads"),
+                           ("head_dim", "head_dim"), ("dim", "hidden size")):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                out.append(f"bundle was calibrated for {a} {unit}; this model has {b}")
+        for key in sorted(set(self.extra) | set(other.extra)):
+            a, b = self.extra.get(key), other.extra.get(key)
+            if a != b:
+                out.append(f"bundle was calibrated for {key}={a}; this model has {key}={b}")
+        return out
+
+
+@dataclass(frozen=True)
+class TokenGrid:
+    """The self-attention token layout of one latent video.
+
+    Video tokens come first in frame-major order (index = t * height * width + h * width + w), then
+    `text_tokens` text tokens when the model uses joint attention (Mochi, HunyuanVideo): those always attend
+    to and are attended by everything, so masks cover the video part only.
+    """
+
+    frames: int  # latent frames after patching
+    height: int  # tokens
+    width: int  # tokens
+    patch: tuple = (1, 2, 2)  # latent voxels per token (t, h, w)
+    order: str = "thw"
+    text_tokens: int = 0
+    text_position: str = "none"  # "none" or "end"
+    # Pixels per latent voxel (t, h, w); only used to phrase messages in pixels / frames.
+    vae_stride: tuple = (4, 8, 8)
+
+    def __post_init__(self):
+        for name in ("frames", "height", "width"):
+            if int(getattr(self, name)) <= 0:
+                raise BundleError(f"token grid {name} must be positive, got {getattr(self, name)}", field=f"grid.{name}")
+        if self.text_position not in TEXT_POSITIONS:
+            raise BundleError(f"text_position must be one of {TEXT_POSITIONS}", field="grid.text_position")
+        if self.order != "thw":
+            raise BundleError(f"only frame-major 'thw' token order is supported, got '{self.order}'", field="grid.order")
+        if (self.text_tokens > 0) != (self.text_position == "end"):
+            raise BundleError("text_tokens > 0 requires text_position 'end' (and 'none' requires 0)",
+                              field="grid.text_tokens")
+
+    @property
+    def video_tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    @property
+    def frame_tokens(self) -> int:
+        return self.height * self.width
+
+    @property
+    def total_tokens(self) -> int:
+        return self.video_tokens + self.text_tokens
+
+    def describe(self) -> str:
+        pt, ph, pw = self.patch
+        st, sh, sw = self.vae_stride
+        px_h, px_w = self.height * ph * sh, self.width * pw * sw
+        frames_px = (self.frames * pt - 1) * st + 1
+        text = f" + {self.text_tokens} text tokens" if self.text_tokens else ""
+        return (f"{self.frames}x{self.height}x{self.width} tokens (about {px_w}x{px_h} px, "
+                f"{frames_px} frames){text}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["patch"] = list(self.patch)
+        d["vae_stride"] = list(self.vae_stride)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TokenGrid":
+        return cls(
+            frames=int(d["frames"]), height=int(d["height"]), width=int(d["width"]),
+            patch=tuple(int(x) for x in d.get("patch", (1, 2, 2))),
+            order=str(d.get("order", "thw")),
+            text_tokens=int(d.get("text_tokens", 0)),
+            text_position=str(d.get("text_position", "none")),
+            vae_stride=tuple(int(x) for x in d.get("vae_stride", (4, 8, 8))),
+        )
+
+    def mismatches(self, other: "TokenGrid") -> list[str]:
+        """Sentences for each way `other` (the latent in use) differs from self (what the bundle was made for)."""
+        out = []
+        if self.frames != other.frames:
+            out.append(f"bundle was calibrated for {self.frames} latent frames; this video has {other.frames} "
+                       f"(video length differs)")
+        if (self.height, self.width) != (other.height, other.width):
+            out.append(f"bundle was calibrated for a {self.height}x{self.width}-token frame; this video has "
+                       f"{other.height}x{other.width} (resolution differs)")
+        if self.text_tokens != other.text_tokens:
+            out.append(f"bundle was calibrated with {self.text_tokens} text tokens in self-attention; "
+                       f"this call has {other.text_tokens}")
+        if tuple(self.patch) != tuple(other.patch):
+            out.append(f"bundle was calibrated for patch size {tuple(self.patch)}; this model uses {tuple(other.patch)}")
+        return out
+
+
+def num_blocks(tokens: int, block: int) -> int:
+    return int(math.ceil(tokens / block))

@@ -1,0 +1,44 @@
+"""Bit packing of block masks, on any device (torch only), so a bucket's masks can be unpacked on the GPU."""
+
+from __future__ import annotations
+
+import torch
+
+_SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
+
+
+def row_bytes(nk: int) -> int:
+    return (nk + 7) // 8
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """[..., nk] bool -> [..., ceil(nk/8)] uint8, most significant bit first, zero padding bits."""
+    nk = mask.shape[-1]
+    pad = row_bytes(nk) * 8 - nk
+    m = mask.to(torch.uint8)
+    if pad:
+        m = torch.nn.functional.pad(m, (0, pad))
+    m = m.reshape(*mask.shape[:-1], -1, 8)
+    return (m << _SHIFTS.to(mask.device)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, nk: int) -> torch.Tensor:
+    """[..., ceil(nk/8)] uint8 -> [..., nk] bool."""
+    bits = (packed[..., None] >> _SHIFTS.to(packed.device)) & 1
+    return bits.reshape(*packed.shape[:-1], -1)[..., :nk].to(torch.bool)
+
+
+def padding_bits_clear(packed: torch.Tensor, nk: int) -> bool:
+    pad = row_bytes(nk) * 8 - nk
+    if pad == 0 or packed.numel() == 0:
+        return True
+    low = (1 << pad) - 1
+    return not bool((packed[..., -1] & low).any())
+
+
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+
+
+def row_counts(packed: torch.Tensor) -> torch.Tensor:
+    """[..., rows, bytes] uint8 -> [..., rows] int32 number of set bits per row."""
+    return _POPCOUNT.to(packed.device)[packed.long()].sum(-1, dtype=torch.int32)

@@ -1,0 +1,238 @@
+"""The one description of "which blocks": compiled skip lists for one sigma bucket.
+
+Calibration produces them, bundles store them, the reference and the Triton kernel read them. Per (layer, head)
+and query block they list the key blocks to compute as a padded index table plus a count, which is the layout
+the kernel walks. Padding repeats the last valid index so a stray read stays in bounds; readers use the count.
+
+Repetition plans live beside the block lists: for a repetitive (layer, head) only a few anchor rows per frame are
+computed (against every key) and each other row of the frame takes its anchor's output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .errors import BundleError
+from .geometry import num_blocks
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """Block tiling of the masked (video) part of the sequence. The last block may be partial."""
+
+    num_tokens: int
+    block_q: int
+    block_k: int
+
+    def __post_init__(self):
+        if self.num_tokens <= 0 or self.block_q <= 0 or self.block_k <= 0:
+            raise BundleError(f"block geometry must be positive: {self}", field="blocks")
+
+    @property
+    def nq(self) -> int:
+        return num_blocks(self.num_tokens, self.block_q)
+
+    @property
+    def nk(self) -> int:
+        return num_blocks(self.num_tokens, self.block_k)
+
+    def diagonal(self, device=None) -> torch.Tensor:
+        """[nq, nk] bool: key blocks that share tokens with each query block (its own diagonal)."""
+        q0 = torch.arange(self.nq, device=device) * self.block_q
+        q1 = torch.clamp(q0 + self.block_q, max=self.num_tokens)
+        k0 = torch.arange(self.nk, device=device) * self.block_k
+        k1 = torch.clamp(k0 + self.block_k, max=self.num_tokens)
+        return (k0[None, :] < q1[:, None]) & (q0[:, None] < k1[None, :])
+
+    def to_dict(self) -> dict:
+        return {"num_tokens": self.num_tokens, "block_q": self.block_q, "block_k": self.block_k,
+                "nq": self.nq, "nk": self.nk}
+
+
+@dataclass
+class LayerRepetition:
+    """Repetition plan of one layer. head_slot[h] = -1 for ordinary heads, else a row of anchors/row_anchor."""
+
+    frame_tokens: int
+    head_slot: torch.Tensor  # [H] int32
+    anchors: torch.Tensor  # [R, K] int64, anchor positions inside a frame
+    row_anchor: torch.Tensor  # [R, frame_tokens] int64, anchor slot (0..K-1) of every in-frame position
+
+    def to(self, device) -> "LayerRepetition":
+        return LayerRepetition(self.frame_tokens, self.head_slot.to(device), self.anchors.to(device),
+                               self.row_anchor.to(device))
+
+    @property
+    def num_repetitive(self) -> int:
+        return int((self.head_slot >= 0).sum())
+
+
+@dataclass
+class RepetitionPlan:
+    """Repetition plan of one bucket, for all layers: which heads, their anchors and the row -> anchor map."""
+
+    frame_tokens: int
+    head_slot: torch.Tensor  # [L, H] int32, -1 = not repetitive
+    anchors: torch.Tensor  # [R, K] int64, positions within a frame
+    row_anchor: torch.Tensor  # [R, frame_tokens] int64 in [0, K)
+
+    def __post_init__(self):
+        self.head_slot = self.head_slot.to(torch.int32)
+        self.anchors = self.anchors.to(torch.int64)
+        self.row_anchor = self.row_anchor.to(torch.int64)
+        R = self.anchors.shape[0]
+        if self.row_anchor.shape != (R, self.frame_tokens):
+            raise BundleError(f"row_anchor must be [{R}, {self.frame_tokens}], got {tuple(self.row_anchor.shape)}",
+                              field="repetition.row_anchor")
+        if R:
+            K = self.anchors.shape[1]
+            if K < 1 or int(self.anchors.min()) < 0 or int(self.anchors.max()) >= self.frame_tokens:
+                raise BundleError("anchor rows must lie inside a frame", field="repetition.anchors")
+            if int(self.row_anchor.min()) < 0 or int(self.row_anchor.max()) >= K:
+                raise BundleError(f"row_anchor slots must be in [0, {K})", field="repetition.row_anchor")
+        used = self.head_slot[self.head_slot >= 0]
+        if used.numel() and int(used.max()) >= R:
+            raise BundleError(f"head_slot refers to plan {int(used.max())} of {R}", field="repetition.head_slot")
+
+    @classmethod
+    def empty(cls, num_layers: int, num_heads: int, frame_tokens: int, k: int = 1) -> "RepetitionPlan":
+        return cls(frame_tokens, torch.full((num_layers, num_heads), -1, dtype=torch.int32),
+                   torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, frame_tokens, dtype=torch.int64))
+
+    def for_layer(self, layer: int) -> Optional[LayerRepetition]:
+        slots = self.head_slot[layer]
+        used = slots >= 0
+        if not bool(used.any()):
+            return None
+        rows = slots[used].long()
+        local = torch.full_like(slots, -1)
+        local[used] = torch.arange(rows.numel(), dtype=torch.int32)
+        return LayerRepetition(self.frame_tokens, local, self.anchors[rows], self.row_anchor[rows])
+
+
+@dataclass
+class LayerSkipList:
+    """Skip list of one layer (all heads): what one attention call reads."""
+
+    geometry: BlockGeometry
+    kv_indices: torch.Tensor  # [H, nq, W] int16/int32, padded by repeating the last valid index
+    kv_counts: torch.Tensor  # [H, nq] int32, >= 1
+    repetition: Optional[LayerRepetition] = None
+
+    @property
+    def num_heads(self) -> int:
+        return self.kv_counts.shape[0]
+
+    def to(self, device, non_blocking: bool = False) -> "LayerSkipList":
+        rep = self.repetition.to(device) if self.repetition is not None else None
+        return LayerSkipList(self.geometry, self.kv_indices.to(device, non_blocking=non_blocking),
+                             self.kv_counts.to(device, non_blocking=non_blocking), rep)
+
+    def block_mask(self) -> torch.Tensor:
+        """[H, nq, nk] bool."""
+        return _table_to_mask(self.kv_indices, self.kv_counts, self.geometry.nk)
+
+    def head_densities(self) -> torch.Tensor:
+        """[H] float: fraction of key blocks computed; a repetitive head counts its anchor rows' share."""
+        g = self.geometry
+        dens = self.kv_counts.sum(-1).double() / (g.nq * g.nk)
+        rep = self.repetition
+        if rep is not None:
+            frames = max(1, g.num_tokens // rep.frame_tokens)
+            for h in range(self.num_heads):
+                slot = int(rep.head_slot[h])
+                if slot >= 0:
+                    dens[h] = min(1.0, frames * rep.anchors.shape[1] / g.num_tokens)
+        return dens
+
+    @property
+    def density(self) -> float:
+        return float(self.head_densities().mean())
+
+
+def _table_to_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nk: int) -> torch.Tensor:
+    W = kv_indices.shape[-1]
+    valid = torch.arange(W, device=kv_indices.device) < kv_counts[..., None]
+    mask = torch.zeros(*kv_counts.shape, nk + 1, dtype=torch.bool, device=kv_indices.device)
+    idx = torch.where(valid, kv_indices.long(), torch.full_like(kv_indices, nk, dtype=torch.long))
+    mask.scatter_(-1, idx, True)
+    return mask[..., :nk]
+
+
+def mask_to_table(mask: torch.Tensor, width: Optional[int] = None):
+    """[..., nq, nk] bool -> (kv_indices [..., nq, W], kv_counts [..., nq] int32).
+
+    W = `width` when the caller knows the longest row (no device sync), else the max count.
+    """
+    nk = mask.shape[-1]
+    counts = mask.sum(-1, dtype=torch.int32)
+    W = max(1, int(width) if width is not None else (int(counts.max()) if counts.numel() else 1))
+    # Stable sort puts the kept blocks first, in ascending key-block order.
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :W]
+    pos = torch.arange(W, device=mask.device)
+    last = torch.clamp(counts.long() - 1, min=0)[..., None]
+    take = torch.minimum(pos.expand(*counts.shape, W), last)
+    table = order.gather(-1, take)
+    dtype = torch.int16 if nk <= torch.iinfo(torch.int16).max else torch.int32
+    return table.to(dtype), counts
+
+
+@dataclass
+class SkipLists:
+    """Compiled skip lists of one sigma bucket: every layer and head."""
+
+    geometry: BlockGeometry
+    layers: list  # list[LayerSkipList]
+    repetition: Optional[RepetitionPlan] = None
+    _mask_cache: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_block_mask(cls, mask: torch.Tensor, geometry: BlockGeometry,
+                        repetition: Optional[RepetitionPlan] = None) -> "SkipLists":
+        """mask: [L, H, nq, nk] bool. The diagonal is added so that no query block is ever empty."""
+        if mask.dim() != 4 or mask.shape[-2:] != (geometry.nq, geometry.nk):
+            raise BundleError(f"block mask must be [layers, heads, {geometry.nq}, {geometry.nk}], "
+                              f"got {tuple(mask.shape)}", field="mask")
+        mask = mask.to(torch.bool) | geometry.diagonal(mask.device)
+        if repetition is not None and tuple(repetition.head_slot.shape) != tuple(mask.shape[:2]):
+            raise BundleError(f"repetition plan covers {tuple(repetition.head_slot.shape)} (layers, heads); "
+                              f"the masks cover {tuple(mask.shape[:2])}", field="repetition.head_slot")
+        layers = []
+        for l in range(mask.shape[0]):
+            table, counts = mask_to_table(mask[l])
+            rep = repetition.for_layer(l) if repetition is not None else None
+            layers.append(LayerSkipList(geometry, table, counts, rep))
+        out = cls(geometry, layers, repetition)
+        out._mask_cache = mask
+        return out
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def num_heads(self) -> int:
+        return self.layers[0].num_heads
+
+    def layer(self, index: int) -> LayerSkipList:
+        return self.layers[index]
+
+    def block_mask(self) -> torch.Tensor:
+        """[L, H, nq, nk] bool."""
+        if self._mask_cache is None:
+            self._mask_cache = torch.stack([lay.block_mask() for lay in self.layers])
+        return self._mask_cache
+
+    def head_densities(self) -> torch.Tensor:
+        """[L, H] float."""
+        return torch.stack([lay.head_densities() for lay in self.layers])
+
+    @property
+    def density(self) -> float:
+        return float(self.head_densities().mean())
+
+    def to(self, device, non_blocking: bool = False) -> "SkipLists":
+        return SkipLists(self.geometry, [lay.to(device, non_blocking) for lay in self.layers], self.repetition)
