@@ -1,0 +1,95 @@
+"""Calibration settings: the eps(t) schedule, the vote, repetition and sharing thresholds, all in one dataclass.
+
+eps(t) = A + (C - A) * exp(-k * t / T), t = 0 the noisiest step, T the number of steps of the schedule. A row of a
+query block keeps the smallest set of key blocks whose attention mass (plus the mass on text keys, which are always
+computed) reaches eps(t). Presets are starting points: "balanced" is the paper's Wan schedule (C = 0.99, k = 16,
+A about 0.84); "quality" keeps more mass late in sampling, "fast" less.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Optional
+
+# (A, C, k)
+EPS_PRESETS = {
+    "quality": (0.92, 0.995, 12.0),
+    "balanced": (0.84, 0.99, 16.0),
+    "fast": (0.76, 0.97, 16.0),
+}
+
+
+@dataclass
+class CalibrationSettings:
+    preset: str = "balanced"
+    A: Optional[float] = None  # overrides the preset's A (eps after many steps)
+    C: Optional[float] = None  # overrides the preset's C (eps at t = 0)
+    k: Optional[float] = None  # overrides the preset's decay rate
+    rho: float = 0.5  # keep a block if at least this share of the prompts kept it
+    gamma: float = 0.87  # row similarity (1 - relative output distance to its anchor) that counts as "repeated"
+    anchors: int = 5  # anchor rows per frame for repetitive heads
+    repetition: bool = True
+    # A head is repetitive for (step, layer) only if at least this share of its rows reach gamma (mean over prompts).
+    rep_min_fraction: float = 0.95
+    share_iou: float = 0.97  # adjacent steps whose masks have at least this IoU share one bucket
+    share_after: float = 0.0  # only steps at t / T >= this may join the previous bucket (0 = anywhere)
+    block_q: int = 128
+    block_k: int = 128
+    seed: int = 0
+    steps: Optional[int] = None  # schedule length T when the host does not pass its sigmas to begin_prompt
+    sampler: Optional[str] = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.preset not in EPS_PRESETS:
+            raise ValueError(f"CalibrationSettings.preset must be one of {sorted(EPS_PRESETS)}, got {self.preset!r}")
+        A, C, k = self.eps_params()
+        if not (0.0 < A <= C <= 1.0):
+            raise ValueError(f"CalibrationSettings: eps needs 0 < A <= C <= 1, got A={A}, C={C}; "
+                             "set A below C (e.g. A=0.84, C=0.99)")
+        if not (math.isfinite(k) and k >= 0):
+            raise ValueError(f"CalibrationSettings.k must be a finite number >= 0, got {k}")
+        if not (0.0 < self.rho <= 1.0):
+            raise ValueError(f"CalibrationSettings.rho must be in (0, 1], got {self.rho}")
+        if not (0.0 < self.gamma <= 1.0):
+            raise ValueError(f"CalibrationSettings.gamma must be in (0, 1], got {self.gamma}")
+        if not (1 <= int(self.anchors) <= 256):
+            raise ValueError(f"CalibrationSettings.anchors must be in [1, 256], got {self.anchors}")
+        if not (0.0 < self.share_iou <= 1.0):
+            raise ValueError(f"CalibrationSettings.share_iou must be in (0, 1], got {self.share_iou}")
+        if self.block_q <= 0 or self.block_k <= 0:
+            raise ValueError(f"CalibrationSettings block sizes must be positive, got {self.block_q}x{self.block_k}")
+        if self.steps is not None and int(self.steps) <= 0:
+            raise ValueError(f"CalibrationSettings.steps must be positive or None, got {self.steps}")
+
+    def eps_params(self):
+        A0, C0, k0 = EPS_PRESETS.get(self.preset, EPS_PRESETS["balanced"])
+        return (float(self.A if self.A is not None else A0), float(self.C if self.C is not None else C0),
+                float(self.k if self.k is not None else k0))
+
+    def eps(self, t_index: int, num_steps: int) -> float:
+        """Mass to keep at step t_index (0 = noisiest) of a num_steps schedule."""
+        if num_steps <= 0:
+            raise ValueError(f"num_steps must be positive, got {num_steps}")
+        A, C, k = self.eps_params()
+        return A + (C - A) * math.exp(-k * float(t_index) / float(num_steps))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["extra"] = dict(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CalibrationSettings":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown calibration settings {unknown}; known: {sorted(names)}")
+        return cls(**{k: (dict(v) if k == "extra" else v) for k, v in d.items()})
+
+    def selection_key(self) -> dict:
+        """The settings that change per-prompt statistics; runs can only be merged when these agree."""
+        A, C, k = self.eps_params()
+        return {"A": A, "C": C, "k": k, "block_q": self.block_q, "block_k": self.block_k, "gamma": self.gamma,
+                "anchors": int(self.anchors)}
