@@ -1,4 +1,8 @@
-"""Attention execution: the plain-PyTorch reference and (on CUDA) the Triton kernels, behind one dispatch."""
+"""Attention execution: the plain-PyTorch reference and (on CUDA) the Triton kernels, behind one dispatch.
+
+The Triton modules (triton_attention, triton_stats) are imported lazily by the dispatchers (runner.py, stats.py),
+so importing the package never compiles or even imports Triton.
+"""
 
 from .layouts import LAYOUTS, from_bhld, to_bhld
 from .reference import sparse_attention_reference

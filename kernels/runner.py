@@ -1,12 +1,17 @@
 """SparseRunner: given a bundle and an AttentionCall, run the right attention.
 
-Per step (not per call) it picks the sigma bucket and builds that bucket's skip lists on the call's device; per
-call it dispatches: dense where the step is in a dense window or the bundle's entry is dense, otherwise the
-block-sparse path for the device (Triton on CUDA when available, the reference on CPU).
+Per step (not per call) it picks the sigma bucket, builds that bucket's skip lists on the call's device and
+decides, per layer, which heads run block-sparse and which run dense; per call it dispatches:
+  - dense (kernels/dense.py, cuDNN first) where the step is in a dense window, or for a layer whose heads are all
+    denser than the cutoff;
+  - the Triton kernel on CUDA (float16/bfloat16, head_dim 16..128), the plain-PyTorch reference elsewhere;
+  - a layer with some heads above the cutoff: the sparse path skips those heads and dense fills them in.
+No per-call host sync: the routing is computed from the bundle's host-side densities when the step begins.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -16,17 +21,31 @@ from .call import AttentionCall
 from .dense import dense_attention
 from .reference import sparse_attention_reference
 
+# Key-block density above which the dense path (cuDNN) is at least as fast as our Triton kernel for that head.
+# Measured on the lent H100 by bench/bench_kernels.py (docs/BENCHMARKS.md, "## Kernels", 2026-11-22): our time
+# crosses cuDNN's dense time at density 0.93-0.94 (three runs; 480p 32,760 and 720p 75,600 tokens, 3-D local-window
+# masks, bf16, H=40, D=128); the lower end is kept, since dense is also the more exact path.
+DENSE_CUTOFF = 0.93
+
+_TRITON_BROKEN: dict = {}
+
 
 class SparseRunner:
-    def __init__(self, bundle: MaskBundle, *, dense_first: float = 0.0, dense_last: float = 0.0):
+    def __init__(self, bundle: MaskBundle, *, dense_first: float = 0.0, dense_last: float = 0.0,
+                 dense_cutoff: float = DENSE_CUTOFF):
         if not (0.0 <= dense_first <= 1.0 and 0.0 <= dense_last <= 1.0):
             raise ValueError("dense_first and dense_last are fractions of the steps in [0, 1]")
+        if not (0.0 < dense_cutoff <= 1.0 + 1e-9):
+            raise ValueError("dense_cutoff is a key-block density in (0, 1]; 1.0 keeps every head sparse")
         self.bundle = bundle
         self.dense_first = dense_first
         self.dense_last = dense_last
+        self.dense_cutoff = dense_cutoff
         self._step_key = None
         self._skip = None
+        self._routes = None
         self._dense_step = False
+        self._densities = bundle.entry_densities()  # [buckets, L, H] host-side, computed once
 
     def begin_step(self, sigma: float, device, step_fraction: Optional[float] = None):
         """Call once per denoising step with the host-side sigma and, when known, the position in the schedule
@@ -37,11 +56,33 @@ class SparseRunner:
         key = (bucket, str(torch.device(device)))
         if key != self._step_key:
             self._skip = self.bundle.skip_lists(bucket, device)
+            self._routes = self._layer_routes(bucket, torch.device(device))
             self._step_key = key
         return bucket
 
+    def _layer_routes(self, bucket: int, device) -> list:
+        """Per layer: ("sparse", None), ("dense", None) or ("mixed", (dense-head bool [H], dense-head index))."""
+        routes = []
+        above = self._densities[bucket] > self.dense_cutoff  # [L, H] host
+        for l in range(above.shape[0]):
+            row = above[l]
+            if bool(row.all()):
+                routes.append(("dense", None))
+            elif bool(row.any()):
+                routes.append(("mixed", (row.to(device), row.nonzero().flatten().to(device))))
+            else:
+                routes.append(("sparse", None))
+        return routes
+
+    def route(self, layer: int) -> str:
+        """"sparse", "dense" or "mixed" for a layer of the current step (dense steps aside)."""
+        if self._routes is None:
+            raise RuntimeError("call begin_step before asking for a route")
+        return self._routes[layer][0]
+
     def end(self):
         self._skip = None
+        self._routes = None
         self._step_key = None
         self.bundle.release()
 
@@ -50,10 +91,37 @@ class SparseRunner:
             self.begin_step(call.sigma, call.q.device)
         if self._dense_step:
             return self._dense(call)
+        kind, dense_heads = self._routes[call.layer]
         q, k, v = call.bhld()
+        if kind == "dense":
+            return call.to_host_layout(dense_attention(q, k, v, scale=call.scale))
         layer = self._skip.layer(call.layer)
-        out = sparse_attention_reference(q, k, v, layer, scale=call.scale)
+        out = None
+        if self._triton_ok(q):
+            try:
+                from .triton_attention import sparse_attention_triton
+                out = sparse_attention_triton(q, k, v, layer, scale=call.scale,
+                                              skip_heads=None if dense_heads is None else dense_heads[0])
+            except Exception as e:  # noqa: BLE001 - see below
+                if isinstance(e, ValueError) and not type(e).__name__ == "TritonUnsupported":
+                    raise  # bad input: the caller must see it
+                # A compile or launch failure on an untested GPU, or a shape the kernel does not take, must not
+                # stop the sampler: dense attention is the exact fallback.
+                _TRITON_BROKEN[(str(q.device), q.dtype, q.shape[-1])] = True
+                warnings.warn(f"calibatt: Triton sparse attention failed on {q.device} ({e}); using dense attention "
+                              "for this shape from now on", RuntimeWarning)
+                return call.to_host_layout(dense_attention(q, k, v, scale=call.scale))
+        if out is None:
+            out = sparse_attention_reference(q, k, v, layer, scale=call.scale)
+        if dense_heads is not None:
+            idx = dense_heads[1]
+            out[:, idx] = dense_attention(q[:, idx], k[:, idx], v[:, idx], scale=call.scale).to(out.dtype)
         return call.to_host_layout(out)
+
+    @staticmethod
+    def _triton_ok(q: torch.Tensor) -> bool:
+        return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (16, 32, 64, 128)
+                and not _TRITON_BROKEN.get((str(q.device), q.dtype, q.shape[-1]), False))
 
     @staticmethod
     def _dense(call: AttentionCall) -> torch.Tensor:

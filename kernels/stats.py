@@ -1,4 +1,8 @@
-"""Block-energy statistics for calibration: one entry point, dispatching by device."""
+"""Block-energy statistics for calibration: one entry point, dispatching by device.
+
+CUDA with float16/bfloat16 q, k -> the Triton kernel (kernels/triton_stats.py); everything else (CPU, float32)
+-> the plain-PyTorch reference. Both accumulate into the same [H, nq, nk] float32 buffer.
+"""
 
 from __future__ import annotations
 
@@ -13,4 +17,13 @@ __all__ = ["block_energy", "block_row_counts"]
 def block_energy(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, *, scale: float | None = None,
                  out: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as block_energy_reference (q, k: (B, H, N, D); out [H, nq, nk] float32, accumulated)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype:
+        from .triton_attention import TritonUnsupported
+        from .triton_stats import block_energy_triton
+        try:
+            if out is not None and not out.is_contiguous():
+                raise TritonUnsupported("non-contiguous out")
+            return block_energy_triton(q, k, geometry, scale=scale, out=out)
+        except TritonUnsupported:
+            pass  # head_dim or block size outside the kernel's range: the reference handles any
     return block_energy_reference(q, k, geometry, scale=scale, out=out)

@@ -1,0 +1,459 @@
+"""Block-sparse flash-attention forward in Triton, reading a LayerSkipList.
+
+Same function as kernels/reference.py `sparse_attention_reference` (video rows: listed video key blocks + all text
+keys; text rows: dense; repetitive heads: anchor rows dense, other rows copy their anchor). Three launches, none
+of which syncs with the host:
+  1. video query rows: one program per (query tile, batch*head); it walks the key blocks listed for its mask row
+     (both QK^T and PV of unlisted blocks are skipped), then the trailing text keys;
+  2. text query rows (only when there are text tokens): dense over every key;
+  3. anchor rows of repetitive heads (only when the layer has a repetition plan): dense over every key, rows
+     gathered through a table; torch then broadcasts each anchor's output to the rows it stands for.
+q, k, v and the output are read and written through their strides, so (B, L, H*D) and (B, H, L, D) tensors are
+used in place. Skip-list indices must be ascending within a row (mask_to_table writes them so): the only partial
+video key block (the last one) is then the last listed and is peeled off the unmasked main loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..masks.skiplists import LayerSkipList
+from .layouts import from_bhld, to_bhld
+
+LOG2E = 1.4426950408889634
+
+
+class TritonUnsupported(ValueError):
+    """The call is valid but outside what the Triton kernel handles (dtype, head_dim, mask block size):
+    callers fall back to another path; plain ValueErrors mean bad input."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# device code
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _kv_desc(base, n_rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    # One descriptor per (batch, head) base: TMA zero-fills rows past n_rows, so tails need no load mask.
+    return tl.make_tensor_descriptor(base, shape=[n_rows, HEAD_DIM], strides=[stride_row, 1],
+                                     block_shape=[BLOCK_N, HEAD_DIM])
+
+
+@triton.jit
+def _load_tile(desc, base, b, h, start_n, n_rows, stride_row, offs_n, offs_d, DESC_MODE: tl.constexpr,
+               MASK_ROWS: tl.constexpr):
+    """[BLOCK_N, HEAD_DIM] rows start_n.. of one (batch, head). DESC_MODE 0: pointer loads; 1: in-kernel TMA
+    descriptor of this (batch, head); 2: host TMA descriptor over the whole (B, H, L, D) tensor (zero fill past
+    L, so tails need no load mask)."""
+    if DESC_MODE == 2:
+        t = desc.load([b, h, start_n, 0])
+        t = t.reshape([t.shape[2], t.shape[3]])
+    elif DESC_MODE == 1:
+        t = desc.load([start_n, 0])
+    else:
+        rows = start_n + offs_n
+        ptrs = base + rows.to(tl.int64)[:, None] * stride_row + offs_d[None, :]
+        if MASK_ROWS:
+            t = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            t = tl.load(ptrs)
+    return t
+
+
+@triton.jit
+def _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, cols, col_limit, MASK_COLS: tl.constexpr):
+    # Online softmax in the log2 domain (scale folded into qk_scale), float32 accumulators.
+    qk = tl.dot(q, tl.trans(k))
+    if MASK_COLS:
+        qk = tl.where((cols < col_limit)[None, :], qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+    alpha = tl.math.exp2(m_i - m_ij)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)
+    return acc, l_i, m_ij
+
+
+@triton.jit
+def _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, key_start, key_end, skl, svl, qk_scale,
+                offs_n, offs_d, BLOCK_N: tl.constexpr, DESC_MODE: tl.constexpr, STAGES: tl.constexpr):
+    """Keys [key_start, key_end): whole tiles unmasked, then one masked tail tile."""
+    n_full = (key_end - key_start) // BLOCK_N
+    for j in tl.range(0, n_full, num_stages=STAGES):
+        start_n = key_start + j * BLOCK_N
+        k = _load_tile(desc_k, k_base, b, h, start_n, key_end, skl, offs_n, offs_d, DESC_MODE, False)
+        v = _load_tile(desc_v, v_base, b, h, start_n, key_end, svl, offs_n, offs_d, DESC_MODE, False)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, offs_n, 0, False)
+    start_n = key_start + n_full * BLOCK_N
+    if start_n < key_end:
+        k = _load_tile(desc_k, k_base, b, h, start_n, key_end, skl, offs_n, offs_d, DESC_MODE, True)
+        v = _load_tile(desc_v, v_base, b, h, start_n, key_end, svl, offs_n, offs_d, DESC_MODE, True)
+        acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, start_n + offs_n, key_end, True)
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS,
+                      sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+                      idx_sh, idx_sq, cnt_sh,
+                      H, N, NV, NK, TAIL_TILES, qk_scale,
+                      BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_K: tl.constexpr, HAS_TEXT: tl.constexpr,
+                      DESC_MODE: tl.constexpr, STAGES: tl.constexpr, WARP_SPEC: tl.constexpr = False):
+    SUBQ: tl.constexpr = BLOCK_Q // BLOCK_M
+    SUBK: tl.constexpr = BLOCK_K // BLOCK_N
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    qb = pid_m // SUBQ
+    row0 = pid_m * BLOCK_M
+    row_end = tl.minimum(row0 + BLOCK_M, NV)
+    # Rows that another path writes (anchor broadcast of a repetitive head, dense-routed heads) are skipped.
+    skip_rows = tl.load(SKIP_ROWS + h)
+    if row_end > skip_rows:
+        offs_m = row0 + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        q_base = Q + b64 * sqb + h64 * sqh
+        k_base = K + b64 * skb + h64 * skh
+        v_base = V + b64 * svb + h64 * svh
+        o_base = O + b64 * sob + h64 * soh
+        row_ok = offs_m < NV
+        q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if DESC_MODE == 2:
+            desc_k = DK
+            desc_v = DV
+        elif DESC_MODE == 1:
+            desc_k = _kv_desc(k_base, N, skl, HEAD_DIM, BLOCK_N)
+            desc_v = _kv_desc(v_base, N, svl, HEAD_DIM, BLOCK_N)
+        else:
+            desc_k = k_base
+            desc_v = v_base
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+        idx_row = IDX + h64 * idx_sh + qb * idx_sq
+        cnt = tl.load(CNT + h64 * cnt_sh + qb)
+        n_blocks = cnt
+        if TAIL_K:
+            last = tl.load(idx_row + cnt - 1).to(tl.int32)
+            n_blocks = cnt - (last == NK - 1).to(tl.int32)
+        # Main loop: listed blocks that lie wholly inside the video part, each as SUBK kernel tiles.
+        for j in tl.range(0, n_blocks * SUBK, num_stages=STAGES, warp_specialize=WARP_SPEC):
+            kb = tl.load(idx_row + j // SUBK).to(tl.int32)
+            start_n = kb * BLOCK_K + (j % SUBK) * BLOCK_N
+            k = _load_tile(desc_k, k_base, b, h, start_n, N, skl, offs_n, offs_d, DESC_MODE, False)
+            v = _load_tile(desc_v, v_base, b, h, start_n, N, svl, offs_n, offs_d, DESC_MODE, False)
+            acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, offs_n, 0, False)
+        if TAIL_K:
+            if n_blocks < cnt:
+                # The partial last video block: columns at or past NV are text (handled below) or past the end.
+                for t in range(0, TAIL_TILES):
+                    start_n = (NK - 1) * BLOCK_K + t * BLOCK_N
+                    k = _load_tile(desc_k, k_base, b, h, start_n, N, skl, offs_n, offs_d, DESC_MODE, True)
+                    v = _load_tile(desc_v, v_base, b, h, start_n, N, svl, offs_n, offs_d, DESC_MODE, True)
+                    acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, start_n + offs_n, NV, True)
+        if HAS_TEXT:
+            acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, NV, N, skl,
+                                        svl, qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
+        out = acc / l_i[:, None]
+        tl.store(o_base + offs_m.to(tl.int64)[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
+                 mask=row_ok[:, None])
+
+
+@triton.jit
+def _dense_rows_fwd(Q, K, V, O, DK, DV, ROWS, HEADS, SKIP_ROWS,
+                    sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
+                    rows_sr, H, R, N, ROW0, NROWS, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    GATHER: tl.constexpr, DESC_MODE: tl.constexpr, STAGES: tl.constexpr):
+    """Rows attending every key. GATHER=False: rows ROW0 + [0, NROWS) of every head (text rows), output in place.
+    GATHER=True: program axis 1 is batch*R; rows ROWS[r, :NROWS] of head HEADS[r]; output [B, R, NROWS, D]."""
+    pid_m = tl.program_id(0)
+    bx = tl.program_id(1)
+    offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_i < NROWS
+    if GATHER:
+        b = bx // R
+        r = bx % R
+        h = tl.load(HEADS + r)
+        rows = tl.load(ROWS + r.to(tl.int64) * rows_sr + offs_i, mask=row_ok, other=0)
+        run = True
+    else:
+        b = bx // H
+        h = bx % H
+        rows = ROW0 + offs_i
+        run = tl.load(SKIP_ROWS + h) < N
+    if run:
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        b64 = b.to(tl.int64)
+        h64 = h.to(tl.int64)
+        q_base = Q + b64 * sqb + h64 * sqh
+        k_base = K + b64 * skb + h64 * skh
+        v_base = V + b64 * svb + h64 * svh
+        q = tl.load(q_base + rows.to(tl.int64)[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        if DESC_MODE == 2:
+            desc_k = DK
+            desc_v = DV
+        elif DESC_MODE == 1:
+            desc_k = _kv_desc(k_base, N, skl, HEAD_DIM, BLOCK_N)
+            desc_v = _kv_desc(v_base, N, svl, HEAD_DIM, BLOCK_N)
+        else:
+            desc_k = k_base
+            desc_v = v_base
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, 0, N, skl, svl,
+                                    qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
+        out = (acc / l_i[:, None]).to(O.dtype.element_ty)
+        if GATHER:
+            o_ptrs = O + bx.to(tl.int64) * sob + offs_i.to(tl.int64)[:, None] * sol + offs_d[None, :]
+        else:
+            o_ptrs = O + b64 * sob + h64 * soh + rows.to(tl.int64)[:, None] * sol + offs_d[None, :]
+        tl.store(o_ptrs, out, mask=row_ok[:, None])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# tile configuration
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    stages: int
+    tma: int  # K/V loads: 0 pointer loads, 1 in-kernel TMA descriptors, 2 host TMA descriptors (4-D, any strides)
+    warp_spec: bool = False
+
+    def as_dict(self) -> dict:
+        return {"block_m": self.block_m, "block_n": self.block_n, "num_warps": self.num_warps,
+                "stages": self.stages, "tma": self.tma, "warp_spec": self.warp_spec}
+
+
+# Hopper table (head_dim -> tile), from the sweeps of bench/bench_kernels.py on the lent H100 (docs/BENCHMARKS.md,
+# "## Kernels"; 32,760 tokens, 40 heads, bf16): 128x128 tiles, 8 warps (two consumer warpgroups of 64 rows),
+# 3 stages, K/V through TMA: 559-564 TFLOP/s dense. Pointer loads: 474; 128x64/4 warps: 406; 64x128/4 warps: 476;
+# 2 stages: 454; 4 stages: out of shared memory; warp specialisation: within noise. Host and in-kernel descriptors
+# time the same; host ones need no scratch allocator, so they are the default. head_dim 64 was not measured.
+_HOPPER = {128: TileConfig(128, 128, 8, 3, 2), 64: TileConfig(128, 128, 8, 3, 2)}
+# Ampere / Ada: no TMA; the classic FA2 Triton shape.
+_AMPERE = {128: TileConfig(128, 64, 4, 3, 0), 64: TileConfig(128, 64, 4, 3, 0)}
+_OVERRIDE: dict = {}
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two dividing n, at most cap."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def set_tile_override(cfg: Optional[TileConfig]):
+    """Force a tile configuration (benchmarks sweep variants through this); None restores the table."""
+    _OVERRIDE.clear()
+    if cfg is not None:
+        _OVERRIDE["cfg"] = cfg
+
+
+def pick_tiles(head_dim: int, block_q: int, block_k: int, device: torch.device) -> TileConfig:
+    """Kernel tile for a mask block: the tile must sit inside one mask block (it reads one skip-list row), so
+    BLOCK_M divides block_q and BLOCK_N divides block_k; tl.dot needs >= 16 on each side."""
+    base = _OVERRIDE.get("cfg")
+    interpret = _interpreting()
+    if base is None:
+        cc = (0, 0) if interpret or device.type != "cuda" else torch.cuda.get_device_capability(device)
+        table = _HOPPER if cc[0] == 9 else _AMPERE
+        base = table.get(head_dim, TileConfig(64, 64, 4, 2, 0))
+    bm = _pow2_divisor(block_q, base.block_m)
+    bn = _pow2_divisor(block_k, base.block_n)
+    if bm < 16 or bn < 16:
+        raise TritonUnsupported(f"mask blocks {block_q}x{block_k} need a power-of-two divisor >= 16 for the "
+                                "Triton kernel")
+    if interpret:  # host descriptors run in the interpreter (tests force them); in-kernel ones need a GPU
+        tma = 2 if base.tma == 2 else 0
+    else:
+        hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+        tma = int(base.tma) if hopper else 0
+    warps = base.num_warps if bm * bn >= 128 * 64 else 4
+    return TileConfig(bm, bn, warps, base.stages, tma, base.warp_spec and not interpret)
+
+
+def _interpreting() -> bool:
+    from triton import knobs
+    return bool(knobs.runtime.interpret)
+
+
+_ALLOCATOR_SET = {"done": False}
+
+
+def _ensure_allocator():
+    # In-kernel tensor descriptors need global scratch for the TMA descriptors; Triton asks this allocator.
+    if not _ALLOCATOR_SET["done"]:
+        def alloc(size: int, alignment: int, stream):
+            return torch.empty(size, dtype=torch.int8, device="cuda")
+        triton.set_allocator(alloc)
+        _ALLOCATOR_SET["done"] = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class _RepPrep:
+    heads: torch.Tensor  # [R] int32 head index of each repetitive head
+    rows: torch.Tensor  # [R, F*K] int32 anchor row indices
+    src: torch.Tensor  # [R, F*T] int64 index into the anchor rows
+    covered: int  # F*T rows that the broadcast writes
+
+
+def _prepare_repetition(skip: LayerSkipList, device) -> Optional[_RepPrep]:
+    """Anchor-row tables of a layer; cached on the skip-list object (built once per bucket, not per call).
+    Reading head_slot syncs once when the plan lives on the GPU; that happens when a bucket is first used."""
+    rep = skip.repetition
+    if rep is None:
+        return None
+    cache = getattr(skip, "_triton_rep", None)
+    if cache is not None and cache[0] == str(device):
+        return cache[1]
+    slots = rep.head_slot.cpu()
+    heads = [h for h in range(slots.numel()) if int(slots[h]) >= 0]
+    if not heads:
+        prep = None
+    else:
+        T = rep.frame_tokens
+        frames = skip.geometry.num_tokens // T
+        sl = torch.tensor([int(slots[h]) for h in heads], dtype=torch.long)
+        anchors = rep.anchors.cpu()[sl]  # [R, K]
+        Kn = anchors.shape[1]
+        base = torch.arange(frames)[:, None] * T
+        rows = (base[None] + anchors[:, None, :]).reshape(len(heads), frames * Kn)
+        src = (torch.arange(frames)[:, None] * Kn)[None] + rep.row_anchor.cpu()[sl][:, None, :]
+        src = src.reshape(len(heads), frames * T)
+        prep = _RepPrep(torch.tensor(heads, dtype=torch.int32, device=device), rows.to(torch.int32).to(device),
+                        src.to(device), frames * T)
+    skip._triton_rep = (str(device), prep)
+    return prep
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    # TMA wants a 16-byte aligned base and 16-byte multiples for every stride but the last.
+    return t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
+
+
+def _descs(kh: torch.Tensor, vh: torch.Tensor, block_n: int, mode: int):
+    """Host TMA descriptors over the (B, H, L, D) views (any strides: both layouts), or the tensors themselves as
+    placeholders when the kernel does not read descriptors."""
+    if mode != 2:
+        return kh, vh
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    D = kh.shape[-1]
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, D]) for t in (kh, vh))
+
+
+def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, skip: LayerSkipList, *,
+                            layout: str = "bhld", heads: Optional[int] = None, scale: Optional[float] = None,
+                            skip_heads: Optional[torch.Tensor] = None,
+                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Triton block-sparse attention; same contract as sparse_attention_reference.
+
+    skip_heads: optional [H] bool on q's device; heads marked True are left unwritten here (the caller fills
+    them, e.g. from a dense kernel). out: optional result buffer in the call's layout and q's shape; by default
+    the output has q's memory order (a (B, L, H*D) call gets (B, L, H*D) back without a copy)."""
+    qh, kh, vh = (to_bhld(t, layout, heads) for t in (q, k, v))
+    B, H, N, D = qh.shape
+    g = skip.geometry
+    Nv = g.num_tokens
+    if N < Nv or kh.shape[2] != N or vh.shape[2] != N:
+        raise ValueError(f"sequence of {N} tokens (keys {kh.shape[2]}) does not cover the {Nv} masked tokens")
+    if skip.num_heads != H:
+        raise ValueError(f"skip list has {skip.num_heads} heads, the call has {H}")
+    if D not in (16, 32, 64, 128) or kh.shape[-1] != D or vh.shape[-1] != D:
+        raise TritonUnsupported(f"head_dim {D} is not supported by the Triton kernel (16, 32, 64 or 128)")
+    if qh.dtype not in (torch.float16, torch.bfloat16) or kh.dtype != qh.dtype or vh.dtype != qh.dtype:
+        raise TritonUnsupported(f"the Triton kernel takes float16 or bfloat16 q, k, v, got "
+                                f"{qh.dtype}/{kh.dtype}/{vh.dtype}")
+    qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    dev = qh.device
+    cfg = pick_tiles(D, g.block_q, g.block_k, dev)
+    mode = cfg.tma if all(_tma_ok(t) for t in (kh, vh)) else 0
+    if mode == 1:
+        _ensure_allocator()
+    dk, dv = _descs(kh, vh, cfg.block_n, mode)
+
+    if out is None:
+        out = torch.empty_like(qh)  # keeps q's memory order when q is a dense permutation (the "bld" view)
+    else:
+        if out.shape != q.shape or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must match q: {tuple(q.shape)} {q.dtype} on {q.device}, got "
+                             f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        out = to_bhld(out, layout, heads)
+        if out.stride(-1) != 1:
+            raise ValueError("out must have a unit stride along head_dim")
+    rep = _prepare_repetition(skip, dev)
+    skip_rows = torch.zeros(H, dtype=torch.int32, device=dev)
+    if rep is not None:
+        skip_rows[rep.heads.long()] = rep.covered
+    if skip_heads is not None:
+        skip_rows = torch.where(skip_heads.to(dev), torch.full_like(skip_rows, N + 1), skip_rows)
+
+    idx, cnt = skip.kv_indices, skip.kv_counts
+    if idx.device != dev:
+        idx, cnt = idx.to(dev), cnt.to(dev)
+    if cnt.stride(-1) != 1:
+        cnt = cnt.contiguous()
+    if idx.stride(-1) != 1:
+        idx = idx.contiguous()
+    qk_scale = scale * LOG2E
+    tail_k = Nv % g.block_k != 0
+    tail_tiles = triton.cdiv(Nv - (g.nk - 1) * g.block_k, cfg.block_n)
+    grid = (g.nq * (g.block_q // cfg.block_m), B * H)
+    _sparse_video_fwd[grid](
+        qh, kh, vh, out, dk, dv, idx, cnt, skip_rows,
+        qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
+        vh.stride(0), vh.stride(1), vh.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        idx.stride(0), idx.stride(1), cnt.stride(0),
+        H, N, Nv, g.nk, tail_tiles, qk_scale,
+        BLOCK_Q=g.block_q, BLOCK_K=g.block_k, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        TAIL_K=tail_k, HAS_TEXT=N > Nv, DESC_MODE=mode, STAGES=cfg.stages, WARP_SPEC=cfg.warp_spec,
+        num_warps=cfg.num_warps)
+    dense_cfg = pick_tiles(D, 128, 128, dev)
+    dm = dense_cfg.block_m
+    if N > Nv or rep is not None:
+        ddk, ddv = (dk, dv) if dense_cfg.block_n == cfg.block_n else _descs(kh, vh, dense_cfg.block_n, mode)
+    if N > Nv:
+        _dense_rows_fwd[(triton.cdiv(N - Nv, dm), B * H)](
+            qh, kh, vh, out, ddk, ddv, skip_rows, skip_rows, skip_rows,
+            qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
+            vh.stride(0), vh.stride(1), vh.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            0, H, 1, N, Nv, N - Nv, qk_scale,
+            HEAD_DIM=D, BLOCK_M=dm, BLOCK_N=dense_cfg.block_n, GATHER=False, DESC_MODE=mode,
+            STAGES=dense_cfg.stages, num_warps=dense_cfg.num_warps)
+    if rep is not None:
+        R, FK = rep.rows.shape
+        a_out = torch.empty(B, R, FK, D, dtype=qh.dtype, device=dev)
+        _dense_rows_fwd[(triton.cdiv(FK, dm), B * R)](
+            qh, kh, vh, a_out, ddk, ddv, rep.rows, rep.heads, skip_rows,
+            qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
+            vh.stride(0), vh.stride(1), vh.stride(2), a_out.stride(1), 0, a_out.stride(2),
+            rep.rows.stride(0), H, R, N, 0, FK, qk_scale,
+            HEAD_DIM=D, BLOCK_M=dm, BLOCK_N=dense_cfg.block_n, GATHER=True, DESC_MODE=mode,
+            STAGES=dense_cfg.stages, num_warps=dense_cfg.num_warps)
+        # Broadcast: each head's F*T video rows take their anchor's output (gather on the GPU, no host sync).
+        # Heads in skip_heads get this too; the caller overwrites them afterwards.
+        bcast = torch.gather(a_out, 2, rep.src[None, :, :, None].expand(B, R, rep.covered, D))
+        out[:, rep.heads.long(), :rep.covered] = bcast
+    return from_bhld(out, layout)

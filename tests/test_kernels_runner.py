@@ -1,0 +1,72 @@
+"""SparseRunner dispatch: dense above the density cutoff (whole layer or single heads), sparse below it."""
+
+import pytest
+import torch
+
+from calibatt.kernels.call import AttentionCall
+from calibatt.kernels.dense import dense_attention
+from calibatt.kernels.reference import sparse_attention_reference
+from calibatt.kernels.runner import DENSE_CUTOFF, SparseRunner
+from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid
+
+
+def _bundle(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    grid = TokenGrid(frames=2, height=6, width=8)
+    n = grid.video_tokens
+    g = BlockGeometry(n, 16, 16)
+    L, H = 3, 3
+    m = torch.rand(L, H, g.nq, g.nk, generator=gen) < 0.2
+    m[0] = True  # layer 0: every head dense
+    m[1, 0] = True  # layer 1: head 0 dense, the others sparse
+    sl = SkipLists.from_block_mask(m, g)
+    sig = ModelSignature("wan21", L, H, 16, 16 * H)
+    return MaskBundle.from_skip_lists(sig, grid, [sl], [1.0], [0]), grid, sl
+
+
+def test_cutoff_is_a_measured_fraction():
+    assert 0.5 <= DENSE_CUTOFF <= 1.0
+
+
+def test_routes_follow_head_densities():
+    bundle, grid, sl = _bundle()
+    runner = SparseRunner(bundle)
+    runner.begin_step(0.5, "cpu")
+    dens = sl.head_densities()
+    assert (dens[0] > DENSE_CUTOFF).all() and (dens[2] < DENSE_CUTOFF).all()
+    assert [runner.route(l) for l in range(3)] == ["dense", "mixed", "sparse"]
+    r1 = SparseRunner(bundle, dense_cutoff=1.0)
+    r1.begin_step(0.5, "cpu")
+    assert [r1.route(l) for l in range(3)] == ["sparse", "sparse", "sparse"]
+    with pytest.raises(ValueError, match="dense_cutoff"):
+        SparseRunner(bundle, dense_cutoff=0.0)
+
+
+@pytest.mark.parametrize("layout", ["bhld", "bld"])
+def test_outputs_per_route(layout):
+    bundle, grid, sl = _bundle(1)
+    runner = SparseRunner(bundle)
+    gen = torch.Generator().manual_seed(2)
+    B, H, N, D = 2, 3, grid.video_tokens, 16
+    qh, kh, vh = (torch.randn(B, H, N, D, generator=gen) for _ in range(3))
+    if layout == "bld":
+        q, k, v = (t.transpose(1, 2).reshape(B, N, H * D) for t in (qh, kh, vh))
+    else:
+        q, k, v = qh, kh, vh
+    dense = dense_attention(qh, kh, vh)
+    for layer in range(3):
+        call = AttentionCall(q, k, v, layout, H, layer, 0.5, grid)
+        out = runner(call)
+        assert out.shape == q.shape
+        oh = out if layout == "bhld" else out.view(B, N, H, D).transpose(1, 2)
+        sparse = sparse_attention_reference(qh, kh, vh, sl.layer(layer))
+        if layer == 0:
+            want = dense
+        elif layer == 1:
+            want = torch.cat([dense[:, :1], sparse[:, 1:]], 1)
+        else:
+            want = sparse
+        torch.testing.assert_close(oh, want, rtol=1e-5, atol=1e-5)
+    # the sparse layers really differ from dense: the routing is visible in the result
+    assert not torch.allclose(sparse, dense, atol=1e-3)
+    runner.end()
