@@ -135,16 +135,22 @@ class MaskBundle:
     def sigma_ranges(self):
         return self._buckets.edges()
 
+    def _mask_counts(self):
+        # Row counts of every distinct mask, computed once: they size tables and give densities.
+        if self._max_counts is None:
+            counts = row_counts(self.packed_masks)  # [U, nq]
+            self._max_counts = counts.max(-1).values
+            self._block_totals = counts.sum(-1, dtype=torch.int64)
+        return self._max_counts, self._block_totals
+
     def max_counts(self) -> torch.Tensor:
         """[U] int32: longest row of each distinct mask (sizes padded tables without a device sync)."""
-        if self._max_counts is None:
-            self._max_counts = row_counts(self.packed_masks).max(-1).values
-        return self._max_counts
+        return self._mask_counts()[0]
 
     def entry_densities(self) -> torch.Tensor:
         """[B, L, H] float64 fraction of key blocks computed, repetitive heads at their anchor share."""
         g = self.geometry
-        per_mask = row_counts(self.packed_masks).sum(-1).double() / (g.nq * g.nk)
+        per_mask = self._mask_counts()[1].double() / (g.nq * g.nk)
         dens = per_mask[self.entry_mask.long()]
         if self.rep_anchors.shape[0]:
             frames = max(1, g.num_tokens // self.grid.frame_tokens)

@@ -36,9 +36,18 @@ def padding_bits_clear(packed: torch.Tensor, nk: int) -> bool:
     return not bool((packed[..., -1] & low).any())
 
 
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
 
 
-def row_counts(packed: torch.Tensor) -> torch.Tensor:
-    """[..., rows, bytes] uint8 -> [..., rows] int32 number of set bits per row."""
-    return _POPCOUNT.to(packed.device)[packed.long()].sum(-1, dtype=torch.int32)
+def row_counts(packed: torch.Tensor, chunk_bytes: int = 1 << 26) -> torch.Tensor:
+    """[..., rows, bytes] uint8 -> [..., rows] int32 number of set bits per row.
+
+    Works in chunks of rows: a bundle's distinct masks can be hundreds of MB packed, and the lookup needs an int64
+    index per byte."""
+    table = _POPCOUNT.to(packed.device)
+    flat = packed.reshape(-1, packed.shape[-1]) if packed.dim() > 1 else packed.reshape(1, -1)
+    rows_per = max(1, chunk_bytes // max(1, flat.shape[-1]))
+    out = torch.empty(flat.shape[0], dtype=torch.int32, device=packed.device)
+    for i in range(0, flat.shape[0], rows_per):
+        out[i:i + rows_per] = table[flat[i:i + rows_per].long()].sum(-1, dtype=torch.int32)
+    return out.reshape(packed.shape[:-1])
