@@ -1,0 +1,90 @@
+"""Calibrate Sparse Attention: sample every calibration prompt with the statistics hook, then write the bundle.
+
+The model is patched with the same router the sparse path uses, but its handler is the Calibrator, which records
+block statistics on the positive CFG rows and returns dense attention, so sampling itself is unchanged. The
+bundle is written once, atomically, after the last prompt: an interrupt leaves no file behind.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.sample
+import comfy.utils
+
+from ..masks import save_bundle
+from . import paths
+from .calibrate_inputs import make_settings, prompt_conditionings
+from .comfy_glue import describe_model, install
+from .model_info import UnsupportedModel, family_layout, grid_from_latent, latent_shape_for, signature_from_config
+from .preview import preview_images
+from .routing import AttentionRouter
+
+log = logging.getLogger("calibatt")
+
+def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, length: int, steps: int, cfg: float,
+                               sampler_name: str, scheduler: str, seed: int, preset: str, eps_A: float,
+                               eps_C: float, eps_k: float, rho: float, filename: str, block_size: int = 128,
+                               clip=None, negative_prompt: str = "", positive=None, negative=None):
+    """-> (MaskBundle, preview IMAGE, summary STRING); the bundle is saved in models/sparse_attention/."""
+    from ..calibration import Calibrator
+
+    try:
+        mcfg = describe_model(model)
+        layout = family_layout(mcfg)
+        signature = signature_from_config(mcfg)
+    except UnsupportedModel as e:
+        raise ValueError(f"Calibrate Sparse Attention: {e}") from None
+    if layout.joint_text:
+        # The Calibrator needs one token grid for all prompts; these models put a prompt-dependent number of
+        # text tokens (Mochi) or a padding mask (HunyuanVideo) into self-attention.
+        raise ValueError(f"Calibrate Sparse Attention: calibrating {signature.family} in ComfyUI is not supported "
+                         "yet (its joint text attention varies per prompt); bundles calibrated elsewhere for it "
+                         "still load and patch")
+    out_path = paths.output_path(filename)  # validate the name before hours of sampling
+    settings = make_settings(preset, eps_A, eps_C, eps_k, rho, block_size, seed, steps, sampler_name)
+    pairs = prompt_conditionings(prompts, clip, negative_prompt, positive, negative)
+
+    latent = torch.zeros(latent_shape_for(layout, width, height, length),
+                         device=comfy.model_management.intermediate_device())
+    grid = grid_from_latent(layout, latent.shape)
+    calibrator = Calibrator(signature, grid, settings)
+    router = AttentionRouter(signature, layout, mcfg, handler=calibrator.observe, name="Calibrate Sparse Attention")
+
+    def on_begin(_grid):
+        calibrator.begin_prompt(router.sample_sigmas)
+
+    patched = install(model, router, mcfg, on_begin=on_begin)
+    pbar = comfy.utils.ProgressBar(len(pairs) * int(steps))
+
+    def on_step(step, x0, x, total_steps):
+        pbar.update(1)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    log.info("Calibrate Sparse Attention: %d prompts, %s, %d steps, blocks %d", len(pairs), grid.describe(),
+             steps, block_size)
+    try:
+        for i, (pos, neg) in enumerate(pairs):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            noise = comfy.sample.prepare_noise(latent, int(seed) + i)
+            try:
+                comfy.sample.sample(patched, noise, int(steps), float(cfg), sampler_name, scheduler, pos, neg,
+                                    latent, denoise=1.0, callback=on_step, disable_pbar=True, seed=int(seed) + i)
+            except BaseException:
+                calibrator.abort_prompt()
+                raise
+            if router.routed == 0:
+                raise RuntimeError("Calibrate Sparse Attention: no self-attention call reached the calibrator; "
+                                   "this model's attention path is not one the package recognises")
+            calibrator.end_prompt()
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        bundle = calibrator.finish()
+    finally:
+        calibrator.close()
+    save_bundle(bundle, out_path)
+    bundle.path = out_path
+    log.info("Calibrate Sparse Attention: wrote %s (%s)", out_path, bundle.summary())
+    return bundle, preview_images(bundle), bundle.summary()

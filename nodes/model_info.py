@@ -1,0 +1,115 @@
+"""What a ComfyUI video model looks like to the engine: its ModelSignature and the TokenGrid of a latent.
+
+Plain functions over a plain dict (the model's detected config plus a few facts read off the diffusion model, see
+comfy_glue.describe_model), so the mapping is testable without ComfyUI. A model this table does not know gives
+None, and the patch node then leaves the model alone with a warning.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from ..masks.geometry import ModelSignature, TokenGrid
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    family: str  # ModelSignature.family
+    patch: tuple  # latent voxels per token (t, h, w)
+    vae_stride: tuple  # pixels per latent voxel (t, h, w)
+    latent_channels: int
+    joint_text: bool  # text tokens follow the video tokens inside self-attention (always dense)
+    bhld: bool  # the model passes (B, H, L, D) with skip_reshape
+
+
+# Wan 2.1 and the Wan 2.2 A14B experts share one architecture; the 5B TI2V model has a 48-channel latent and a
+# 16x spatial VAE, which is what separates "wan22" here.
+_WAN21 = FamilyLayout("wan21", (1, 2, 2), (4, 8, 8), 16, False, False)
+_WAN22_5B = FamilyLayout("wan22", (1, 2, 2), (4, 16, 16), 48, False, False)
+_MOCHI = FamilyLayout("mochi", (1, 2, 2), (6, 8, 8), 12, True, True)
+_HUNYUAN = FamilyLayout("hunyuan", (1, 2, 2), (4, 8, 8), 16, True, True)
+_LTXV = FamilyLayout("ltxv", (1, 1, 1), (8, 32, 32), 128, False, False)
+
+# Wan variants whose self-attention sequence is exactly the video latent. The others add reference, motion or
+# audio tokens to the sequence (or run extra VACE blocks that share block indices), so a bundle made for the
+# video grid would not describe their calls.
+WAN_SPARSE_TYPES = ("t2v", "i2v", "camera", "camera_2.2")
+
+
+class UnsupportedModel(Exception):
+    """The model is not one the package knows how to patch; the message says why (shown as a warning)."""
+
+
+def family_layout(cfg: dict) -> FamilyLayout:
+    image_model = cfg.get("image_model")
+    if image_model == "wan2.1":
+        model_type = cfg.get("model_type", "t2v")
+        if model_type not in WAN_SPARSE_TYPES:
+            raise UnsupportedModel(f"Wan variant '{model_type}' adds tokens or blocks beyond the video latent; "
+                                   f"supported Wan variants: {', '.join(WAN_SPARSE_TYPES)}")
+        return _WAN22_5B if int(cfg.get("out_dim", 16)) == 48 else _WAN21
+    if image_model == "mochi_preview":
+        return _MOCHI
+    if image_model == "hunyuan_video":
+        if len(cfg.get("patch_size", (1, 2, 2))) != 3:
+            raise UnsupportedModel("this HunyuanVideo checkpoint is an image model (2-D patches)")
+        return _HUNYUAN
+    if image_model == "ltxv":
+        return _LTXV
+    raise UnsupportedModel(f"model '{image_model}' is not a supported video model "
+                           f"(supported: Wan 2.1/2.2, Mochi, HunyuanVideo, LTX-Video)")
+
+
+def signature_from_config(cfg: dict) -> ModelSignature:
+    """cfg: ComfyUI's detected unet_config, with 'num_layers', 'num_heads' and 'dim' filled in from the loaded
+    diffusion model where the config leaves them implicit (see comfy_glue.describe_model)."""
+    layout = family_layout(cfg)
+    layers, heads, dim = int(cfg["num_layers"]), int(cfg["num_heads"]), int(cfg["dim"])
+    if heads <= 0 or dim % heads:
+        raise UnsupportedModel(f"hidden size {dim} is not a multiple of {heads} heads")
+    extra = {}
+    if layout.family in ("wan21", "wan22"):
+        extra["in_channels"] = int(cfg.get("in_dim", layout.latent_channels))
+        extra["model_type"] = str(cfg.get("model_type", "t2v"))
+    elif layout.family == "hunyuan":
+        extra["in_channels"] = int(cfg.get("in_channels", 16))
+        extra["double_blocks"] = int(cfg.get("depth", 0))
+    elif "in_channels" in cfg:
+        extra["in_channels"] = int(cfg["in_channels"])
+    return ModelSignature(layout.family, layers, heads, dim // heads, dim, extra)
+
+
+def grid_from_latent(layout: FamilyLayout, latent_shape, text_tokens: int = 0) -> TokenGrid:
+    """Token grid of a latent [B, C, T, H, W]; ComfyUI pads each axis up to a whole patch."""
+    if len(latent_shape) != 5:
+        raise ValueError(f"expected a video latent [B, C, T, H, W], got shape {tuple(latent_shape)}")
+    T, H, W = (int(x) for x in latent_shape[2:])
+    pt, ph, pw = layout.patch
+    return TokenGrid(frames=math.ceil(T / pt), height=math.ceil(H / ph), width=math.ceil(W / pw),
+                     patch=layout.patch, text_tokens=text_tokens,
+                     text_position="end" if text_tokens else "none", vae_stride=layout.vae_stride)
+
+
+def latent_shape_for(layout: FamilyLayout, width: int, height: int, length: int, batch: int = 1) -> list:
+    """The empty latent ComfyUI's own Empty*LatentVideo nodes make for this family at width x height x length."""
+    st, sh, sw = layout.vae_stride
+    return [batch, layout.latent_channels, (int(length) - 1) // st + 1, int(height) // sh, int(width) // sw]
+
+
+def video_grid_for_check(model_grid: TokenGrid, bundle_grid: TokenGrid) -> TokenGrid:
+    """Joint-attention models carry a prompt-dependent number of text tokens, so a fit check compares the video
+    part only: take the text layout from the bundle."""
+    if bundle_grid.text_tokens == model_grid.text_tokens:
+        return model_grid
+    return TokenGrid(model_grid.frames, model_grid.height, model_grid.width, model_grid.patch, model_grid.order,
+                     bundle_grid.text_tokens, bundle_grid.text_position, model_grid.vae_stride)
+
+
+def layer_offset(layout: FamilyLayout, cfg: dict, block_type: Optional[str]) -> int:
+    """HunyuanVideo numbers its single-stream blocks after its double-stream blocks in our layer index; ComfyUI's
+    block_index restarts at 0 for each block type."""
+    if layout.family == "hunyuan" and block_type == "single":
+        return int(cfg.get("depth", 0))
+    return 0

@@ -1,0 +1,203 @@
+"""The attention override: route ComfyUI's self-attention calls to the sparse runner (or the calibrator).
+
+ComfyUI calls `override(func, *args, **kwargs)` for every attention of the patched model, with `func` the dense
+backend that would have run. Self-attention over exactly this latent's tokens in a covered layer becomes an
+AttentionCall for the handler; everything else (cross-attention, text refiners, calls before sampling started,
+sequences with extra tokens) goes to `func` unchanged. No ComfyUI import here: the wrappers in comfy_glue feed
+the per-sampling and per-step facts in, so the routing is testable with plain tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..kernels.call import AttentionCall
+from ..masks.geometry import ModelSignature, TokenGrid
+from .model_info import FamilyLayout, grid_from_latent, layer_offset
+
+log = logging.getLogger("calibatt")
+
+# transformer_options keys our per-block "dit" patches set: the layer index (ComfyUI versions without
+# block_index), and a per-block call counter. In every supported block the self-attention is the block's first
+# attention call (Wan and LTX-Video run cross-attention after it), which separates it from a cross-attention whose
+# text happens to have as many tokens as the video.
+LAYER_KEY = "calibatt_layer"
+CALLS_KEY = "calibatt_calls"
+
+
+@dataclass
+class StepState:
+    sigma: float
+    step_fraction: Optional[float]
+    positive_rows: Optional[list]
+
+
+def step_index(sample_sigmas: Sequence[float], sigma: float) -> int:
+    """Index of the schedule entry nearest to sigma (the last entry, usually 0, is not a step)."""
+    steps = max(1, len(sample_sigmas) - 1)
+    return min(range(steps), key=lambda i: abs(sample_sigmas[i] - sigma))
+
+
+def positive_rows(cond_or_uncond: Optional[Sequence[int]], batch: int) -> Optional[list]:
+    """Batch rows of the positive prompt: ComfyUI concatenates equal chunks, one per entry (0 = positive)."""
+    if not cond_or_uncond:
+        return None
+    chunks = len(cond_or_uncond)
+    if batch % chunks:
+        return None
+    per = batch // chunks
+    rows = [c * per + r for c, kind in enumerate(cond_or_uncond) if kind == 0 for r in range(per)]
+    return rows if len(rows) < batch else None
+
+
+def _unwrap(x):
+    # Newer ComfyUI passes q/k/v in containers that wrap_attn normally unwraps first; accept either.
+    if not isinstance(x, torch.Tensor) and hasattr(x, "take"):
+        return x.take()
+    return x
+
+
+class AttentionRouter:
+    """One per patched model. `handler(call) -> output in the call's layout`; `step_hook(sigma, device,
+    step_fraction)` (optional) runs once per model evaluation, before its attention calls."""
+
+    def __init__(self, signature: ModelSignature, layout: FamilyLayout, cfg: dict,
+                 handler: Callable[[AttentionCall], torch.Tensor],
+                 step_hook: Optional[Callable] = None, name: str = "calibatt"):
+        self.signature = signature
+        self.layout = layout
+        self.cfg = dict(cfg)
+        self.handler = handler
+        self.step_hook = step_hook
+        self.name = name
+        self.grid: Optional[TokenGrid] = None
+        self.sample_sigmas: list = []
+        self.step: Optional[StepState] = None
+        self._grids: dict = {}
+        self._warned: set = set()
+        self.routed = 0  # calls handed to the handler (tests and logs read it)
+        self.passed = 0
+
+    # model_options are deep-copied whenever a later node clones the model; the wrappers hold this same object,
+    # so copies must share it rather than fork its state.
+    def __deepcopy__(self, memo):
+        return self
+
+    def __copy__(self):
+        return self
+
+    # ---- lifecycle (driven by the sampling wrappers) ----------------------------------------------------------
+    def begin_sampling(self, latent_shape, sample_sigmas: Sequence[float]) -> TokenGrid:
+        self.grid = grid_from_latent(self.layout, latent_shape)
+        self.sample_sigmas = [float(s) for s in sample_sigmas]
+        self._grids = {}
+        self.step = None
+        return self.grid
+
+    def begin_model_call(self, sigma: float, cond_or_uncond, batch: int, device) -> StepState:
+        frac = None
+        if len(self.sample_sigmas) >= 2:
+            frac = step_index(self.sample_sigmas, sigma) / (len(self.sample_sigmas) - 1)
+        self.step = StepState(float(sigma), frac, positive_rows(cond_or_uncond, batch))
+        if self.step_hook is not None:
+            self.step_hook(self.step.sigma, device, frac)
+        return self.step
+
+    def end_model_call(self):
+        self.step = None
+
+    def end_sampling(self):
+        self.grid = None
+        self.step = None
+        self.sample_sigmas = []
+
+    # ---- per attention call -------------------------------------------------------------------------------
+    def layer_of(self, transformer_options: dict) -> Optional[int]:
+        if LAYER_KEY in transformer_options:
+            return int(transformer_options[LAYER_KEY])
+        if "block_index" in transformer_options:
+            return int(transformer_options["block_index"]) + layer_offset(
+                self.layout, self.cfg, transformer_options.get("block_type"))
+        return None
+
+    def _call_grid(self, text_tokens: int) -> TokenGrid:
+        g = self._grids.get(text_tokens)
+        if g is None:
+            v = self.grid
+            g = self._grids[text_tokens] = TokenGrid(v.frames, v.height, v.width, v.patch, v.order, text_tokens,
+                                                     "end" if text_tokens else "none", v.vae_stride)
+        return g
+
+    def _warn_once(self, key, msg):
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s: %s", self.name, msg)
+
+    def __call__(self, func, *args, **kwargs):
+        step, grid = self.step, self.grid
+        if step is None or grid is None or len(args) < 3:
+            self.passed += 1
+            return func(*args, **kwargs)
+        q, k, v = (_unwrap(a) for a in args[:3])
+        args = (q, k, v) + tuple(args[3:])
+        heads = kwargs["heads"] if "heads" in kwargs else (args[3] if len(args) > 3 else None)
+        mask = kwargs["mask"] if "mask" in kwargs else (args[4] if len(args) > 4 else None)
+        skip_reshape = bool(kwargs.get("skip_reshape", False))
+        layout = "bhld" if skip_reshape else "bld"
+        seq_axis = 2 if skip_reshape else 1
+        to = kwargs.get("transformer_options") or {}
+        calls = to.get(CALLS_KEY)
+        if calls is not None:
+            calls[0] += 1
+            if calls[0] > 1:  # not the block's self-attention
+                self.passed += 1
+                return func(*args, **kwargs)
+        L = q.shape[seq_axis]
+        if k.shape[seq_axis] != L or L < grid.video_tokens or (heads is None and not skip_reshape):
+            # cross-attention, a shorter sequence, or a call shape ComfyUI does not use
+            self.passed += 1
+            return func(*args, **kwargs)
+        text = L - grid.video_tokens
+        if text and not self.layout.joint_text:
+            self._warn_once("extra", f"self-attention over {L} tokens, but the latent has {grid.video_tokens}; "
+                            "these calls run dense (does the workflow add reference tokens?)")
+            self.passed += 1
+            return func(*args, **kwargs)
+        if mask is not None:
+            # The sparse kernels take no attention mask (HunyuanVideo masks padded text this way).
+            self._warn_once("mask", "attention calls with a mask run dense")
+            self.passed += 1
+            return func(*args, **kwargs)
+        layer = self.layer_of(to)
+        if layer is None or not (0 <= layer < self.signature.num_layers):
+            self._warn_once("layer", f"attention call without a usable layer index ({layer}); it runs dense")
+            self.passed += 1
+            return func(*args, **kwargs)
+        H = q.shape[1] if skip_reshape else int(heads)
+        call = AttentionCall(q=q, k=k, v=v, layout=layout, heads=H, layer=layer, sigma=step.sigma,
+                             grid=self._call_grid(text), positive_rows=step.positive_rows,
+                             dense=lambda: _as_layout(func(*args, **kwargs), layout, H))
+        out = self.handler(call)
+        self.routed += 1
+        return _to_output_layout(out, layout, bool(kwargs.get("skip_output_reshape", False)), H)
+
+
+def _as_layout(out: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
+    """A backend's output in the call's input layout (what AttentionCall.dense promises). Backends differ in
+    whether they honour skip_output_reshape (batch-split paths ignore it), so go by the tensor's rank."""
+    if layout == "bhld" and out.dim() == 3:
+        B, L, C = out.shape
+        return out.view(B, L, heads, C // heads).transpose(1, 2)
+    if layout == "bld" and out.dim() == 4:
+        B, H, L, D = out.shape
+        return out.transpose(1, 2).reshape(B, L, H * D)
+    return out
+
+
+def _to_output_layout(out: torch.Tensor, layout: str, skip_output_reshape: bool, heads: int) -> torch.Tensor:
+    """ComfyUI backends return (B, H, L, D) with skip_output_reshape, else (B, L, H*D)."""
+    return _as_layout(out, "bhld" if skip_output_reshape else "bld", heads)

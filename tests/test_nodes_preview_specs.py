@@ -1,0 +1,45 @@
+"""Bundle preview images and the shared node input specs (no ComfyUI needed)."""
+
+import torch
+
+from calibatt.nodes import preview, specs
+from helpers_core import make_bundle
+
+
+def test_preview_is_a_comfy_image_batch_showing_the_bundle():
+    bundle = make_bundle(L=3, H=2, steps=5, density=0.3, seed=4)
+    img = preview.preview_images(bundle, size=96)
+    assert img.dtype == torch.float32 and img.shape == (2, 96, 96, 3)
+    assert float(img.min()) >= 0.0 and float(img.max()) <= 1.0
+    heat = preview.density_map(bundle)
+    assert heat.shape == (3, 5)  # layers x calibrated steps
+    per_step = torch.tensor(bundle.step_densities(), dtype=torch.float32)
+    torch.testing.assert_close(heat.mean(0), per_step, rtol=1e-5, atol=1e-6)
+    mask = preview.head_mask(bundle, layer=1, head=0, step=2)
+    want = bundle.skip_lists(bundle.step_bucket[2]).layer(1).block_mask()[0].float()
+    assert torch.equal(mask, want)
+    # The mask panel is the mask itself, scaled up: white where blocks are computed.
+    g = bundle.geometry
+    rows = ((torch.arange(g.nq) + 0.5) * 96 / g.nq).long()
+    cols = ((torch.arange(g.nk) + 0.5) * 96 / g.nk).long()
+    assert torch.equal(img[1][rows][:, cols, 0], preview.head_mask(bundle))
+
+
+def test_colorize_is_monotone_in_brightness():
+    c = preview.colorize(torch.linspace(0, 1, 11)[None])[0]
+    brightness = c @ torch.tensor([0.299, 0.587, 0.114])
+    assert bool((brightness[1:] > brightness[:-1]).all())
+
+
+def test_v1_inputs_keep_the_widget_order_workflows_rely_on():
+    it = specs.input_types_v1(specs.PATCH)
+    assert list(it["required"]) == ["model", "bundle", "dense_first_percent", "dense_last_percent"]
+    assert it["required"]["dense_last_percent"] == ("FLOAT", {
+        "tooltip": specs.PATCH.inputs[3].tooltip, "default": 0.0, "min": 0.0, "max": 100.0, "step": 1.0})
+    cal = specs.CALIBRATE
+    names = [i.name for i in cal.inputs]
+    assert names.index("clip") > names.index("filename")  # optional inputs come after the required ones
+    assert all(i.optional for i in cal.inputs[names.index("clip"):])
+    assert specs.widget_count(cal) == sum(1 for i in cal.inputs if i.is_widget) + 1  # + seed control
+    assert {s.node_id for s in specs.ALL} == {"CalibrateSparseAttention", "LoadMaskBundle", "PatchModelAttention",
+                                              "MaskBundlePreview"}
