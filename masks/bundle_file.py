@@ -16,6 +16,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..version import __version__
@@ -52,30 +53,35 @@ _FIX_RECREATE = "re-create it with Calibrate Sparse Attention or download it aga
 
 
 # ---------------------------------------------------------------------------------------------------- save
+def _parent_candidates(bundle: MaskBundle):
+    """Per distinct mask, earlier masks likely to differ from it in few blocks: the same (layer, head) in the
+    previous bucket (late steps change little) and the neighbouring head of the same bucket and layer."""
+    U = bundle.num_unique_masks
+    cands = [set() for _ in range(U)]
+    em = bundle.entry_mask.tolist()
+    for b, layers in enumerate(em):
+        for l, heads in enumerate(layers):
+            for h, m in enumerate(heads):
+                for p in ((em[b - 1][l][h],) if b > 0 else ()) + ((heads[h - 1],) if h > 0 else ()):
+                    if p < m:  # parents precede children, so decoding is one forward pass
+                        cands[m].add(p)
+    return cands
+
+
 def _encode_masks(bundle: MaskBundle):
-    """XOR-with-parent + zlib for every distinct mask. Parent: same (layer, head) in the previous bucket."""
+    """Per distinct mask: zlib of its packed bits, or of their XOR with a parent where that is smaller."""
     U = bundle.num_unique_masks
     parent = torch.full((U,), -1, dtype=torch.int32)
-    seen = torch.zeros(U, dtype=torch.bool)
-    em = bundle.entry_mask
-    for b in range(em.shape[0]):
-        for l in range(em.shape[1]):
-            for h in range(em.shape[2]):
-                m = int(em[b, l, h])
-                if seen[m]:
-                    continue
-                seen[m] = True
-                if b > 0:
-                    p = int(em[b - 1, l, h])
-                    if p < m:  # parents precede children, so decoding is one forward pass
-                        parent[m] = p
+    cands = _parent_candidates(bundle)
     chunks, offsets = [], [0]
-    packed = bundle.packed_masks
+    packed = bundle.packed_masks.numpy()
     for m in range(U):
-        data = packed[m]
-        if parent[m] >= 0:
-            data = data ^ packed[int(parent[m])]
-        chunks.append(zlib.compress(data.contiguous().numpy().tobytes(), 6))
+        best = zlib.compress(packed[m].tobytes(), 6)
+        for p in sorted(cands[m]):
+            c = zlib.compress((packed[m] ^ packed[p]).tobytes(), 6)
+            if len(c) < len(best):
+                best, parent[m] = c, p
+        chunks.append(best)
         offsets.append(offsets[-1] + len(chunks[-1]))
     payload = torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8) if offsets[-1] else \
         torch.zeros(0, dtype=torch.uint8)
@@ -306,7 +312,7 @@ def load_bundle(path) -> MaskBundle:
     nq, rb = geometry.nq, row_bytes(geometry.nk)
     size = nq * rb
     payload = t["mask_payload"].numpy().tobytes()
-    packed = torch.empty(U, nq, rb, dtype=torch.uint8)
+    packed_np = np.empty((U, nq, rb), dtype=np.uint8)
     offs = offsets.tolist()
     par = parent.tolist()
     for m in range(U):
@@ -317,10 +323,11 @@ def load_bundle(path) -> MaskBundle:
             _fail(path, "mask_payload", f"mask {m} does not decompress ({e})")
         if len(raw) != size or not d.eof:
             _fail(path, "mask_payload", f"mask {m} decodes to {len(raw)} bytes, expected {size} ({nq} rows)")
-        cur = torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(nq, rb)
+        cur = np.frombuffer(raw, dtype=np.uint8).reshape(nq, rb)
         if par[m] >= 0:
-            cur = cur ^ packed[par[m]]
-        packed[m] = cur
+            cur = cur ^ packed_np[par[m]]
+        packed_np[m] = cur
+    packed = torch.from_numpy(packed_np)
     if not padding_bits_clear(packed, geometry.nk):
         _fail(path, "mask_payload", "bits beyond the last key block are set")
     empty = row_counts(packed) == 0
