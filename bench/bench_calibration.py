@@ -6,8 +6,10 @@ of the positive rows + selection + repetition check), and times whole steps (syn
 calibrator also moves the step's keep bits to the host). The CPU work of committing a prompt's votes is timed
 separately (it runs on a worker thread during the next prompt in real use).
 
-GPU (the lead runs this):  python3 bench/bench_calibration.py --json bench/bench_calibration.json
+GPU (the lead runs this):  python3 bench/bench_calibration.py --json bench/bench_calibration.json [--row-stride 4]
 CPU smoke run (tiny):       .venv/bin/python bench/bench_calibration.py --tiny
+Selection quality vs stats_row_stride (CPU, planted structure, calibration/synthetic.py):
+                            .venv/bin/python bench/bench_calibration.py --quality [--json q.json]
 
 The 720p estimate scales the measured per-step statistics overhead by (tokens_720 / tokens)^2 (block energy and the
 dense attention are quadratic in tokens) and adds Wan 14B 720p's measured step time (METHOD.md section 3,
@@ -33,6 +35,7 @@ import torch  # noqa: E402
 from calibatt.calibration import CalibrationSettings, Calibrator  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
 from calibatt.kernels.dense import dense_attention  # noqa: E402
+from calibatt.kernels.stats import block_energy  # noqa: E402
 from calibatt.masks import ModelSignature, TokenGrid  # noqa: E402
 
 WAN14B_720P_STEP_S = 24.39  # CFG batch 2, ComfyUI Wan classes, H100 (METHOD.md section 3)
@@ -59,7 +62,8 @@ def run(args):
     F, Hh, Ww = args.grid
     grid = TokenGrid(F, Hh, Ww)
     sig = ModelSignature("wan21", args.layers, args.heads, args.head_dim, args.heads * args.head_dim)
-    settings = CalibrationSettings(block_q=args.block, block_k=args.block, steps=args.steps)
+    settings = CalibrationSettings(block_q=args.block, block_k=args.block, steps=args.steps,
+                                   stats_row_stride=args.row_stride)
     gen = torch.Generator(device=dev).manual_seed(0)
     sigmas = [float(s) for s in torch.linspace(1.0, 0.05, args.steps).tolist()]
     batch = 2 if args.cfg else 1
@@ -97,6 +101,19 @@ def run(args):
         sync(dev)
         on.append(time.perf_counter() - t0)
     peak = (torch.cuda.max_memory_allocated(dev) - base_mem) if dev.type == "cuda" else 0
+    # The statistics kernel alone on one call's positive chunk, against one dense forward of that chunk.
+    q, k, v = (t[:1] for t in calls[0].bhld())
+    kernel_ms = {}
+    for name, fn in (("dense", lambda: dense_attention(q, k, v, None)),
+                     ("block_energy", lambda: block_energy(q, k, cal.geometry, row_stride=args.row_stride,
+                                                           row_offset=1 % args.row_stride))):
+        fn()
+        sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            fn()
+        sync(dev)
+        kernel_ms[name] = 1000 * (time.perf_counter() - t0) / 5
     t0 = time.perf_counter()
     cal.end_prompt()
     commit_s = time.perf_counter() - t0
@@ -120,12 +137,15 @@ def run(args):
     res = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "device_type": dev.type, "torch": torch.__version__, "grid": list(args.grid), "tokens": tokens,
-        "heads": args.heads,
+        "heads": args.heads, "stats_row_stride": args.row_stride,
         "layers": args.layers, "block": args.block, "cfg_batch": batch, "steps_timed": args.steps - warm,
         "step_s_stats_off": round(off_s, 4), "step_s_stats_on": round(on_s, 4),
         "overhead_s_per_step": round(overhead, 4), "overhead_ratio": round(on_s / off_s, 3),
         "overhead_ms_per_call": round(1000 * overhead / args.layers, 3),
         "peak_extra_gpu_mb_stats_on": round(peak / 2**20, 1),
+        "block_energy_ms_per_call": round(kernel_ms["block_energy"], 2),
+        "dense_ms_per_call_batch1": round(kernel_ms["dense"], 2),
+        "block_energy_over_dense": round(kernel_ms["block_energy"] / kernel_ms["dense"], 3),
         "commit_cpu_s_per_step": round(commit_step, 4),
         "counters_raw_mb": round(st.raw_nbytes() / 2**20, 2), "counters_stored_mb": round(st.nbytes() / 2**20, 2),
         "est_overhead_s_per_step_720p": round(overhead * scale720, 2),
@@ -137,6 +157,156 @@ def run(args):
                                        cwd=pathlib.Path(__file__).resolve().parents[1]).stdout.strip()
     except OSError:
         res["commit"] = None
+    res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return res
+
+
+# ---- selection quality vs row stride (CPU) -------------------------------------------------------------------
+QUALITY_KINDS = [["local", "stripes", "repeat", "global"], ["global", "repeat", "local", "stripes"]]
+QUALITY_REPEAT = {(0, 2), (1, 1)}
+
+
+def quality_case(grid_fhw, block, noise, beta, strides, prompts=4, held_out=(17, 18), head_dim=16,
+                 repetition=True):
+    """Calibrate the planted-structure layers once per stride and score each against the full-row energy."""
+    from calibatt.calibration.selection import kept_mass, mean_block_mass, select_blocks
+    from calibatt.calibration.synthetic import global_columns, planted_layer
+    from calibatt.kernels.reference import sparse_attention_reference
+    from calibatt.kernels.stats_reference import block_energy_reference
+    from calibatt.masks import BlockGeometry
+    from calibatt.masks.packing import unpack_bits
+
+    grid = TokenGrid(*grid_fhw)
+    L, H = len(QUALITY_KINDS), len(QUALITY_KINDS[0])
+    sig = ModelSignature("generic", L, H, head_dim, H * head_dim)
+    sigmas = [10.0, 3.0, 1.0, 0.3, 0.1]
+    g = BlockGeometry(grid.video_tokens, block, block)
+    cache = {}
+
+    def qkv(p, layer, s, **kw):
+        key = (p, layer, s, tuple(sorted(kw.items())))
+        if key not in cache:
+            cache[key] = planted_layer(grid, QUALITY_KINDS[layer], head_dim, prompt=p, layer=layer, sigma=s,
+                                       noise=kw.get("noise", noise), beta=beta)
+        return cache[key]
+
+    def full_mass(p, layer, s):
+        key = ("mass", p, layer, s)
+        if key not in cache:
+            q, k, _ = qkv(p, layer, s)
+            cache[key] = mean_block_mass(block_energy_reference(q.double(), k.double(), g, scale=1.0).float(), g, 1)
+        return cache[key]
+
+    def dense(p, layer, s):
+        key = ("dense", p, layer, s)
+        if key not in cache:
+            q, k, v = (x.double() for x in qkv(p, layer, s))
+            cache[key] = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        return cache[key]
+
+    rows = []
+    base_masks = None
+    for stride in strides:
+        st = CalibrationSettings(block_q=block, block_k=block, A=0.85, C=0.97, k=4.0, stats_row_stride=stride,
+                                 repetition=repetition)
+        cal = Calibrator(sig, grid, st, background=False)
+        # Per-prompt selections from the strided estimate, judged by the full-row mass (the eps guarantee).
+        short = []
+        for p in range(prompts):
+            cal.begin_prompt(sample_sigmas=sigmas)
+            for t, s in enumerate(sigmas):
+                eps = st.eps(t, len(sigmas))
+                for layer in range(L):
+                    q, k, v = qkv(p, layer, s)
+                    cal.observe(AttentionCall(q, k, v, "bhld", H, layer, s, grid, scale=1.0))
+                    est = mean_block_mass(block_energy_reference(q, k, g, scale=1.0, row_stride=stride,
+                                                                 row_offset=(t + layer) % stride), g, 1)
+                    keep = select_blocks(est, eps)
+                    short.append((eps - kept_mass(full_mass(p, layer, s), keep)).clamp_min(0.0).flatten())
+            cal.end_prompt()
+        short = torch.cat(short)
+        bundle = cal.finish()
+        masks = {s: bundle.skip_lists(bundle.bucket_for_sigma(s)).block_mask() for s in sigmas}
+        eps_min = min(bundle.settings["eps_per_step"])
+        # Planted blocks: blocks holding more than 1 - eps of a row's noise-free mass (+ margin) must be kept.
+        must_total = must_kept = gcol_total = gcol_kept = 0
+        col_blocks = sorted(set((global_columns(grid) // g.block_k).tolist()))
+        for s in sigmas:
+            for layer in range(L):
+                q0, k0, _ = qkv(0, layer, s, noise=0.0)
+                m0 = mean_block_mass(block_energy_reference(q0, k0, g, scale=1.0), g, 1)
+                must = m0 > (1.0 - eps_min) + 0.05
+                must_total += int(must.sum())
+                must_kept += int((masks[s][layer] & must).sum())
+                gh = QUALITY_KINDS[layer].index("global")
+                gcol_total += g.nq * len(col_blocks)
+                gcol_kept += int(masks[s][layer, gh][:, col_blocks].sum())
+        rep_ok = all({(lh[0], lh[1]) for lh in rep_b} == QUALITY_REPEAT for rep_b in
+                     [{tuple(x) for x in (bundle.entry_rep[b] >= 0).nonzero().tolist()}
+                      for b in range(bundle.num_buckets)])
+
+        def out_error(p):
+            errs, bundle_short = [], []
+            for t, s in enumerate(sigmas):
+                sl = bundle.skip_lists(bundle.bucket_for_sigma(s))
+                for layer in range(L):
+                    q, k, v = (x.double() for x in qkv(p, layer, s))
+                    d = dense(p, layer, s)
+                    out = sparse_attention_reference(q, k, v, sl.layer(layer), scale=1.0)
+                    errs.append(float((out - d).norm() / d.norm()))
+                    eps = st.eps(t, len(sigmas))
+                    bundle_short.append((eps - kept_mass(full_mass(p, layer, s), masks[s][layer]))
+                                        .clamp_min(0.0).flatten())
+            return sum(errs) / len(errs), torch.cat(bundle_short)
+
+        calib_err = sum(out_error(p)[0] for p in range(prompts)) / prompts
+        held = [out_error(p) for p in held_out]
+        held_err = sum(h[0] for h in held) / len(held)
+        held_short = torch.cat([h[1] for h in held])
+        flat = torch.stack([masks[s] for s in sigmas])
+        iou = None
+        if base_masks is None:
+            base_masks = flat
+        else:
+            iou = float((flat & base_masks).sum() / (flat | base_masks).sum())
+        rows.append({
+            "stride": stride, "density": round(bundle.density, 4),
+            "block_mask_density": round(float(flat.float().mean()), 4),
+            "repetitive_entries": int((bundle.entry_rep >= 0).sum()),
+            "iou_vs_stride1": None if iou is None else round(iou, 4),
+            "planted_blocks_kept": f"{must_kept}/{must_total}", "global_col_blocks_kept": f"{gcol_kept}/{gcol_total}",
+            "repetitive_heads_exact": rep_ok,
+            "per_prompt_rows_below_eps": round(float((short > 1e-6).float().mean()), 4),
+            "per_prompt_max_shortfall": round(float(short.max()), 4),
+            "per_prompt_mean_shortfall": round(float(short.mean()), 5),
+            "heldout_rows_below_eps": round(float((held_short > 1e-6).float().mean()), 4),
+            "heldout_max_shortfall": round(float(held_short.max()), 4),
+            "calib_out_err": round(calib_err, 4), "heldout_out_err": round(held_err, 4),
+        })
+    return {"grid": list(grid_fhw), "block": block, "noise": noise, "beta": beta, "prompts": prompts,
+            "repetition": repetition,
+            "held_out": list(held_out), "rows": rows}
+
+
+def quality(args):
+    torch.set_num_threads(1)  # tiny tensors on a small CPU: threads only contend
+    strides = args.strides
+    cases = [((8, 16, 16), 128, 0.35, 0.05), ((8, 16, 16), 128, 0.7, 0.05), ((8, 16, 16), 64, 0.35, 0.2),
+             ((4, 8, 8), 16, 0.35, 0.6)]
+    if args.tiny:
+        cases = cases[-1:]
+    elif args.cases:
+        cases = [cases[i] for i in args.cases]
+    res = {"cases": []}
+    for grid_fhw, block, noise, beta in cases:
+        t0 = time.perf_counter()
+        c = quality_case(grid_fhw, block, noise, beta, strides, repetition=args.repetition)
+        c["seconds"] = round(time.perf_counter() - t0, 1)
+        res["cases"].append(c)
+        print(f"grid {grid_fhw} block {block} noise {noise} beta {beta} repetition {args.repetition} "
+              f"({c['seconds']} s)", flush=True)
+        for r in c["rows"]:
+            print("  " + ", ".join(f"{k}={v}" for k, v in r.items()), flush=True)
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return res
 
@@ -154,13 +324,28 @@ def main():
     ap.add_argument("--no-cfg", dest="cfg", action="store_false", help="batch 1 instead of a CFG batch of 2")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even where CUDA exists")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (CPU smoke run)")
+    ap.add_argument("--row-stride", type=int, default=1,
+                    help="CalibrationSettings.stats_row_stride: statistics from every n-th query row (1 = all)")
+    ap.add_argument("--quality", action="store_true",
+                    help="instead of timing: selection quality vs row stride on planted structure (CPU)")
+    ap.add_argument("--strides", type=int, nargs="+", default=[1, 2, 4, 8], help="strides for --quality")
+    ap.add_argument("--no-repetition", dest="repetition", action="store_false",
+                    help="--quality with repetitive heads off (block masks alone)")
+    ap.add_argument("--cases", type=int, nargs="+", help="indices of the --quality cases to run (default all)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    if args.quality:
+        res = quality(args)
+        if args.json:
+            pathlib.Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
+        return
     if args.tiny:
         args.grid, args.heads, args.head_dim, args.layers, args.block = [3, 4, 8], 2, 32, 2, 16
     res = run(args)
     print(json.dumps(res, indent=1))
-    print(f"\nstatistics overhead: {res['overhead_s_per_step']:.3f} s per step ({res['overhead_ratio']:.2f}x the "
+    print(f"\nrow stride {res['stats_row_stride']}: block energy {res['block_energy_ms_per_call']:.2f} ms per call = "
+          f"{res['block_energy_over_dense']:.2f}x one dense forward (batch 1)")
+    print(f"statistics overhead: {res['overhead_s_per_step']:.3f} s per step ({res['overhead_ratio']:.2f}x the "
           f"attention time) at {res['tokens']} tokens; estimated {res['est_overhead_s_per_step_720p']:.1f} s per "
           f"step at Wan 14B 720p")
     if res["tokens"] < 8192 or "cuda" not in str(res.get("device_type")):

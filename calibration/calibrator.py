@@ -173,7 +173,12 @@ class Calibrator:
         g = self.geometry
         rows_t, anchors, row_anchor, shifts = self._device_consts(q.device)
         with torch.no_grad():
-            energy = block_energy(q, k, g, scale=call.scale)
+            stride = self.settings.stats_row_stride
+            # Rotate the sampled rows with the step and layer (host ints: no sync). Not with the prompt: a prompt's
+            # statistics must not depend on its key or on the order prompts run in (resumed and merged runs equal
+            # one uninterrupted run), and the prompts' own noise already varies what a fixed row sees.
+            offset = (self._record[self._step_key(sigma)]["t_index"] + int(call.layer)) % stride
+            energy = block_energy(q, k, g, scale=call.scale, row_stride=stride, row_offset=offset)
             mass = mean_block_mass(energy, g, q.shape[0], rows_t)
             del energy
             text = (1.0 - mass.sum(-1)).clamp(0.0, 1.0)

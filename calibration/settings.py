@@ -4,6 +4,11 @@ eps(t) = A + (C - A) * exp(-k * t / T), t = 0 the noisiest step, T the number of
 query block keeps the smallest set of key blocks whose attention mass (plus the mass on text keys, which are always
 computed) reaches eps(t). Presets are starting points: "balanced" is the paper's Wan schedule (C = 0.99, k = 16,
 A about 0.84); "quality" keeps more mass late in sampling, "fast" less.
+
+stats_row_stride s: block energy is estimated from every s-th query row of each 128-row block (the offset rotates
+with the step, layer and prompt, so every row is used somewhere), which makes the statistics kernel about s times
+cheaper. Neighbouring video tokens attend alike, so the per-block mean row mass changes little; the numbers behind
+the default are in docs/BENCHMARKS.md "## Calibration" (bench/bench_calibration.py --quality). 1 = exact.
 """
 
 from __future__ import annotations
@@ -18,6 +23,11 @@ EPS_PRESETS = {
     "balanced": (0.84, 0.99, 16.0),
     "fast": (0.76, 0.97, 16.0),
 }
+
+
+# Largest stride whose quality loss on the planted-structure study stayed small (docs/BENCHMARKS.md: every
+# planted block kept, eps shortfall on the full-row mass <= 0.016, held-out error +0-3.5 %) for 3.7x cheaper stats.
+STATS_ROW_STRIDE_DEFAULT = 4
 
 
 @dataclass
@@ -36,6 +46,8 @@ class CalibrationSettings:
     share_after: float = 0.0  # only steps at t / T >= this may join the previous bucket (0 = anywhere)
     block_q: int = 128
     block_k: int = 128
+    # Use every s-th query row of a block for the block-energy statistics (1 = all rows; see the module docstring).
+    stats_row_stride: int = STATS_ROW_STRIDE_DEFAULT
     seed: int = 0
     steps: Optional[int] = None  # schedule length T when the host does not pass its sigmas to begin_prompt
     sampler: Optional[str] = None
@@ -60,6 +72,10 @@ class CalibrationSettings:
             raise ValueError(f"CalibrationSettings.share_iou must be in (0, 1], got {self.share_iou}")
         if self.block_q <= 0 or self.block_k <= 0:
             raise ValueError(f"CalibrationSettings block sizes must be positive, got {self.block_q}x{self.block_k}")
+        rs = self.stats_row_stride
+        if isinstance(rs, bool) or not isinstance(rs, int) or not (1 <= rs <= 64):
+            raise ValueError(f"CalibrationSettings.stats_row_stride must be an integer in [1, 64] (1 = every query row "
+                             f"feeds the statistics, 4 = every 4th), got {rs!r}")
         if self.steps is not None and int(self.steps) <= 0:
             raise ValueError(f"CalibrationSettings.steps must be positive or None, got {self.steps}")
 

@@ -3,6 +3,12 @@
 Never materialises N x N: it walks query blocks, computing one [B, H, block_q, N] score slab at a time (the first
 pass gives each row's log-sum-exp over all keys, text included; the second sums exp(s - lse) per key block).
 This is the specification the Triton statistics kernel must match.
+
+Row subsampling (row_stride > 1, calibration's cheap mode): a query block of n rows uses only its local rows
+i = o, o + s, o + 2s, ... < n with s = row_stride and o = (row_offset mod s) mod n (the second mod keeps at least one
+row in a partial last block shorter than o), and scales their mass by n / (rows used), so out still estimates the sum
+over ALL rows of the block. Rows of one block are strongly correlated in video attention (neighbouring tokens), so a
+strided sample estimates the block's mean row well; callers rotate row_offset across steps so that every row is seen.
 """
 
 from __future__ import annotations
@@ -14,12 +20,30 @@ import torch
 from ..masks.skiplists import BlockGeometry
 
 
+def sampled_rows(n: int, row_stride: int, row_offset: int) -> tuple[int, int]:
+    """(first local row, rows used) of a query block of n rows under (row_stride, row_offset)."""
+    o = (row_offset % row_stride) % n
+    return o, (n - o + row_stride - 1) // row_stride
+
+
+def check_row_stride(row_stride, row_offset) -> tuple[int, int]:
+    if isinstance(row_stride, bool) or int(row_stride) != row_stride or int(row_stride) < 1:
+        raise ValueError(f"block_energy: row_stride must be an integer >= 1 (1 = every query row), got {row_stride!r}")
+    if isinstance(row_offset, bool) or int(row_offset) != row_offset or int(row_offset) < 0:
+        raise ValueError(f"block_energy: row_offset must be an integer >= 0, got {row_offset!r}")
+    return int(row_stride), int(row_offset)
+
+
 def block_energy_reference(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, *, scale: float | None = None,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           out: torch.Tensor | None = None, row_stride: int = 1,
+                           row_offset: int = 0) -> torch.Tensor:
     """q, k: (B, H, N, D), N >= geometry.num_tokens (trailing tokens are text: they count in the softmax
     normaliser but get no column). Returns out [H, nq, nk] float32 with out += sum over batch and the query rows
     of each block of the probability mass that lands in each key block. Divide by (B * rows in the block) for the
-    mean mass; rows of one query block then sum to (1 - their mass on text)."""
+    mean mass; rows of one query block then sum to (1 - their mass on text).
+    row_stride > 1: the same quantity estimated from every row_stride-th row of each block (module docstring);
+    row_stride = 1 is exact (and ignores row_offset)."""
+    row_stride, row_offset = check_row_stride(row_stride, row_offset)
     B, H, N, D = q.shape
     g = geometry
     Nv = g.num_tokens
@@ -32,11 +56,17 @@ def block_energy_reference(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeom
     pad = g.nk * g.block_k - Nv
     for qb in range(g.nq):
         r0, r1 = qb * g.block_q, min((qb + 1) * g.block_q, Nv)
-        s = torch.matmul(q[:, :, r0:r1].float(), kf.transpose(-1, -2)) * scale  # [B, H, rows, N]
+        if row_stride == 1:
+            qr, used, weight = q[:, :, r0:r1], r1 - r0, None
+        else:
+            o, used = sampled_rows(r1 - r0, row_stride, row_offset)
+            qr, weight = q[:, :, r0 + o:r1:row_stride], (r1 - r0) / used
+        s = torch.matmul(qr.float(), kf.transpose(-1, -2)) * scale  # [B, H, rows, N]
         p = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True))[..., :Nv]
         if pad:
             p = torch.nn.functional.pad(p, (0, pad))
-        out[:, qb] += p.reshape(B, H, r1 - r0, g.nk, g.block_k).sum(dim=(0, 2, 4))
+        e = p.reshape(B, H, used, g.nk, g.block_k).sum(dim=(0, 2, 4))
+        out[:, qb] += e if weight is None else e * weight
     return out
 
 

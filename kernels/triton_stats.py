@@ -5,6 +5,12 @@ Two launches, never an N x N matrix:
   2. per (query tile, batch*head): for every video key block, the sum over the tile's rows and the block's columns
      of exp2(s - lse), atomically added into the caller's [H, nq, nk] float32 buffer (the batch and the query
      tiles of one mask block meet there; atomics keep it one launch, at the cost of float rounding order).
+
+Row subsampling (row_stride s > 1; semantics in stats_reference.py): both launches run over "virtual" rows, VB per
+query block (the next power of two >= ceil(block_q / s)); virtual row i of block qb reads the real row
+qb * block_q + o + i * s, so both passes shrink by about s. The rescaling n / (rows used) is folded into the stored
+log-sum-exp (lse - log2 w), which costs the block-sum pass nothing. When VB is smaller than the kernel tile, one tile
+spans SEG = BLOCK_M / VB query blocks and its row sums are reduced per block before the atomics.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ..masks.skiplists import BlockGeometry
+from .stats_reference import check_row_stride
 from .triton_attention import (LOG2E, TritonUnsupported, _descs, _ensure_allocator, _kv_desc, _load_tile, _tma_ok,
                                pick_tiles)
 
@@ -33,9 +40,26 @@ def _lse_step(l_i, m_i, q, k, qk_scale, cols, col_limit, MASK_COLS: tl.constexpr
 
 
 @triton.jit
-def _row_lse(Q, K, DK, LSE, sqb, sqh, sql, skb, skh, skl, H, N, NV, qk_scale,
+def _strided_rows(v, NV, NQ, ROW_OFF, BLOCK_Q, STRIDE: tl.constexpr, VB: tl.constexpr):
+    """Virtual rows v -> (real row, valid, log2 of the block's rescale n / rows used). ROW_OFF < STRIDE."""
+    qb = v // VB
+    i = v % VB
+    start = qb * BLOCK_Q
+    n = tl.minimum(NV - start, BLOCK_Q)  # <= 0 past the last block
+    n1 = tl.maximum(n, 1)
+    o = ROW_OFF % n1  # a partial last block shorter than the offset still keeps one row
+    local = o + i * STRIDE
+    ok = (qb < NQ) & (local < n)
+    used = (n1 - o + STRIDE - 1) // STRIDE
+    log2w = tl.math.log2(n1.to(tl.float32) / used.to(tl.float32))
+    return start + local, ok, log2w
+
+
+@triton.jit
+def _row_lse(Q, K, DK, LSE, sqb, sqh, sql, skb, skh, skl, H, N, NV, qk_scale, NQ, ROW_OFF, BLOCK_Q, NLSE,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-             DESC_MODE: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr = 1):
+             DESC_MODE: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr = 1,
+             STRIDE: tl.constexpr = 1, VB: tl.constexpr = 1):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -45,8 +69,12 @@ def _row_lse(Q, K, DK, LSE, sqb, sqh, sql, skb, skh, skl, H, N, NV, qk_scale,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < NV
-    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :],
+    if STRIDE == 1:
+        rows = offs_m
+        row_ok = offs_m < NV
+    else:
+        rows, row_ok, log2w = _strided_rows(offs_m, NV, NQ, ROW_OFF, BLOCK_Q, STRIDE, VB)
+    q = tl.load(Q + b64 * sqb + h64 * sqh + rows.to(tl.int64)[:, None] * sql + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     k_base = K + b64 * skb + h64 * skh
     if DESC_MODE == 2:
@@ -65,15 +93,23 @@ def _row_lse(Q, K, DK, LSE, sqb, sqh, sql, skb, skh, skl, H, N, NV, qk_scale,
     if start_n < N:
         k = _load_tile(desc_k, k_base, b, h, start_n, N, skl, offs_n, offs_d, DESC_MODE, True)
         l_i, m_i = _lse_step(l_i, m_i, q, k, qk_scale, start_n + offs_n, N, True)
-    tl.store(LSE + bh.to(tl.int64) * NV + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    if STRIDE == 1:
+        tl.store(LSE + bh.to(tl.int64) * NV + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
+    else:
+        # Unused virtual rows get +inf, so the block-sum pass gives them exactly 0 without a mask.
+        tl.store(LSE + bh.to(tl.int64) * NLSE + offs_m,
+                 tl.where(row_ok, m_i + tl.math.log2(l_i) - log2w, float("inf")))
 
 
 @triton.jit
 def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H, N, NV, NK, TAIL_TILES, qk_scale,
+                NQ, ROW_OFF, NLSE,
                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_K: tl.constexpr,
-                DESC_MODE: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr = 16):
-    SUBQ: tl.constexpr = BLOCK_Q // BLOCK_M
+                DESC_MODE: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr = 16,
+                STRIDE: tl.constexpr = 1, VB: tl.constexpr = 1, SEG: tl.constexpr = 1, SUBQ: tl.constexpr = 1):
+    # SUBQ: programs per mask block (block_q // BLOCK_M rows at STRIDE 1, VB // BLOCK_M virtual rows otherwise);
+    # SEG > 1: one program holds SEG blocks' VB virtual rows.
     SUBK: tl.constexpr = BLOCK_K // BLOCK_N
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -85,11 +121,22 @@ def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
-    row_ok = offs_m < NV
-    q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :],
-                mask=row_ok[:, None], other=0.0)
-    # Rows past the video part get lse = +inf, so their probabilities are exactly 0.
-    lse = tl.load(LSE + bh.to(tl.int64) * NV + offs_m, mask=row_ok, other=float("inf"))
+    if STRIDE == 1:
+        row_ok = offs_m < NV
+        q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        # Rows past the video part get lse = +inf, so their probabilities are exactly 0.
+        lse = tl.load(LSE + bh.to(tl.int64) * NV + offs_m, mask=row_ok, other=float("inf"))
+    else:
+        rows, row_ok, _ = _strided_rows(offs_m, NV, NQ, ROW_OFF, BLOCK_Q, STRIDE, VB)
+        q = tl.load(Q + b64 * sqb + h64 * sqh + rows.to(tl.int64)[:, None] * sql + offs_d[None, :],
+                    mask=row_ok[:, None], other=0.0)
+        lse = tl.load(LSE + bh.to(tl.int64) * NLSE + offs_m)  # +inf on unused rows, rescale folded in
+        if SEG > 1:
+            qb = pid_m * SEG
+            segs = tl.arange(0, SEG)
+            seg_ok = (qb + segs) < NQ
+            out_seg = OUT + h * so_h + (qb + segs) * so_q
     k_base = K + b64 * skb + h64 * skh
     if DESC_MODE == 2:
         desc_k = DK
@@ -112,17 +159,29 @@ def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H,
             qk = tl.dot(q, tl.trans(k))
             rows_sum += tl.sum(tl.math.exp2(qk * qk_scale - lse[:, None]), 1)
         if GROUP == 1:
-            tl.atomic_add(out_row + kb, tl.sum(rows_sum, 0))
+            if SEG == 1:
+                tl.atomic_add(out_row + kb, tl.sum(rows_sum, 0))
+            else:
+                tl.atomic_add(out_seg + kb, tl.sum(tl.reshape(rows_sum, [SEG, VB]), 1), mask=seg_ok)
         else:
             slot = kb % GROUP
             acc2 = tl.where((cols_g == slot)[None, :], acc2 + rows_sum[:, None], acc2)
             if slot == GROUP - 1:
-                tl.atomic_add(out_row + (kb - (GROUP - 1)) + cols_g, tl.sum(acc2, 0))
+                if SEG == 1:
+                    tl.atomic_add(out_row + (kb - (GROUP - 1)) + cols_g, tl.sum(acc2, 0))
+                else:
+                    tl.atomic_add(out_seg[:, None] + (kb - (GROUP - 1)) + cols_g[None, :],
+                                  tl.sum(tl.reshape(acc2, [SEG, VB, GROUP]), 1), mask=seg_ok[:, None])
                 acc2 = tl.zeros([BLOCK_M, GROUP], dtype=tl.float32)
     if GROUP > 1:
         rem = n_full % GROUP
         if rem > 0:
-            tl.atomic_add(out_row + (n_full - rem) + cols_g, tl.sum(acc2, 0), mask=cols_g < rem)
+            if SEG == 1:
+                tl.atomic_add(out_row + (n_full - rem) + cols_g, tl.sum(acc2, 0), mask=cols_g < rem)
+            else:
+                tl.atomic_add(out_seg[:, None] + (n_full - rem) + cols_g[None, :],
+                              tl.sum(tl.reshape(acc2, [SEG, VB, GROUP]), 1),
+                              mask=seg_ok[:, None] & (cols_g < rem)[None, :])
     if TAIL_K:
         rows_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for t in range(0, TAIL_TILES):
@@ -132,7 +191,10 @@ def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H,
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
             p = tl.where(((start_n + offs_n) < NV)[None, :], p, 0.0)
             rows_sum += tl.sum(p, 1)
-        tl.atomic_add(out_row + NK - 1, tl.sum(rows_sum, 0))
+        if SEG == 1:
+            tl.atomic_add(out_row + NK - 1, tl.sum(rows_sum, 0))
+        else:
+            tl.atomic_add(out_seg + NK - 1, tl.sum(tl.reshape(rows_sum, [SEG, VB]), 1), mask=seg_ok)
 
 
 # Key blocks per cross-warp reduction in the block-sum pass. H100, 32,760 tokens, 40 heads (bench/bench_kernels.py,
@@ -141,9 +203,12 @@ STATS_GROUP = {"group": 16}
 
 
 def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, *, scale: Optional[float] = None,
-                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        out: Optional[torch.Tensor] = None, row_stride: int = 1,
+                        row_offset: int = 0) -> torch.Tensor:
     """q, k: (B, H, N, D) float16/bfloat16 (any strides with a unit last stride). out [H, nq, nk] float32 is
-    accumulated into (created as zeros when None)."""
+    accumulated into (created as zeros when None). row_stride / row_offset: estimate from a strided subsample of
+    each query block's rows (stats_reference.block_energy_reference)."""
+    row_stride, row_offset = check_row_stride(row_stride, row_offset)
     B, H, N, D = q.shape
     g = geometry
     Nv = g.num_tokens
@@ -165,20 +230,36 @@ def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometr
     mode = cfg.tma if _tma_ok(k) else 0
     if mode == 1:
         _ensure_allocator()
-    lse = torch.empty(B * H, Nv, dtype=torch.float32, device=q.device)
     dense_cfg = pick_tiles(D, 128, 128, q.device)
+    if row_stride == 1:
+        vb = seg = 1
+        subq = g.block_q // cfg.block_m
+        n_lse = Nv
+        lse_programs = triton.cdiv(Nv, dense_cfg.block_m)
+        mass_programs = g.nq * (g.block_q // cfg.block_m)
+    else:
+        vb = triton.next_power_of_2(triton.cdiv(g.block_q, row_stride))
+        seg = max(cfg.block_m // vb, 1)
+        subq = max(vb // cfg.block_m, 1)
+        rows_v = g.nq * vb  # virtual rows; padded so that every program of either pass reads inside the buffer
+        n_lse = triton.cdiv(rows_v, max(dense_cfg.block_m, cfg.block_m)) * max(dense_cfg.block_m, cfg.block_m)
+        lse_programs = n_lse // dense_cfg.block_m
+        mass_programs = triton.cdiv(rows_v, cfg.block_m)
+    off = row_offset % row_stride
+    lse = torch.empty(B * H, n_lse, dtype=torch.float32, device=q.device)
     dk = _descs(k, k, dense_cfg.block_n, mode)[0]
-    _row_lse[(triton.cdiv(Nv, dense_cfg.block_m), B * H)](
+    _row_lse[(lse_programs, B * H)](
         q, k, dk, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), H, N, Nv, qk_scale,
+        g.nq, off, g.block_q, n_lse,
         HEAD_DIM=D, BLOCK_M=dense_cfg.block_m, BLOCK_N=dense_cfg.block_n, DESC_MODE=mode, STAGES=dense_cfg.stages,
-        num_warps=dense_cfg.num_warps)
+        STRIDE=row_stride, VB=vb, num_warps=dense_cfg.num_warps)
     tail_k = Nv % g.block_k != 0
     tail_tiles = triton.cdiv(Nv - (g.nk - 1) * g.block_k, cfg.block_n)
     dk = dk if cfg.block_n == dense_cfg.block_n else _descs(k, k, cfg.block_n, mode)[0]
-    _block_mass[(g.nq * (g.block_q // cfg.block_m), B * H)](
+    _block_mass[(mass_programs, B * H)](
         q, k, dk, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), H, N, Nv, g.nk, tail_tiles, qk_scale,
+        out.stride(0), out.stride(1), H, N, Nv, g.nk, tail_tiles, qk_scale, g.nq, off, n_lse,
         BLOCK_Q=g.block_q, BLOCK_K=g.block_k, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         TAIL_K=tail_k, DESC_MODE=mode, STAGES=cfg.stages, GROUP=STATS_GROUP["group"],
-        num_warps=cfg.num_warps)
+        STRIDE=row_stride, VB=vb, SEG=seg, SUBQ=subq, num_warps=cfg.num_warps)
     return out

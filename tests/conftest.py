@@ -1,7 +1,16 @@
 """Import the repository root as the package `calibatt`, whatever the checkout folder is called."""
 
 import importlib.util
+import os
 import pathlib
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    # Triton fixes interpreted-or-compiled when a @triton.jit function is decorated, triton.language's own helpers
+    # (tl.zeros, ...) included, so it must be set before ANY test module imports triton (diffusers does, at
+    # collection); the interpreter test modules set it too late when they are collected after such a module.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 _spec = importlib.util.spec_from_file_location(
     "_calibatt_pkg", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "_pkg.py")

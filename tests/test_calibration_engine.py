@@ -36,7 +36,9 @@ def _one_thread():
 
 
 def settings(**kw):
-    base = dict(block_q=16, block_k=16, A=0.85, C=0.97, k=4.0)
+    # Every query row (stats_row_stride=1): these tests check selections and votes exactly against the full block
+    # energy; row subsampling has its own tests (test_calibration_rowstride.py).
+    base = dict(block_q=16, block_k=16, A=0.85, C=0.97, k=4.0, stats_row_stride=1)
     base.update(kw)
     return CalibrationSettings(**base)
 
