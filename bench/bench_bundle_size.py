@@ -62,18 +62,18 @@ def window_mask(boxes, window, grid):
     return keep
 
 
-def build(data_path, perturb, seed=0):
+def build(data_path, perturb, seed=0, steps=STEPS, first=0):
     strategy = json.loads(Path(data_path).read_text())
     geom = BlockGeometry(GRID.video_tokens, 128, 128)
     boxes = block_boxes(geom, GRID, 128)
     diag = geom.diagonal()
     gen = torch.Generator().manual_seed(seed)
     cache, packed, ids = {}, [], {}
-    entry = torch.empty(STEPS, LAYERS, HEADS, dtype=torch.int32)
-    for s in range(STEPS):
+    entry = torch.empty(steps, LAYERS, HEADS, dtype=torch.int32)
+    for s in range(steps):
         for l in range(LAYERS):
             for h in range(HEADS):
-                win = tuple(strategy[f"{s}_{l}_{h % 24}"])
+                win = tuple(strategy[f"{first + s}_{l}_{h % 24}"])
                 if win not in cache:
                     cache[win] = window_mask(boxes, win, GRID) | diag
                 m = cache[win]
@@ -92,10 +92,10 @@ def build(data_path, perturb, seed=0):
                     packed.append(bits)
                 entry[s, l, h] = ids[key]
     sig = ModelSignature("wan21", LAYERS, HEADS, 128, 5120)
-    sigmas = torch.linspace(1.0, 0.02, STEPS).tolist()
+    sigmas = torch.linspace(1.0, 0.02, steps).tolist()
     return MaskBundle(signature=sig, grid=GRID, geometry=geom, calibrated_sigmas=sigmas,
-                      step_bucket=list(range(STEPS)), packed_masks=torch.stack(packed), entry_mask=entry,
-                      entry_rep=torch.full((STEPS, LAYERS, HEADS), -1, dtype=torch.int32),
+                      step_bucket=list(range(steps)), packed_masks=torch.stack(packed), entry_mask=entry,
+                      entry_rep=torch.full((steps, LAYERS, HEADS), -1, dtype=torch.int32),
                       rep_anchors=torch.zeros(0, 5, dtype=torch.long),
                       rep_row_anchor=torch.zeros(0, GRID.frame_tokens, dtype=torch.long),
                       settings={"source": "STA HunyuanVideo windows mapped to Wan 720p", "perturb": perturb})
@@ -108,6 +108,9 @@ def main():
                     if (p / "sta_mask_strategy_hunyuan.json").exists()), here.parents[2] / "shared/data")
     ap.add_argument("--data", default=str(default / "sta_mask_strategy_hunyuan.json"))
     ap.add_argument("--perturb", type=float, nargs="*", default=[0.0, 0.002, 0.01])
+    ap.add_argument("--steps", type=int, default=STEPS,
+                    help="steps to build (the perturbed variant holds every distinct mask in memory: 44 KB each)")
+    ap.add_argument("--first-step", type=int, default=0, help="start at this STA step (0-14 are all dense)")
     ap.add_argument("--out")
     args = ap.parse_args()
     rows = []
@@ -115,7 +118,7 @@ def main():
     raw_mask = g.nq * ((g.nk + 7) // 8)
     for p in args.perturb:
         t0 = time.time()
-        b = build(args.data, p)
+        b = build(args.data, p, steps=args.steps, first=args.first_step)
         with tempfile.TemporaryDirectory() as d:
             path = save_bundle(b, Path(d) / "wan14b_720p.safetensors")
             t1 = time.time()
@@ -123,9 +126,13 @@ def main():
             b2 = load_bundle(path)
             t2 = time.time()
             assert b2.num_unique_masks == b.num_unique_masks
-        row = {"perturb": p, "distinct_masks": b.num_unique_masks, "entries": STEPS * LAYERS * HEADS,
+        entries = args.steps * LAYERS * HEADS
+        row = {"perturb": p, "steps": args.steps, "first_step": args.first_step,
+               "distinct_masks": b.num_unique_masks, "entries": entries,
                "density": round(b.density, 4), "bytes": size, "MB": round(size / 1e6, 2),
-               "untrimmed_bitpacked_MB": round(STEPS * LAYERS * HEADS * raw_mask / 1e6, 1),
+               "untrimmed_bitpacked_MB": round(entries * raw_mask / 1e6, 1),
+               "bytes_per_entry": round(size / entries, 1),
+               "MB_if_50_steps": round(size / entries * STEPS * LAYERS * HEADS / 1e6, 2),
                "build_save_s": round(t1 - t0, 1), "load_validate_s": round(t2 - t1, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
