@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..masks.atomic import atomic_write_bytes
 from ..masks.geometry import ModelSignature, TokenGrid
 from ..masks.skiplists import BlockGeometry
 from .settings import CalibrationSettings
@@ -258,20 +258,7 @@ class CalibrationStats:
                 "prompt_keys": self.prompt_keys, "chunks": chunks, "compression": "zlib",
                 "shape": {"steps": S, "layers": L, "heads": H, "nq": self.geometry.nq, "nk": self.geometry.nk}}
         blob = st_save(tensors, metadata={"format": STATS_FORMAT, "calibatt": json.dumps(meta)})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        atomic_write_bytes(path, blob)
         return path
 
     @classmethod

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import numpy as np
 import torch
 
 from ..version import __version__
+from .atomic import atomic_write_bytes
 from .bundle import FORMAT, FORMAT_VERSION, MaskBundle
 from .errors import BundleError
 from .geometry import KNOWN_FAMILIES, ModelSignature, TokenGrid
@@ -127,20 +126,7 @@ def save_bundle(bundle: MaskBundle, path) -> Path:
     meta = _metadata(bundle)
     blob = st_save(tensors, metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION),
                                       "calibatt": json.dumps(meta, separators=(",", ":"))})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, blob)
     bundle.path = str(path)
     return path
 
