@@ -1,0 +1,1 @@
+"""Engine-side host adapters outside ComfyUI (optional dependencies, imported on demand)."""

@@ -1,0 +1,265 @@
+"""diffusers host adapter: sparse attention or calibration on a `WanTransformer3DModel`, outside ComfyUI.
+
+Installs a processor on every block's self-attention (`attn1`); cross-attention (`attn2`) is left as it is. The
+processor repeats diffusers' WanAttnProcessor math (projections, RMS norm, 3D RoPE, output projection; written
+against diffusers 0.42.1) and hands the attention itself to a handler through an AttentionCall:
+
+    with patch_dense(transformer):                      # the unpatched math, through the same hook (timed)
+    with patch_sparse(transformer, bundle):             # SparseRunner on the bundle's skip lists
+    with patch_calibrate(transformer, calibrator):          # Calibrator.observe: dense output + statistics
+
+The context manager restores the exact original processor objects on exit, also after an exception.
+
+Sigma: the hook must know the current sigma once per step (a host float; never read per attention call). Either
+the sampling loop says it (`hook.begin_step(sigma, step_fraction, positive_rows)` before the model call), or, for
+pipelines that do not, a forward pre-hook reads the `timestep` argument once per transformer forward
+(sigma = timestep / timestep_scale, Wan's flow-matching convention; one host read per forward).
+
+Batched CFG: `positive_rows` names the batch rows of the conditional prompt (calibration observes only those;
+the same masks serve every row). diffusers' own WanPipeline runs the two CFG branches as separate forwards; driven
+through the timestep pre-hook alone, every row counts as positive, so its negative-prompt forwards are calibrated
+too (pass positive_rows=[] via begin_step for those forwards to skip them).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from ..kernels.call import AttentionCall
+from ..masks.bundle import MaskBundle
+from ..masks.geometry import ModelSignature, TokenGrid
+
+DIFFUSERS_TESTED = "0.42.1"
+
+
+def _diffusers_wan():
+    try:
+        from diffusers.models.transformers import transformer_wan
+    except ImportError as e:  # optional dependency: only the demo, the benchmark and these adapters need it
+        raise ImportError(f"the diffusers adapter needs diffusers (pip install diffusers=={DIFFUSERS_TESTED}): {e}") \
+            from e
+    return transformer_wan
+
+
+def wan_signature(transformer, family: str = "wan21") -> ModelSignature:
+    """The bundle signature of a diffusers Wan transformer, from its config."""
+    c = transformer.config
+    heads, hd = int(c.num_attention_heads), int(c.attention_head_dim)
+    return ModelSignature(family=family, num_layers=int(c.num_layers), num_heads=heads, head_dim=hd,
+                          dim=heads * hd, extra={"in_channels": int(c.in_channels),
+                                                 "patch": "x".join(str(int(p)) for p in c.patch_size)})
+
+
+def wan_grid(transformer, latent_shape: Sequence[int], vae_stride=(4, 8, 8)) -> TokenGrid:
+    """Token grid of a latent (B, C, F, H, W) for this transformer (Wan: no text tokens in self-attention)."""
+    pt, ph, pw = (int(p) for p in transformer.config.patch_size)
+    _, _, F, H, W = latent_shape
+    return TokenGrid(frames=F // pt, height=H // ph, width=W // pw, patch=(pt, ph, pw),
+                     vae_stride=tuple(vae_stride))
+
+
+class AttentionTimer:
+    """Wall time spent inside the attention handler (synchronising CUDA around each call, so only for measuring:
+    it adds two host syncs per call)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.calls = 0
+
+    def reset(self):
+        self.seconds = 0.0
+        self.calls = 0
+
+    def run(self, fn: Callable, device: torch.device):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
+
+
+class _SelfAttentionProcessor:
+    """Stands in for WanAttnProcessor on one block's attn1; the attention goes to the hook's handler."""
+
+    def __init__(self, original, layer: int, hook: "WanAttentionHook"):
+        self.original = original
+        self.layer = layer
+        self.hook = hook
+        self._tw = _diffusers_wan()
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 **kwargs):
+        if encoder_hidden_states is not None or getattr(attn, "add_k_proj", None) is not None or kwargs:
+            # Not the self-attention this adapter was written for: the original processor, unchanged.
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb, **kwargs)
+        tw = self._tw
+        query, key, value = tw._get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query)
+        key = attn.norm_k(key)
+        query = query.unflatten(2, (attn.heads, -1))
+        key = key.unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = _apply_rotary_emb(query, *rotary_emb)
+            key = _apply_rotary_emb(key, *rotary_emb)
+        original = self.original
+
+        def dense():
+            out = tw.dispatch_attention_fn(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                           is_causal=False, backend=getattr(original, "_attention_backend", None),
+                                           parallel_config=getattr(original, "_parallel_config", None))
+            return out.flatten(2, 3)
+
+        hook = self.hook
+        if attention_mask is not None:
+            out = dense()  # a masked self-attention is not what bundles describe
+        else:
+            call = AttentionCall(q=query.flatten(2), k=key.flatten(2), v=value.flatten(2), layout="bld",
+                                 heads=attn.heads, layer=self.layer, sigma=hook.sigma, grid=hook.grid,
+                                 positive_rows=hook.positive_rows, scale=None, dense=dense)
+            fn = (lambda: hook.handler(call)) if hook.handler is not None else dense
+            out = hook.timer.run(fn, query.device) if hook.timer is not None else fn()
+        out = out.type_as(query)
+        out = attn.to_out[0](out)
+        out = attn.to_out[1](out)
+        return out
+
+
+def _apply_rotary_emb(x, freqs_cos, freqs_sin):
+    # diffusers 0.42.1 WanAttnProcessor's rotary embedding, verbatim (the dense path must stay bit-identical).
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class WanAttentionHook:
+    """Context manager that routes a WanTransformer3DModel's self-attention through `handler`.
+
+    handler(call: AttentionCall) -> output in the call's layout; None runs the model's own dense attention
+    through the same path (for timing and as the reference). If the handler has begin_step(sigma, device,
+    step_fraction), it is called once per step, at the first forward of that step (when the device is known).
+    check_grid(grid) is called whenever the latent's token grid changes (before any attention runs).
+    """
+
+    def __init__(self, transformer, handler: Optional[Callable] = None, *, signature: Optional[ModelSignature] = None,
+                 family: str = "wan21", vae_stride=(4, 8, 8), timestep_scale: float = 1000.0,
+                 timer: Optional[AttentionTimer] = None, check_grid: Optional[Callable] = None):
+        self.transformer = transformer
+        self.handler = handler
+        self.signature = signature if signature is not None else wan_signature(transformer, family)
+        self.vae_stride = tuple(vae_stride)
+        self.timestep_scale = float(timestep_scale)
+        self.timer = timer
+        self._check_grid = check_grid
+        self.sigma: float = 1.0
+        self.step_fraction: Optional[float] = None
+        self.positive_rows = None
+        self.grid: Optional[TokenGrid] = None
+        self._explicit = False
+        self._begun = None  # (sigma, device) the handler's begin_step last saw
+        self._saved = None
+        self._pre_hook = None
+
+    # ---- the sampling loop's side -----------------------------------------------------------------------------
+    def begin_step(self, sigma: float, step_fraction: Optional[float] = None, positive_rows=None):
+        """Tell the hook the sigma of the step about to run (host float), and where it sits in the schedule."""
+        self.sigma = float(sigma)
+        self.step_fraction = step_fraction
+        self.positive_rows = None if positive_rows is None else [int(r) for r in positive_rows]
+        self._explicit = True
+
+    # ---- install / restore ------------------------------------------------------------------------------------
+    def __enter__(self):
+        if self._saved is not None:
+            raise RuntimeError("this attention hook is already installed")
+        blocks = getattr(self.transformer, "blocks", None)
+        if blocks is None:
+            raise TypeError(f"expected a diffusers WanTransformer3DModel (with .blocks), got "
+                            f"{type(self.transformer).__name__}")
+        if len(blocks) != self.signature.num_layers:
+            raise ValueError(f"the model has {len(blocks)} blocks; the signature says {self.signature.num_layers}")
+        self._saved = [b.attn1.processor for b in blocks]
+        try:
+            for i, b in enumerate(blocks):
+                b.attn1.processor = _SelfAttentionProcessor(self._saved[i], i, self)
+            self._pre_hook = self.transformer.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+        except BaseException:
+            self._restore()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        self._restore()
+        end = getattr(self.handler, "end", None)
+        if callable(end):
+            end()
+        return False
+
+    def _restore(self):
+        if self._pre_hook is not None:
+            self._pre_hook.remove()
+            self._pre_hook = None
+        if self._saved is not None:
+            for b, p in zip(self.transformer.blocks, self._saved):
+                b.attn1.processor = p
+            self._saved = None
+        self._begun = None
+
+    # ---- once per forward -------------------------------------------------------------------------------------
+    def _before_forward(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        if hidden is None or hidden.dim() != 5:
+            raise ValueError("WanAttentionHook: the transformer was called without a 5-D hidden_states latent")
+        grid = wan_grid(module, hidden.shape, self.vae_stride)
+        if grid != self.grid:
+            if self._check_grid is not None:
+                self._check_grid(grid)
+            self.grid = grid
+        if not self._explicit:
+            t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+            if t is not None:
+                # One host read per forward (not per attention call) for pipelines that do not call begin_step.
+                self.sigma = float(torch.as_tensor(t).reshape(-1)[0]) / self.timestep_scale
+        begin = getattr(self.handler, "begin_step", None)
+        key = (self.sigma, str(hidden.device))
+        if callable(begin) and key != self._begun:
+            begin(self.sigma, hidden.device, self.step_fraction)
+            self._begun = key
+        return None
+
+
+def patch_dense(transformer, **kw) -> WanAttentionHook:
+    """The model's own attention through the hook (for timing against the sparse path)."""
+    return WanAttentionHook(transformer, None, **kw)
+
+
+def patch_sparse(transformer, bundle: MaskBundle, *, dense_first: float = 0.0, dense_last: float = 0.0,
+                     runner=None, **kw) -> WanAttentionHook:
+    """Block-sparse self-attention from `bundle`. Raises masks.BundleError now if the model does not fit the
+    bundle, and at the first forward if the latent's token grid does not."""
+    from ..kernels.runner import SparseRunner
+    hook_probe = WanAttentionHook(transformer, None, **kw)
+    bundle.check_compatible(hook_probe.signature, None)
+    runner = runner if runner is not None else SparseRunner(bundle, dense_first=dense_first, dense_last=dense_last)
+    return WanAttentionHook(transformer, runner, check_grid=lambda g: bundle.check_compatible(None, g), **kw)
+
+
+def patch_calibrate(transformer, calibrator, **kw) -> WanAttentionHook:
+    """Dense attention plus calibration statistics (Calibrator.observe); the caller brackets each denoising run
+    with calibrator.begin_prompt(sample_sigmas) / end_prompt()."""
+    hook = WanAttentionHook(transformer, calibrator.observe, **kw)
+    problems = calibrator.signature.mismatches(hook.signature)
+    if problems:
+        raise ValueError("the calibrator was made for another model: " + "; ".join(problems))
+    return hook

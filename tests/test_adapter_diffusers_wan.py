@@ -1,0 +1,122 @@
+"""diffusers adapter on the shipped tiny Wan model (reduced to 4 frames = 2 x 16 x 16 tokens): the dense path is
+bit-identical to the unpatched model, processors come back exactly, bundles are validated, and calibrate + patch
+runs end to end."""
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers", reason="the diffusers adapter is optional; install diffusers==0.42.1 (make setup) "
+                                        "to run these tests")
+
+from calibatt.adapters import diffusers_wan as A  # noqa: E402
+from calibatt.calibration import CalibrationSettings  # noqa: E402
+from calibatt.kernels.runner import SparseRunner  # noqa: E402
+from calibatt.masks import BlockGeometry, BundleError, MaskBundle, SkipLists  # noqa: E402
+from calibatt.tinywan import data, evaluate, pipeline  # noqa: E402
+from calibatt.tinywan.model import load_tinywan  # noqa: E402
+
+FRAMES = 4  # 2 latent frames: 512 tokens, 8 blocks of 64
+KW = evaluate.HOOK_KW
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return load_tinywan()
+
+
+def _inputs(model, seed=0, t=640.0):
+    x = pipeline.initial_noise([seed, seed + 1], model.cfg, frames=FRAMES)
+    ctx = model.text(data.held_out_captions(2))
+    return x, torch.tensor([t, t]), ctx
+
+
+def _forward(model, x, t, ctx):
+    with torch.no_grad():
+        return model.transformer(x, t, ctx, return_dict=False)[0]
+
+
+def _full_bundle(model, grid, density_mask=None):
+    g = BlockGeometry(grid.video_tokens, 64, 64)
+    L, H = model.cfg.layers, model.cfg.dim_heads
+    mask = torch.ones(L, H, g.nq, g.nk, dtype=torch.bool) if density_mask is None else density_mask
+    sl = SkipLists.from_block_mask(mask, g)
+    return MaskBundle.from_skip_lists(model.signature(), grid, [sl], [1.0], [0])
+
+
+def test_dense_path_is_bit_identical_and_restores_processors(model):
+    x, t, ctx = _inputs(model)
+    ref = _forward(model, x, t, ctx)
+    before1 = [b.attn1.processor for b in model.transformer.blocks]
+    before2 = [b.attn2.processor for b in model.transformer.blocks]
+    timer = A.AttentionTimer()
+    with A.patch_dense(model.transformer, timer=timer, **KW) as hook:
+        assert all(type(b.attn1.processor).__name__ == "_SelfAttentionProcessor" for b in model.transformer.blocks)
+        assert [b.attn2.processor for b in model.transformer.blocks] == before2  # cross-attention untouched
+        out = _forward(model, x, t, ctx)
+    assert torch.equal(out, ref)
+    assert timer.calls == model.cfg.layers and timer.seconds > 0
+    assert hook.sigma == pytest.approx(0.64)  # read from `timestep` once per forward when no begin_step came
+    assert [b.attn1.processor for b in model.transformer.blocks] == before1
+    # and after an exception inside the block
+    with pytest.raises(RuntimeError, match="boom"):
+        with A.patch_dense(model.transformer, **KW):
+            raise RuntimeError("boom")
+    assert [b.attn1.processor for b in model.transformer.blocks] == before1
+    assert not model.transformer._forward_pre_hooks
+
+
+def test_sparse_with_every_block_matches_dense(model):
+    x, t, ctx = _inputs(model, seed=3)
+    ref = _forward(model, x, t, ctx)
+    grid = model.cfg.grid(frames=FRAMES)
+    bundle = _full_bundle(model, grid)
+    # dense_cutoff 1.0 keeps fully dense heads on the sparse path, so the block-sparse code computes them.
+    with A.patch_sparse(model.transformer, bundle, runner=SparseRunner(bundle, dense_cutoff=1.0), **KW):
+        out = _forward(model, x, t, ctx)
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 1e-4  # the reference path, not the original SDPA call, computed it
+
+
+def test_sparse_actually_skips_blocks(model):
+    x, t, ctx = _inputs(model, seed=4)
+    ref = _forward(model, x, t, ctx)
+    grid = model.cfg.grid(frames=FRAMES)
+    g = BlockGeometry(grid.video_tokens, 64, 64)
+    diag_only = torch.zeros(model.cfg.layers, model.cfg.dim_heads, g.nq, g.nk, dtype=torch.bool)
+    bundle = _full_bundle(model, grid, diag_only)
+    with A.patch_sparse(model.transformer, bundle, runner=SparseRunner(bundle, dense_cutoff=1.0), **KW):
+        out = _forward(model, x, t, ctx)
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() > 1e-2  # a diagonal-only mask changes the output
+
+
+def test_bundle_mismatches_are_refused(model):
+    grid = model.cfg.grid(frames=FRAMES)
+    bundle = _full_bundle(model, grid)
+    x, t, ctx = _inputs(model)
+    longer = pipeline.initial_noise([0, 1], model.cfg, frames=2 * FRAMES)
+    with pytest.raises(BundleError, match="latent frames"):
+        with A.patch_sparse(model.transformer, bundle, **KW):
+            _forward(model, longer, t, ctx)
+    assert type(model.transformer.blocks[0].attn1.processor).__name__ == "WanAttnProcessor"
+    with pytest.raises(BundleError, match="model family"):
+        A.patch_sparse(model.transformer, bundle)  # default family wan21: not the tiny model's bundle
+
+
+def test_calibrate_then_sparse_end_to_end(model):
+    settings = CalibrationSettings(preset="balanced", block_q=64, block_k=64, steps=3)
+    caps = data.training_captions(2)
+    done = []
+    bundle = evaluate.calibrate(model, caps, settings, steps=3, frames=FRAMES, progress=done.append)
+    assert len(done) == 2 * 3
+    bundle.check_compatible(model.signature(), model.cfg.grid(frames=FRAMES))
+    assert len(bundle.calibrated_sigmas) == 3 and 0 < bundle.density <= 1
+    held = data.held_out_captions(1)
+    dense, td, calls = evaluate.generate(model, held, [5], steps=3, frames=FRAMES)
+    sparse, ts, calls_s = evaluate.generate(model, held, [5], steps=3, frames=FRAMES, mode="sparse", bundle=bundle)
+    assert calls == calls_s == 3 * model.cfg.layers
+    assert torch.isfinite(sparse).all()
+    p = evaluate.psnr(dense[0], sparse[0])
+    assert 10 < p < 200
+    assert 0 < evaluate.sampled_density(bundle, 3) <= 1
