@@ -20,7 +20,7 @@ $(STAMP): Makefile
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q tests
 
 demo: setup
 	$(PY) demo/run_demo.py

@@ -30,13 +30,24 @@ DENSE_CUTOFF = 0.93
 _TRITON_BROKEN: dict = {}
 
 
+def quality_cutoff(quality: float) -> float:
+    """Dense cutoff for a user-facing quality in [0, 1]: heads whose masks compute more than (1 - quality) of their
+    key blocks run dense (0 = the bundle as calibrated, 1 = fully dense); never above the measured cutoff, beyond
+    which dense is faster anyway."""
+    q = float(quality)
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quality must be in [0, 1], got {quality}")
+    return min(DENSE_CUTOFF, 1.0 - q)
+
+
 class SparseRunner:
     def __init__(self, bundle: MaskBundle, *, dense_first: float = 0.0, dense_last: float = 0.0,
                  dense_cutoff: float = DENSE_CUTOFF):
         if not (0.0 <= dense_first <= 1.0 and 0.0 <= dense_last <= 1.0):
             raise ValueError("dense_first and dense_last are fractions of the steps in [0, 1]")
-        if not (0.0 < dense_cutoff <= 1.0 + 1e-9):
-            raise ValueError("dense_cutoff is a key-block density in (0, 1]; 1.0 keeps every head sparse")
+        if not (0.0 <= dense_cutoff <= 1.0 + 1e-9):
+            raise ValueError("dense_cutoff is a key-block density in [0, 1]; heads denser than it run dense "
+                             "(1.0 keeps every head sparse, 0.0 runs everything dense)")
         self.bundle = bundle
         self.dense_first = dense_first
         self.dense_last = dense_last

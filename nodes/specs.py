@@ -130,6 +130,9 @@ PATCH = NodeSpec(
            "speed).", default=0.0, min=0.0, max=100.0, step=1.0),
         In("dense_last_percent", "FLOAT", "Run the last N% of the sampler's steps dense (helps few-step LoRAs "
            "keep fine detail).", default=0.0, min=0.0, max=100.0, step=1.0),
+        In("quality", "FLOAT", "0 follows the bundle as calibrated. Raising it runs the densest heads dense: every "
+           "head whose mask computes more than (1 - quality) of its key blocks; 1 is fully dense. Trades speed "
+           "for fidelity without re-calibrating.", default=0.0, min=0.0, max=1.0, step=0.05),
     ),
     outputs=(Out("model", "MODEL", "The patched model (a clone; the input model is unchanged)."),),
 )

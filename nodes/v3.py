@@ -58,8 +58,9 @@ class PatchModelAttention(io.ComfyNode):
         return schema(specs.PATCH)
 
     @classmethod
-    def execute(cls, model, bundle, dense_first_percent=0.0, dense_last_percent=0.0) -> io.NodeOutput:
-        return io.NodeOutput(actions.patch_model_attention(model, bundle, dense_first_percent, dense_last_percent))
+    def execute(cls, model, bundle, dense_first_percent=0.0, dense_last_percent=0.0, quality=0.0) -> io.NodeOutput:
+        return io.NodeOutput(actions.patch_model_attention(model, bundle, dense_first_percent, dense_last_percent,
+                                                           quality))
 
 
 class CalibrateSparseAttention(io.ComfyNode):

@@ -38,8 +38,11 @@ def test_routes_follow_head_densities():
     r1 = SparseRunner(bundle, dense_cutoff=1.0)
     r1.begin_step(0.5, "cpu")
     assert [r1.route(l) for l in range(3)] == ["sparse", "sparse", "sparse"]
+    r0 = SparseRunner(bundle, dense_cutoff=0.0)  # every head is denser than 0: all dense
+    r0.begin_step(0.5, "cpu")
+    assert [r0.route(l) for l in range(3)] == ["dense", "dense", "dense"]
     with pytest.raises(ValueError, match="dense_cutoff"):
-        SparseRunner(bundle, dense_cutoff=0.0)
+        SparseRunner(bundle, dense_cutoff=-0.1)
 
 
 @pytest.mark.parametrize("layout", ["bhld", "bld"])

@@ -182,16 +182,20 @@ def test_patched_sampling_differs_by_a_bounded_amount(comfy, calibrated):
     p["load"] = {"class_type": "LoadMaskBundle", "inputs": {"bundle_name": "tiny_wan_test.safetensors"}}
     p["patch"] = {"class_type": "PatchModelAttention", "inputs": {"model": ["unet", 0], "bundle": ["load", 0],
                                                                   "dense_first_percent": 0.0,
-                                                                  "dense_last_percent": 0.0}}
+                                                                  "dense_last_percent": 0.0, "quality": 0.0}}
     p["load_full"] = {"class_type": "LoadMaskBundle", "inputs": {"bundle_name": "tiny_dense.safetensors"}}
     p["patch_full"] = {"class_type": "PatchModelAttention", "inputs": {"model": ["unet", 0],
                                                                        "bundle": ["load_full", 0],
                                                                        "dense_first_percent": 0.0,
-                                                                       "dense_last_percent": 0.0}}
+                                                                       "dense_last_percent": 0.0, "quality": 0.0}}
     p["patch_edges"] = {"class_type": "PatchModelAttention", "inputs": {"model": ["unet", 0], "bundle": ["load", 0],
                                                                         "dense_first_percent": 50.0,
-                                                                        "dense_last_percent": 50.0}}
+                                                                        "dense_last_percent": 50.0, "quality": 0.0}}
+    p["patch_q1"] = {"class_type": "PatchModelAttention", "inputs": {"model": ["unet", 0], "bundle": ["load", 0],
+                                                                     "dense_first_percent": 0.0,
+                                                                     "dense_last_percent": 0.0, "quality": 1.0}}
     p.update(_ksampler(["patch", 0], "sparse"))
+    p.update(_ksampler(["patch_q1", 0], "q1"))
     p.update(_ksampler(["patch_full", 0], "full"))
     p.update(_ksampler(["patch_edges", 0], "edges"))
     p.update(_ksampler(["unet", 0], "dense_b"))  # the unpatched model in the same graph
@@ -203,6 +207,7 @@ def test_patched_sampling_differs_by_a_bounded_amount(comfy, calibrated):
     sparse = _read_latent(comfy, entry, "save_sparse")
     full = _read_latent(comfy, entry, "save_full")
     edges = _read_latent(comfy, entry, "save_edges")
+    q1 = _read_latent(comfy, entry, "save_q1")
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
 
     # Patching clones: the unpatched model, sampled beside the patched ones, is bit-identical to a run without them.
@@ -214,6 +219,8 @@ def test_patched_sampling_differs_by_a_bounded_amount(comfy, calibrated):
     assert 1e-5 < d < 0.5, d
     # All steps in the dense windows (first 50% + last 50%): dense again.
     assert rel(edges, dense_a) < 1e-4, rel(edges, dense_a)
+    # quality 1 sends every head to the dense path.
+    assert rel(q1, dense_a) < 1e-4, rel(q1, dense_a)
 
 
 def _two_experts(p, high_ref, low_ref, prefix):
@@ -238,9 +245,9 @@ def test_two_expert_sampling_with_one_bundle_per_expert(comfy, calibrated):
     p["load_hi"] = {"class_type": "LoadMaskBundle", "inputs": {"bundle_name": "tiny_wan_test.safetensors"}}
     p["load_lo"] = {"class_type": "LoadMaskBundle", "inputs": {"bundle_name": "tiny_dense.safetensors"}}
     p["patch_hi"] = {"class_type": "PatchModelAttention", "inputs": {
-        "model": ["unet", 0], "bundle": ["load_hi", 0], "dense_first_percent": 0.0, "dense_last_percent": 0.0}}
+        "model": ["unet", 0], "bundle": ["load_hi", 0], "dense_first_percent": 0.0, "dense_last_percent": 0.0, "quality": 0.0}}
     p["patch_lo"] = {"class_type": "PatchModelAttention", "inputs": {
-        "model": ["unet_low", 0], "bundle": ["load_lo", 0], "dense_first_percent": 0.0, "dense_last_percent": 0.0}}
+        "model": ["unet_low", 0], "bundle": ["load_lo", 0], "dense_first_percent": 0.0, "dense_last_percent": 0.0, "quality": 0.0}}
     _two_experts(p, ["patch_hi", 0], ["patch_lo", 0], "experts_sparse")
     _two_experts(p, ["unet", 0], ["unet_low", 0], "experts_dense")
     entry = comfy.run(p, timeout=600)
@@ -256,7 +263,7 @@ def test_bundle_for_another_video_size_fails_at_sampling_start(comfy, calibrated
     p["load"] = {"class_type": "LoadMaskBundle", "inputs": {"bundle_name": "tiny_wan_test.safetensors"}}
     p["patch"] = {"class_type": "PatchModelAttention", "inputs": {"model": ["unet", 0], "bundle": ["load", 0],
                                                                   "dense_first_percent": 0.0,
-                                                                  "dense_last_percent": 0.0}}
+                                                                  "dense_last_percent": 0.0, "quality": 0.0}}
     p.update(_ksampler(["patch", 0], "wrong"))
     err = H.status_error(comfy.run(p))
     assert err is not None, "sampling with a bundle for another resolution must fail"
@@ -272,7 +279,7 @@ def test_bundle_for_another_model_fails_at_patch(comfy):
     p["load"] = {"class_type": "LoadMaskBundle", "inputs": {"bundle_name": "three_layers.safetensors"}}
     p["patch"] = {"class_type": "PatchModelAttention", "inputs": {"model": ["unet", 0], "bundle": ["load", 0],
                                                                   "dense_first_percent": 0.0,
-                                                                  "dense_last_percent": 0.0}}
+                                                                  "dense_last_percent": 0.0, "quality": 0.0}}
     p.update(_ksampler(["patch", 0], "wrong_model"))
     err = H.status_error(comfy.run(p))
     assert err is not None
@@ -291,7 +298,7 @@ def test_unsupported_model_passes_through_unpatched(comfy):
     p["load"] = {"class_type": "LoadMaskBundle", "inputs": {"bundle_name": "tiny_dense.safetensors"}}
     p["patch"] = {"class_type": "PatchModelAttention", "inputs": {"model": ["unet", 0], "bundle": ["load", 0],
                                                                   "dense_first_percent": 0.0,
-                                                                  "dense_last_percent": 0.0}}
+                                                                  "dense_last_percent": 0.0, "quality": 0.0}}
     p.update(_ksampler(["patch", 0], "humo_patched"))
     p.update(_ksampler(["unet", 0], "humo_plain"))
     save_bundle(_dense_bundle(), comfy.base / "models" / "sparse_attention" / "tiny_dense.safetensors")
@@ -370,7 +377,7 @@ def test_v1_fallback_registers_and_runs_the_same_nodes(comfy):
             p = _graph()
             p["load"] = {"class_type": "LoadMaskBundle", "inputs": {"bundle_name": "tiny_dense.safetensors"}}
             p["patch"] = {"class_type": "PatchModelAttention", "inputs": {
-                "model": ["unet", 0], "bundle": ["load", 0], "dense_first_percent": 0.0, "dense_last_percent": 0.0}}
+                "model": ["unet", 0], "bundle": ["load", 0], "dense_first_percent": 0.0, "dense_last_percent": 0.0, "quality": 0.0}}
             p["show"] = {"class_type": "MaskBundlePreview", "inputs": {"bundle": ["load", 0]}}
             p["save_img"] = {"class_type": "SaveImage", "inputs": {"images": ["show", 0], "filename_prefix": "v1"}}
             p.update(_ksampler(["patch", 0], "v1"))

@@ -33,7 +33,7 @@ def test_colorize_is_monotone_in_brightness():
 
 def test_v1_inputs_keep_the_widget_order_workflows_rely_on():
     it = specs.input_types_v1(specs.PATCH)
-    assert list(it["required"]) == ["model", "bundle", "dense_first_percent", "dense_last_percent"]
+    assert list(it["required"]) == ["model", "bundle", "dense_first_percent", "dense_last_percent", "quality"]
     assert it["required"]["dense_last_percent"] == ("FLOAT", {
         "tooltip": specs.PATCH.inputs[3].tooltip, "default": 0.0, "min": 0.0, "max": 100.0, "step": 1.0})
     cal = specs.CALIBRATE
