@@ -3,6 +3,7 @@
 import importlib.util
 import os
 import pathlib
+import sys
 
 import torch
 
@@ -11,6 +12,12 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     # (tl.zeros, ...) included, so it must be set before ANY test module imports triton (diffusers does, at
     # collection); the interpreter test modules set it too late when they are collected after such a module.
     os.environ["TRITON_INTERPRET"] = "1"
+
+# `python -m pytest` from the checkout puts the repository root on sys.path, which makes our kernels/, masks/ and
+# nodes/ importable as top-level packages. diffusers probes for the Hugging Face `kernels` package on CUDA machines
+# and would import ours instead (seen on the device: "attempted relative import beyond top-level package").
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if pathlib.Path(p or ".").resolve() != _ROOT]
 
 _spec = importlib.util.spec_from_file_location(
     "_calibatt_pkg", pathlib.Path(__file__).resolve().parents[1] / "scripts" / "_pkg.py")
