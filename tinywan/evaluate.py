@@ -46,7 +46,8 @@ def calibrate(model, captions, settings: CalibrationSettings, *, steps: int, see
 def generate(model, captions, seeds, *, steps: int, guidance: float = 4.0, mode: str = "dense", bundle=None,
              handler=None, progress=None, frames: Optional[int] = None):
     """(clips, attention seconds, attention calls). mode: "dense", "sparse" (bundle) or "handler" (a callable
-    AttentionCall -> output, e.g. a baseline mask policy). On CUDA one untimed step runs first (JIT warm-up)."""
+    AttentionCall -> output, e.g. a baseline mask policy). On CUDA one untimed run of the same schedule goes first
+    (JIT warm-up)."""
     timer = adapter.AttentionTimer()
     if mode == "dense":
         hook = adapter.patch_dense(model.transformer, timer=timer, **HOOK_KW)
@@ -58,9 +59,10 @@ def generate(model, captions, seeds, *, steps: int, guidance: float = 4.0, mode:
         raise ValueError(f"mode must be 'dense', 'sparse' or 'handler', got {mode!r}")
     with hook:
         if model.transformer.device.type == "cuda":
-            # One untimed step first, so Triton's JIT compilation is not counted as attention time.
+            # One untimed run of the same schedule first: every sigma bucket (and so every kernel variant the run
+            # meets, e.g. the repetition launch) compiles here, not inside the timed run.
             hook.timer = None
-            pipeline.generate(model, captions, seeds, steps=1, guidance=guidance,
+            pipeline.generate(model, captions, seeds, steps=steps, guidance=guidance,
                               on_step=_on_step(hook, len(captions), guidance), frames=frames)
             hook.timer = timer
         clips = pipeline.generate(model, captions, seeds, steps=steps, guidance=guidance,
