@@ -17,7 +17,6 @@ Usage: python bench/bench_bundle_size.py [--data PATH] [--perturb 0.02] [--out d
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time

@@ -22,12 +22,11 @@ import argparse
 import json
 import pathlib
 import platform
-import subprocess
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
-from _pkg import load_package  # noqa: E402
+from _pkg import git_commit, load_package  # noqa: E402
 
 load_package()  # makes `calibatt` importable
 import torch  # noqa: E402
@@ -152,11 +151,7 @@ def run(args):
         "est_commit_cpu_s_per_step_720p": round(commit720, 2),
         "estimate_wan14b_720p": est, "prompts": args.prompts,
     }
-    try:
-        res["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                       cwd=pathlib.Path(__file__).resolve().parents[1]).stdout.strip()
-    except OSError:
-        res["commit"] = None
+    res["commit"] = git_commit()
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return res
 
@@ -174,7 +169,6 @@ def quality_case(grid_fhw, block, noise, beta, strides, prompts=4, held_out=(17,
     from calibatt.kernels.reference import sparse_attention_reference
     from calibatt.kernels.stats_reference import block_energy_reference
     from calibatt.masks import BlockGeometry
-    from calibatt.masks.packing import unpack_bits
 
     grid = TokenGrid(*grid_fhw)
     L, H = len(QUALITY_KINDS), len(QUALITY_KINDS[0])

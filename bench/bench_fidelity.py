@@ -98,15 +98,6 @@ class TopKOnline:
         return call.to_host_layout(sparse_attention_reference(q, k, v, layer, scale=call.scale))
 
 
-def _commit() -> str:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def calibrate_both(model, caps, seeds, preset, steps, guidance, block, grid, frames=None):
     """(bundle with repetition, bundle without) from one calibration pass."""
     st = CalibrationSettings(preset=preset, repetition=True, block_q=block, block_k=block, steps=steps)
@@ -193,7 +184,7 @@ def main(argv=None):
                   "grid": grid.to_dict(), "calibration_prompts": caps_a, "held_out_prompts": caps_b,
                   "calibration_prompts_regenerated": caps_a_eval, "rows": rows, "partial": partial,
                   "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
-                  "date": time.strftime("%Y-%m-%d %H:%M"), "commit": _commit()}
+                  "date": time.strftime("%Y-%m-%d %H:%M"), "commit": _pkg.git_commit()}
         out = pathlib.Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")

@@ -50,15 +50,6 @@ def _atomic_write_text(path: pathlib.Path, text: str):
     os.replace(tmp, path)
 
 
-def _commit() -> str:
-    import subprocess
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def main(argv=None) -> dict:
     a = parse_args(argv)
     import torch
@@ -147,7 +138,7 @@ def main(argv=None) -> dict:
         "calibration_prompts": calib_caps,
         "held_out_prompts": eval_caps,
         "torch": torch.__version__,
-        "commit": _commit(),
+        "commit": _pkg.git_commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     _atomic_write_text(out / "report.json", json.dumps(report, indent=1))

@@ -15,3 +15,13 @@ def load_package(name: str = "calibatt"):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def git_commit() -> str:
+    """Short commit of the checkout, for recording figures ("unknown" where there is no git, e.g. the device)."""
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -24,3 +24,16 @@ _spec = importlib.util.spec_from_file_location(
 _pkg = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_pkg)
 _pkg.load_package()
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module single-threaded, then restore: with tiny tensors, 2 intra-op threads on a busy 2-core machine
+    wait on each other (measured 30x slower). Modules opt in with pytestmark = usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -25,14 +25,7 @@ SIGMAS = [10.0, 3.0, 1.0, 0.3, 0.1]
 REPEAT = {(0, 2), (1, 1)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: with 2 intra-op threads on a busy 2-core machine each op waits on the other thread
-    # (measured 30x slower), so the module runs single-threaded and restores the setting afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def settings(**kw):

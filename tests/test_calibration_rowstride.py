@@ -27,13 +27,7 @@ from calibatt.masks import BlockGeometry, ModelSignature, TokenGrid  # noqa: E40
 from calibatt.masks.packing import unpack_bits  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors on a busy 2-core machine: intra-op threads only wait on each other.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rel(a, b):

@@ -14,14 +14,7 @@ from calibatt.masks import BlockGeometry, TokenGrid
 from calibatt.masks.packing import pack_bits
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These tensors are tiny: with 2 intra-op threads on a busy 2-core machine each op waits on the other thread
-    # (measured 30x slower), so the module runs single-threaded and restores the setting afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_eps_schedule_presets_and_overrides():
