@@ -45,16 +45,16 @@ def _kv_desc(base, n_rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK_N: tl.const
 
 
 @triton.jit
-def _kv_sources(DK, DV, k_base, v_base, n_rows, skl, svl, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                DESC_MODE: tl.constexpr):
-    """What _load_tile reads K and V through: the host descriptors (mode 2), in-kernel descriptors of this
-    (batch, head) (mode 1), or the plain base pointers (mode 0)."""
+def _tile_source(DESC, base, n_rows, stride_row, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                 DESC_MODE: tl.constexpr):
+    """What _load_tile reads one (batch, head)'s K or V through: the host descriptor (mode 2), an in-kernel
+    descriptor of this (batch, head) (mode 1), or the plain base pointer (mode 0)."""
     if DESC_MODE == 2:
-        return DK, DV
+        return DESC
     elif DESC_MODE == 1:
-        return _kv_desc(k_base, n_rows, skl, HEAD_DIM, BLOCK_N), _kv_desc(v_base, n_rows, svl, HEAD_DIM, BLOCK_N)
+        return _kv_desc(base, n_rows, stride_row, HEAD_DIM, BLOCK_N)
     else:
-        return k_base, v_base
+        return base
 
 
 @triton.jit
@@ -142,7 +142,8 @@ def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS,
         o_base = O + b64 * sob + h64 * soh
         row_ok = offs_m < NV
         q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        desc_k, desc_v = _kv_sources(DK, DV, k_base, v_base, N, skl, svl, HEAD_DIM, BLOCK_N, DESC_MODE)
+        desc_k = _tile_source(DK, k_base, N, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
+        desc_v = _tile_source(DV, v_base, N, svl, HEAD_DIM, BLOCK_N, DESC_MODE)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
@@ -208,7 +209,8 @@ def _dense_rows_fwd(Q, K, V, O, DK, DV, ROWS, HEADS, SKIP_ROWS,
         k_base = K + b64 * skb + h64 * skh
         v_base = V + b64 * svb + h64 * svh
         q = tl.load(q_base + rows.to(tl.int64)[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        desc_k, desc_v = _kv_sources(DK, DV, k_base, v_base, N, skl, svl, HEAD_DIM, BLOCK_N, DESC_MODE)
+        desc_k = _tile_source(DK, k_base, N, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
+        desc_v = _tile_source(DV, v_base, N, svl, HEAD_DIM, BLOCK_N, DESC_MODE)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)

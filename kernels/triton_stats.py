@@ -24,8 +24,8 @@ import triton.language as tl
 
 from ..masks.skiplists import BlockGeometry
 from .stats_reference import check_row_stride
-from .triton_attention import (LOG2E, TritonUnsupported, _descs, _ensure_allocator, _kv_desc, _load_tile, _tma_ok,
-                               pick_tiles)
+from .triton_attention import (LOG2E, TritonUnsupported, _descs, _ensure_allocator, _load_tile, _tile_source,
+                               _tma_ok, pick_tiles)
 
 
 @triton.jit
@@ -77,12 +77,7 @@ def _row_lse(Q, K, DK, LSE, sqb, sqh, sql, skb, skh, skl, H, N, NV, qk_scale, NQ
     q = tl.load(Q + b64 * sqb + h64 * sqh + rows.to(tl.int64)[:, None] * sql + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     k_base = K + b64 * skb + h64 * skh
-    if DESC_MODE == 2:
-        desc_k = DK
-    elif DESC_MODE == 1:
-        desc_k = _kv_desc(k_base, N, skl, HEAD_DIM, BLOCK_N)
-    else:
-        desc_k = k_base
+    desc_k = _tile_source(DK, k_base, N, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     n_full = N // BLOCK_N
@@ -138,12 +133,7 @@ def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H,
             seg_ok = (qb + segs) < NQ
             out_seg = OUT + h * so_h + (qb + segs) * so_q
     k_base = K + b64 * skb + h64 * skh
-    if DESC_MODE == 2:
-        desc_k = DK
-    elif DESC_MODE == 1:
-        desc_k = _kv_desc(k_base, N, skl, HEAD_DIM, BLOCK_N)
-    else:
-        desc_k = k_base
+    desc_k = _tile_source(DK, k_base, N, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
     out_row = OUT + h * so_h + qb * so_q
     n_full = NK
     if TAIL_K:
