@@ -86,3 +86,19 @@ def planted_layer(grid: TokenGrid, kinds, head_dim: int, *, prompt: int, layer: 
         k[:, Nv:] = 0.5 * torch.randn(H, Nt, D, generator=g, dtype=torch.float64)
     v = torch.randn(H, N, D, generator=g, dtype=torch.float64)
     return q[None].to(dtype), k[None].to(dtype), v[None].to(dtype)
+
+
+def sparse_error(bundle, qkv, prompt: int, sigmas, layers: int) -> float:
+    """Mean relative error of the bundle's sparse attention (the reference) against dense attention, over the
+    given steps and layers of one synthetic prompt; qkv(prompt, layer, sigma) -> (q, k, v) with scale 1."""
+    from ..kernels.reference import sparse_attention_reference
+
+    errs = []
+    for s in sigmas:
+        sl = bundle.skip_lists(bundle.bucket_for_sigma(s))
+        for layer in range(layers):
+            q, k, v = (t.double() for t in qkv(prompt, layer, s))
+            dense = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+            out = sparse_attention_reference(q, k, v, sl.layer(layer), scale=1.0)
+            errs.append(float((out - dense).norm() / dense.norm()))
+    return sum(errs) / len(errs)

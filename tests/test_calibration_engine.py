@@ -10,7 +10,7 @@ import torch
 
 from calibatt.calibration import CalibrationSettings, CalibrationStats, Calibrator, StatsError, calibrate
 from calibatt.calibration.selection import kept_mass, mean_block_mass, select_blocks
-from calibatt.calibration.synthetic import global_columns, planted_layer
+from calibatt.calibration.synthetic import global_columns, planted_layer, sparse_error
 from calibatt.kernels.call import AttentionCall
 from calibatt.kernels.reference import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner
@@ -182,15 +182,7 @@ def test_repetition_is_found_where_planted_and_nowhere_else(bundle4):
 
 def test_held_out_prompt_error_within_1_2x_of_calibration_error(bundle4):
     def error(prompt):
-        errs = []
-        for s in SIGMAS:
-            sl = bundle4.skip_lists(bundle4.bucket_for_sigma(s))
-            for layer in range(2):
-                q, k, v = (t.double() for t in layer_qkv(prompt, layer, s))
-                dense = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
-                out = sparse_attention_reference(q, k, v, sl.layer(layer), scale=1.0)
-                errs.append(float((out - dense).norm() / dense.norm()))
-        return sum(errs) / len(errs)
+        return sparse_error(bundle4, layer_qkv, prompt, SIGMAS, 2)
 
     calib = sum(error(p) for p in range(4)) / 4
     held = error(17)
