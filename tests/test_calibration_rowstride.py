@@ -11,15 +11,13 @@ if not torch.cuda.is_available():
     # catch the GPU tests of this session, so there the Triton comparison is tests/test_kernels_gpu.py's job.
     os.environ["TRITON_INTERPRET"] = "1"
 
-import importlib  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from calibatt.calibration import CalibrationSettings, Calibrator  # noqa: E402
 from calibatt.calibration.selection import kept_mass, mean_block_mass, select_blocks  # noqa: E402
 from calibatt.calibration.settings import STATS_ROW_STRIDE_DEFAULT  # noqa: E402
-from calibatt.calibration.synthetic import global_columns, planted_layer  # noqa: E402
+from calibatt.calibration.synthetic import global_columns, planted_layer, sparse_error  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
 from calibatt.kernels.stats import block_energy  # noqa: E402
 from calibatt.kernels.stats_reference import block_energy_reference, sampled_rows  # noqa: E402
@@ -190,7 +188,6 @@ def test_observe_uses_the_stride_with_an_offset_rotating_per_step_and_layer():
 
 
 def test_stride4_recovers_planted_structure_and_holds_out_like_stride1():
-    from calibatt.kernels.reference import sparse_attention_reference
     cals = {s: calibrate(range(4), stats_row_stride=s) for s in (1, 4)}
     bundles = {s: c.finish() for s, c in cals.items()}
     g = cals[4].geometry
@@ -210,15 +207,7 @@ def test_stride4_recovers_planted_structure_and_holds_out_like_stride1():
         assert {tuple(x) for x in (b4.entry_rep[b] >= 0).nonzero().tolist()} == REPEAT
 
     def held_out_error(bundle, prompt=17):
-        errs = []
-        for s in SIGMAS:
-            sl = bundle.skip_lists(bundle.bucket_for_sigma(s))
-            for layer in range(2):
-                q, k, v = (t.double() for t in layer_qkv(prompt, layer, s))
-                dense = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
-                out = sparse_attention_reference(q, k, v, sl.layer(layer), scale=1.0)
-                errs.append(float((out - dense).norm() / dense.norm()))
-        return float(np.mean(errs))
+        return sparse_error(bundle, layer_qkv, prompt, SIGMAS, 2)
 
     e1, e4 = held_out_error(bundles[1]), held_out_error(bundles[4])
     assert 0.0 < e4 <= 1.1 * e1, (e4, e1)
@@ -229,29 +218,9 @@ def test_stride4_recovers_planted_structure_and_holds_out_like_stride1():
 def _interpreted_kernels():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the Triton strided statistics are compared on it by tests/test_kernels_gpu.py")
-    triton = pytest.importorskip("triton")  # noqa: F841
-    import triton.runtime.interpreter as interp
-    if not getattr(interp, "_calibatt_index_patch", False):
-        # Triton 3.6's interpreter turns a scalar loaded from memory into a 1-element numpy array, which numpy 2
-        # refuses to int(); same patch as tests/test_kernels_triton_interp.py, applied once per session.
-        orig = interp._patch_lang_tensor
-
-        def patch(tensor, scope):
-            orig(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-        interp._patch_lang_tensor = patch
-        interp._calibatt_index_patch = True
-    import calibatt.kernels.triton_attention as TA
-    import calibatt.kernels.triton_stats as TS
-    # Either module imported earlier without the interpreter (the runner imports triton_attention): reload both,
-    # attention first, since the statistics kernels call its @triton.jit helpers.
-    if not (isinstance(TA._load_tile, interp.InterpretedFunction)
-            and isinstance(TS._block_mass, interp.InterpretedFunction)
-            and TS._load_tile is TA._load_tile):
-        TA = importlib.reload(TA)
-        TS = importlib.reload(TS)
-    return TA, TS
+    pytest.importorskip("triton")
+    from triton_interp import interpreted_kernels
+    return interpreted_kernels()
 
 
 # (n, n_text, block_q, block_k, stride, offset, tile override, group): the default interpreter tile is 32 rows on

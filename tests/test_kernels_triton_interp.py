@@ -9,36 +9,17 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' @triton.jit runs (it decides at decoration time)
 
-import importlib  # noqa: E402
 import math  # noqa: E402
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 triton = pytest.importorskip("triton")
-import triton.runtime.interpreter as _interp  # noqa: E402
+from triton_interp import interpreted_kernels  # noqa: E402
 
-# Triton 3.6's interpreter turns a scalar loaded from memory into a 1-element numpy array; numpy 2 refuses
-# int() on those, which breaks `range(0, loaded_count)`. Patch that one conversion for the interpreter.
-_orig_patch = _interp._patch_lang_tensor
-
-
-def _patch_lang_tensor(tensor, scope):
-    _orig_patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-
-_interp._patch_lang_tensor = _patch_lang_tensor
-
-import calibatt.kernels.triton_attention as TA  # noqa: E402
-import calibatt.kernels.triton_stats as TS  # noqa: E402
-
-if not isinstance(TA._sparse_video_fwd, _interp.InterpretedFunction):  # imported earlier without the interpreter
-    TA = importlib.reload(TA)
-    TS = importlib.reload(TS)
+TA, TS = interpreted_kernels()
 
 from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
 from calibatt.kernels.stats import block_energy  # noqa: E402
