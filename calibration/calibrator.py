@@ -205,16 +205,19 @@ class Calibrator:
         return hit
 
     def _check_call(self, call: AttentionCall, q: torch.Tensor):
-        problems = self.grid.mismatches(call.grid)
+        # Video part only: joint-text models (Mochi, HunyuanVideo) bring a different number of text tokens with
+        # each prompt. Masks cover video blocks; text keys are always computed and their share of each row's mass
+        # is read per call (selection.py), so one calibration serves every text length.
+        problems = self.grid.mismatches(call.grid, text=False)
         if problems:
             raise ValueError("attention call does not match the calibrator's token grid: " + "; ".join(problems)
                              + ". Create the Calibrator with the grid of the latent being sampled")
         B, H, N, D = q.shape
         if H != self.signature.num_heads:
             raise ValueError(f"attention call has {H} heads; the model signature says {self.signature.num_heads}")
-        if N != self.grid.total_tokens:
-            raise ValueError(f"attention call has {N} tokens; the grid has {self.grid.total_tokens} "
-                             f"({self.grid.video_tokens} video + {self.grid.text_tokens} text)")
+        if N != call.grid.total_tokens:
+            raise ValueError(f"attention call has {N} tokens; its grid has {call.grid.total_tokens} "
+                             f"({call.grid.video_tokens} video + {call.grid.text_tokens} text)")
         if not (0 <= int(call.layer) < self.signature.num_layers):
             raise ValueError(f"attention call layer {call.layer} outside [0, {self.signature.num_layers})")
 

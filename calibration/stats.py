@@ -195,7 +195,7 @@ class CalibrationStats:
     def compatibility_problems(self, other: "CalibrationStats") -> list:
         out = []
         out += [f"model: {m}" for m in self.signature.mismatches(other.signature)]
-        out += [f"grid: {m}" for m in self.grid.mismatches(other.grid)]
+        out += [f"grid: {m}" for m in self.grid.mismatches(other.grid, text=False)]
         a, b = self.settings.selection_key(), other.settings.selection_key()
         out += [f"setting {k}: {a[k]} here, {b[k]} in the other run" for k in sorted(a) if a[k] != b[k]]
         return out

@@ -133,8 +133,10 @@ class TokenGrid:
             vae_stride=tuple(int(x) for x in d.get("vae_stride", (4, 8, 8))),
         )
 
-    def mismatches(self, other: "TokenGrid") -> list[str]:
-        """Sentences for each way `other` (the latent in use) differs from self (what the bundle was made for)."""
+    def mismatches(self, other: "TokenGrid", text: bool = True) -> list[str]:
+        """Sentences for each way `other` (the latent in use) differs from self (what the bundle was made for).
+        text=False compares the video part only: joint-attention models (Mochi, HunyuanVideo) carry a
+        prompt-dependent number of text tokens, which are always computed densely, so masks do not depend on it."""
         out = []
         if self.frames != other.frames:
             out.append(f"bundle was calibrated for {self.frames} latent frames; this video has {other.frames} "
@@ -142,7 +144,7 @@ class TokenGrid:
         if (self.height, self.width) != (other.height, other.width):
             out.append(f"bundle was calibrated for a {self.height}x{self.width}-token frame; this video has "
                        f"{other.height}x{other.width} (resolution differs)")
-        if self.text_tokens != other.text_tokens:
+        if text and self.text_tokens != other.text_tokens:
             out.append(f"bundle was calibrated with {self.text_tokens} text tokens in self-attention; "
                        f"this call has {other.text_tokens}")
         if tuple(self.patch) != tuple(other.patch):

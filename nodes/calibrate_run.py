@@ -38,12 +38,6 @@ def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, 
         signature = signature_from_config(mcfg)
     except UnsupportedModel as e:
         raise ValueError(f"Calibrate Sparse Attention: {e}") from None
-    if layout.joint_text:
-        # The Calibrator needs one token grid for all prompts; these models put a prompt-dependent number of
-        # text tokens (Mochi) or a padding mask (HunyuanVideo) into self-attention.
-        raise ValueError(f"Calibrate Sparse Attention: calibrating {signature.family} in ComfyUI is not supported "
-                         "yet (its joint text attention varies per prompt); bundles calibrated elsewhere for it "
-                         "still load and patch")
     out_path = paths.output_path(filename)  # validate the name before hours of sampling
     settings = make_settings(preset, eps_A, eps_C, eps_k, rho, block_size, seed, steps, sampler_name)
     pairs = prompt_conditionings(prompts, clip, negative_prompt, positive, negative)

@@ -343,3 +343,37 @@ def test_text_tokens_steps_without_schedule_and_clear_errors():
     with pytest.raises(ValueError, match="schedule length"):
         q, k, v = planted_layer(grid, ["local", "global"], 16, prompt=0, layer=0)
         nosteps.observe(AttentionCall(q, k, v, "bhld", 2, 0, 1.0, grid))
+
+
+def test_joint_text_prompts_with_different_text_lengths_share_one_calibration():
+    """Mochi crops its text to each prompt's valid tokens, so prompts arrive with different text counts; the
+    calibrator compares the video part only and reads each call's text share itself."""
+    video = TokenGrid(2, 4, 8)
+    sig = ModelSignature("mochi", 1, 2, 16, 32)
+    cal = Calibrator(sig, video, CalibrationSettings(block_q=16, block_k=16, stats_row_stride=1), background=False)
+    sigmas = [5.0, 1.0]
+    seen_text = []
+    for prompt, text in enumerate((3, 11)):
+        grid = TokenGrid(2, 4, 8, text_tokens=text, text_position="end")
+        cal.begin_prompt(sample_sigmas=sigmas)
+        for s in sigmas:
+            q, k, v = planted_layer(grid, ["local", "global"], 16, prompt=prompt, layer=0, sigma=s)
+            out = cal.observe(AttentionCall(q, k, v, "bhld", 2, 0, s, grid, scale=1.0))
+            dense = torch.softmax(q.double() @ k.double().transpose(-1, -2), -1) @ v.double()
+            assert float((out.double() - dense).abs().max()) < 1e-5
+            seen_text.append(q.shape[2] - video.video_tokens)
+        cal.end_prompt()
+    assert seen_text == [3, 3, 11, 11]
+    bundle = cal.finish()
+    assert bundle.grid.text_tokens == 0 and cal.state().num_prompts == 2
+    # A prompt of yet another text length runs on the bundle through the runner (text always dense).
+    grid = TokenGrid(2, 4, 8, text_tokens=7, text_position="end")
+    q, k, v = planted_layer(grid, ["local", "global"], 16, prompt=5, layer=0, sigma=1.0)
+    runner = SparseRunner(bundle, dense_cutoff=1.0)
+    out = runner(AttentionCall(q, k, v, "bhld", 2, 0, 1.0, grid, scale=1.0))
+    dense = torch.softmax(q.double() @ k.double().transpose(-1, -2), -1) @ v.double()
+    rel = float((out.double() - dense).norm() / dense.norm())
+    assert 0.0 < rel < 0.2
+    with pytest.raises(ValueError, match="tokens"):  # the call's own grid must describe its sequence
+        cal.begin_prompt(sample_sigmas=sigmas)
+        cal.observe(AttentionCall(q[:, :, :-1], k[:, :, :-1], v[:, :, :-1], "bhld", 2, 0, 1.0, grid, scale=1.0))
