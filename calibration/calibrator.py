@@ -155,7 +155,8 @@ class Calibrator:
                                "and end_prompt() after it")
         q, k, v = call.bhld()
         self._check_call(call, q)
-        out = call.dense() if call.dense is not None else call.to_host_layout(dense_attention(q, k, v, call.scale))
+        out = call.dense() if call.dense is not None else call.to_host_layout(
+            dense_attention(q, k, v, call.scale, text_bias=call.text_bias))
         rows = None if call.positive_rows is None else [int(r) for r in call.positive_rows]
         if rows is not None and not rows:
             return out  # a negative-only call (host runs the CFG branches separately)
@@ -178,7 +179,8 @@ class Calibrator:
             # statistics must not depend on its key or on the order prompts run in (resumed and merged runs equal
             # one uninterrupted run), and the prompts' own noise already varies what a fixed row sees.
             offset = (self._record[self._step_key(sigma)]["t_index"] + int(call.layer)) % stride
-            energy = block_energy(q, k, g, scale=call.scale, row_stride=stride, row_offset=offset)
+            energy = block_energy(q, k, g, scale=call.scale, row_stride=stride, row_offset=offset,
+                                  text_bias=call.text_bias_for(rows))
             mass = mean_block_mass(energy, g, q.shape[0], rows_t)
             del energy
             text = (1.0 - mass.sum(-1)).clamp(0.0, 1.0)

@@ -13,6 +13,7 @@ import torch
 
 from ..masks.geometry import TokenGrid
 from .layouts import from_bhld, to_bhld
+from .text_bias import select_rows
 
 
 @dataclass
@@ -30,6 +31,10 @@ class AttentionCall:
     scale: Optional[float] = None
     # The host's dense attention for this call, returning the host's layout; used for fallbacks.
     dense: Optional[Callable[[], torch.Tensor]] = None
+    # Additive bias on the scores of the trailing text keys, (T,), (1, T) or (B, T) (kernels/text_bias.py): a
+    # key-padding mask such as HunyuanVideo's. Every path (sparse, dense fallback, statistics) applies it; `dense`
+    # must apply the same mask.
+    text_bias: Optional[torch.Tensor] = None
 
     def bhld(self):
         """(q, k, v) as (B, H, L, D) views."""
@@ -41,6 +46,10 @@ class AttentionCall:
     @property
     def seq_len(self) -> int:
         return self.q.shape[1] if self.layout == "bld" else self.q.shape[2]
+
+    def text_bias_for(self, rows: Optional[Sequence[int]]) -> Optional[torch.Tensor]:
+        """The text bias of these batch rows (None = all rows), e.g. the positive rows the statistics use."""
+        return select_rows(self.text_bias, rows)
 
     def positive_index(self) -> Optional[torch.Tensor]:
         if self.positive_rows is None:

@@ -2,23 +2,38 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+
+from .text_bias import as_text_bias, full_key_bias
 
 _CUDNN_OK: dict = {}
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """(B, H, L, D) in, (B, H, L, D) out."""
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,
+                    text_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, H, L, D) in, (B, H, L, D) out. text_bias ((T,), (1, T) or (B, T), kernels/text_bias.py) is added to the
+    scores of the last T keys, through an SDPA key-padding mask (Bb, 1, 1, L)."""
+    mask = None
+    if text_bias is not None:
+        T, L = text_bias.shape[-1], k.shape[2]
+        if T > L:
+            raise ValueError(f"text_bias covers {T} keys, the call has only {L}")
+        tb = as_text_bias(text_bias, q.shape[0], T, dtype=q.dtype)
+        if tb is not None:
+            mask = full_key_bias(tb, L - T)[:, None, None, :]
     if q.is_cuda:
         # SDPA's default dispatch picked flash (about half cuDNN's speed) at Wan shapes on the H100: ask for cuDNN.
-        dev = q.device.index
-        if _CUDNN_OK.get(dev, True):
+        # Flash takes no mask; with one, SDPA moves on to cuDNN or memory-efficient attention itself.
+        key = (q.device.index, mask is not None)
+        if _CUDNN_OK.get(key, True):
             try:
                 from torch.nn.attention import SDPBackend, sdpa_kernel
                 with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
-                    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+                    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
             except (RuntimeError, TypeError):
-                _CUDNN_OK[dev] = False
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+                _CUDNN_OK[key] = False
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -7,6 +7,7 @@ decides, per layer, which heads run block-sparse and which run dense; per call i
   - the Triton kernel on CUDA (float16/bfloat16, head_dim 16..128), the plain-PyTorch reference elsewhere;
   - a layer with some heads above the cutoff: the sparse path skips those heads and dense fills them in.
 No per-call host sync: the routing is computed from the bundle's host-side densities when the step begins.
+A call's text bias (a key-padding mask on the text keys, AttentionCall.text_bias) is applied on every path.
 """
 
 from __future__ import annotations
@@ -104,14 +105,15 @@ class SparseRunner:
             return self._dense(call)
         kind, dense_heads = self._routes[call.layer]
         q, k, v = call.bhld()
+        bias = call.text_bias
         if kind == "dense":
-            return call.to_host_layout(dense_attention(q, k, v, scale=call.scale))
+            return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias))
         layer = self._skip.layer(call.layer)
         out = None
         if self._triton_ok(q):
             try:
                 from .triton_attention import sparse_attention_triton
-                out = sparse_attention_triton(q, k, v, layer, scale=call.scale,
+                out = sparse_attention_triton(q, k, v, layer, scale=call.scale, text_bias=bias,
                                               skip_heads=None if dense_heads is None else dense_heads[0])
             except Exception as e:  # noqa: BLE001 - see below
                 if isinstance(e, ValueError) and not type(e).__name__ == "TritonUnsupported":
@@ -121,12 +123,13 @@ class SparseRunner:
                 _TRITON_BROKEN[(str(q.device), q.dtype, q.shape[-1])] = True
                 warnings.warn(f"calibatt: Triton sparse attention failed on {q.device} ({e}); using dense attention "
                               "for this shape from now on", RuntimeWarning)
-                return call.to_host_layout(dense_attention(q, k, v, scale=call.scale))
+                return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias))
         if out is None:
-            out = sparse_attention_reference(q, k, v, layer, scale=call.scale)
+            out = sparse_attention_reference(q, k, v, layer, scale=call.scale, text_bias=bias)
         if dense_heads is not None:
             idx = dense_heads[1]
-            out[:, idx] = dense_attention(q[:, idx], k[:, idx], v[:, idx], scale=call.scale).to(out.dtype)
+            out[:, idx] = dense_attention(q[:, idx], k[:, idx], v[:, idx], scale=call.scale,
+                                          text_bias=bias).to(out.dtype)
         return call.to_host_layout(out)
 
     @staticmethod
@@ -139,4 +142,4 @@ class SparseRunner:
         if call.dense is not None:
             return call.dense()
         q, k, v = call.bhld()
-        return call.to_host_layout(dense_attention(q, k, v, scale=call.scale))
+        return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=call.text_bias))

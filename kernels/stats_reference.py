@@ -1,7 +1,8 @@
 """Plain-PyTorch block energy: per (head, query block, key block) attention probability mass, summed.
 
 Never materialises N x N: it walks query blocks, computing one [B, H, block_q, N] score slab at a time (the first
-pass gives each row's log-sum-exp over all keys, text included; the second sums exp(s - lse) per key block).
+pass gives each row's log-sum-exp over all keys, text included, with the optional text bias added to the text keys'
+scores; the second sums exp(s - lse) per key block).
 This is the specification the Triton statistics kernel must match.
 
 Row subsampling (row_stride > 1, calibration's cheap mode): a query block of n rows uses only its local rows
@@ -18,6 +19,7 @@ import math
 import torch
 
 from ..masks.skiplists import BlockGeometry
+from .text_bias import as_text_bias
 
 
 def sampled_rows(n: int, row_stride: int, row_offset: int) -> tuple[int, int]:
@@ -36,13 +38,15 @@ def check_row_stride(row_stride, row_offset) -> tuple[int, int]:
 
 def block_energy_reference(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, *, scale: float | None = None,
                            out: torch.Tensor | None = None, row_stride: int = 1,
-                           row_offset: int = 0) -> torch.Tensor:
+                           row_offset: int = 0, text_bias: torch.Tensor | None = None) -> torch.Tensor:
     """q, k: (B, H, N, D), N >= geometry.num_tokens (trailing tokens are text: they count in the softmax
     normaliser but get no column). Returns out [H, nq, nk] float32 with out += sum over batch and the query rows
     of each block of the probability mass that lands in each key block. Divide by (B * rows in the block) for the
     mean mass; rows of one query block then sum to (1 - their mass on text).
     row_stride > 1: the same quantity estimated from every row_stride-th row of each block (module docstring);
-    row_stride = 1 is exact (and ignores row_offset)."""
+    row_stride = 1 is exact (and ignores row_offset).
+    text_bias ((T,), (1, T) or (B, T), kernels/text_bias.py): added to the text keys' scores, so padded text keys
+    (-inf / -max) leave the normaliser and the video blocks get the mass the masked attention gives them."""
     row_stride, row_offset = check_row_stride(row_stride, row_offset)
     B, H, N, D = q.shape
     g = geometry
@@ -53,6 +57,8 @@ def block_energy_reference(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeom
     if out.shape != (H, g.nq, g.nk) or out.dtype != torch.float32:
         raise ValueError(f"out must be float32 [{H}, {g.nq}, {g.nk}], got {out.dtype} {tuple(out.shape)}")
     kf = k.float()
+    tb = as_text_bias(text_bias, B, N - Nv)
+    tb = None if tb is None else tb.to(q.device)[:, None, None, :]  # [Bb, 1, 1, T]
     pad = g.nk * g.block_k - Nv
     for qb in range(g.nq):
         r0, r1 = qb * g.block_q, min((qb + 1) * g.block_q, Nv)
@@ -62,6 +68,8 @@ def block_energy_reference(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeom
             o, used = sampled_rows(r1 - r0, row_stride, row_offset)
             qr, weight = q[:, :, r0 + o:r1:row_stride], (r1 - r0) / used
         s = torch.matmul(qr.float(), kf.transpose(-1, -2)) * scale  # [B, H, rows, N]
+        if tb is not None:
+            s = torch.cat([s[..., :Nv], s[..., Nv:] + tb], dim=-1)
         p = torch.exp(s - torch.logsumexp(s, dim=-1, keepdim=True))[..., :Nv]
         if pad:
             p = torch.nn.functional.pad(p, (0, pad))

@@ -11,6 +11,9 @@ of which syncs with the host:
 q, k, v and the output are read and written through their strides, so (B, L, H*D) and (B, H, L, D) tensors are
 used in place. Skip-list indices must be ascending within a row (mask_to_table writes them so): the only partial
 video key block (the last one) is then the last listed and is peeled off the unmasked main loop.
+An optional text bias (kernels/text_bias.py: a key-padding mask over the text keys, (Bb, T) float32, batch stride 0
+when shared) is added to the text keys' scores in all three launches; it is a constexpr branch (HAS_BIAS), so the
+path without a bias compiles to the same code as before.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import triton.language as tl
 
 from ..masks.skiplists import LayerSkipList
 from .layouts import from_bhld, to_bhld
+from .text_bias import as_text_bias
 
 LOG2E = 1.4426950408889634
 
@@ -112,13 +116,37 @@ def _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, key_star
 
 
 @triton.jit
-def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS,
+def _biased_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, key_start, key_end, skl, svl, qk_scale,
+                 bias_row, offs_n, offs_d, BLOCK_N: tl.constexpr, DESC_MODE: tl.constexpr, STAGES: tl.constexpr):
+    """Keys [key_start, key_end) (the text keys) with bias_row[j - key_start] added to their scores (natural-log
+    units, as the host mask). Every tile is masked: text is a few hundred keys, so this costs nothing measurable.
+    Columns past key_end get -inf through the bias load; the caller guarantees an earlier finite score per row
+    (video keys come first), so a fully padded tile cannot make exp2(-inf - -inf)."""
+    for start_n in tl.range(key_start, key_end, BLOCK_N, num_stages=STAGES):
+        cols = start_n + offs_n
+        k = _load_tile(desc_k, k_base, b, h, start_n, key_end, skl, offs_n, offs_d, DESC_MODE, True)
+        v = _load_tile(desc_v, v_base, b, h, start_n, key_end, svl, offs_n, offs_d, DESC_MODE, True)
+        bias = tl.load(bias_row + (cols - key_start), mask=cols < key_end, other=float("-inf"))
+        s = tl.dot(q, tl.trans(k)) * qk_scale + (bias * 1.4426950408889634)[None, :]  # log2 domain
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS, TB,
                       sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                      idx_sh, idx_sq, cnt_sh,
+                      idx_sh, idx_sq, cnt_sh, stb,
                       H, N, NV, NK, TAIL_TILES, qk_scale,
                       BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_K: tl.constexpr, HAS_TEXT: tl.constexpr,
-                      DESC_MODE: tl.constexpr, STAGES: tl.constexpr, WARP_SPEC: tl.constexpr = False):
+                      DESC_MODE: tl.constexpr, STAGES: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+                      HAS_BIAS: tl.constexpr = False):
     SUBQ: tl.constexpr = BLOCK_Q // BLOCK_M
     SUBK: tl.constexpr = BLOCK_K // BLOCK_N
     pid_m = tl.program_id(0)
@@ -170,21 +198,28 @@ def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS,
                     v = _load_tile(desc_v, v_base, b, h, start_n, N, svl, offs_n, offs_d, DESC_MODE, True)
                     acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, start_n + offs_n, NV, True)
         if HAS_TEXT:
-            acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, NV, N, skl,
-                                        svl, qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
+            if HAS_BIAS:
+                acc, l_i, m_i = _biased_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, NV, N, skl,
+                                             svl, qk_scale, TB + b64 * stb, offs_n, offs_d, BLOCK_N, DESC_MODE,
+                                             STAGES)
+            else:
+                acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, NV, N, skl,
+                                            svl, qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
         out = acc / l_i[:, None]
         tl.store(o_base + offs_m.to(tl.int64)[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
 
 
 @triton.jit
-def _dense_rows_fwd(Q, K, V, O, DK, DV, ROWS, HEADS, SKIP_ROWS,
+def _dense_rows_fwd(Q, K, V, O, DK, DV, ROWS, HEADS, SKIP_ROWS, TB,
                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                    rows_sr, H, R, N, ROW0, NROWS, qk_scale,
+                    rows_sr, stb, H, R, N, NV, ROW0, NROWS, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    GATHER: tl.constexpr, DESC_MODE: tl.constexpr, STAGES: tl.constexpr):
+                    GATHER: tl.constexpr, DESC_MODE: tl.constexpr, STAGES: tl.constexpr,
+                    HAS_BIAS: tl.constexpr = False):
     """Rows attending every key. GATHER=False: rows ROW0 + [0, NROWS) of every head (text rows), output in place.
-    GATHER=True: program axis 1 is batch*R; rows ROWS[r, :NROWS] of head HEADS[r]; output [B, R, NROWS, D]."""
+    GATHER=True: program axis 1 is batch*R; rows ROWS[r, :NROWS] of head HEADS[r]; output [B, R, NROWS, D].
+    HAS_BIAS: keys [NV, N) get the text bias TB[b] (the video keys first, so every row has a finite score)."""
     pid_m = tl.program_id(0)
     bx = tl.program_id(1)
     offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -214,8 +249,14 @@ def _dense_rows_fwd(Q, K, V, O, DK, DV, ROWS, HEADS, SKIP_ROWS,
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, 0, N, skl, svl,
-                                    qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
+        if HAS_BIAS:
+            acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, 0, NV, skl, svl,
+                                        qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
+            acc, l_i, m_i = _biased_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, NV, N, skl, svl,
+                                         qk_scale, TB + b64 * stb, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
+        else:
+            acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, 0, N, skl, svl,
+                                        qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
         out = (acc / l_i[:, None]).to(O.dtype.element_ty)
         if GATHER:
             o_ptrs = O + bx.to(tl.int64) * sob + offs_i.to(tl.int64)[:, None] * sol + offs_d[None, :]
@@ -362,15 +403,30 @@ def _descs(kh: torch.Tensor, vh: torch.Tensor, block_n: int, mode: int):
     return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, block_n, D]) for t in (kh, vh))
 
 
+def _bias_arg(text_bias: Optional[torch.Tensor], batch: int, text_tokens: int, device):
+    """(float32 (Bb, T) tensor with a unit last stride, batch stride) for the kernels, or (None, 0). A bias shared
+    by the batch gets stride 0, so no (B, T) copy is made. Shape checks only: no host sync."""
+    tb = as_text_bias(text_bias, batch, text_tokens)
+    if tb is None:
+        return None, 0
+    if tb.device != device:
+        raise ValueError(f"text_bias is on {tb.device}, q on {device}: pass the bias on q's device")
+    if tb.stride(-1) != 1:
+        tb = tb.contiguous()
+    return tb, (0 if tb.shape[0] == 1 else tb.stride(0))
+
+
 def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, skip: LayerSkipList, *,
                             layout: str = "bhld", heads: Optional[int] = None, scale: Optional[float] = None,
                             skip_heads: Optional[torch.Tensor] = None,
-                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            out: Optional[torch.Tensor] = None,
+                            text_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Triton block-sparse attention; same contract as sparse_attention_reference.
 
     skip_heads: optional [H] bool on q's device; heads marked True are left unwritten here (the caller fills
     them, e.g. from a dense kernel). out: optional result buffer in the call's layout and q's shape; by default
-    the output has q's memory order (a (B, L, H*D) call gets (B, L, H*D) back without a copy)."""
+    the output has q's memory order (a (B, L, H*D) call gets (B, L, H*D) back without a copy).
+    text_bias: (T,), (1, T) or (B, T) additive bias on the text keys' scores (kernels/text_bias.py)."""
     qh, kh, vh = (to_bhld(t, layout, heads) for t in (q, k, v))
     B, H, N, D = qh.shape
     g = skip.geometry
@@ -387,6 +443,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = qh.device
+    tb, stb = _bias_arg(text_bias, B, N - Nv, dev)
     cfg = pick_tiles(D, g.block_q, g.block_k, dev)
     mode = cfg.tma if all(_tma_ok(t) for t in (kh, vh)) else 0
     if mode == 1:
@@ -420,37 +477,38 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     tail_k = Nv % g.block_k != 0
     tail_tiles = triton.cdiv(Nv - (g.nk - 1) * g.block_k, cfg.block_n)
     grid = (g.nq * (g.block_q // cfg.block_m), B * H)
+    tb_ptr = skip_rows if tb is None else tb  # never read without HAS_BIAS
     _sparse_video_fwd[grid](
-        qh, kh, vh, out, dk, dv, idx, cnt, skip_rows,
+        qh, kh, vh, out, dk, dv, idx, cnt, skip_rows, tb_ptr,
         qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
         vh.stride(0), vh.stride(1), vh.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        idx.stride(0), idx.stride(1), cnt.stride(0),
+        idx.stride(0), idx.stride(1), cnt.stride(0), stb,
         H, N, Nv, g.nk, tail_tiles, qk_scale,
         BLOCK_Q=g.block_q, BLOCK_K=g.block_k, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         TAIL_K=tail_k, HAS_TEXT=N > Nv, DESC_MODE=mode, STAGES=cfg.stages, WARP_SPEC=cfg.warp_spec,
-        num_warps=cfg.num_warps)
+        HAS_BIAS=tb is not None, num_warps=cfg.num_warps)
     dense_cfg = pick_tiles(D, 128, 128, dev)
     dm = dense_cfg.block_m
     if N > Nv or rep is not None:
         ddk, ddv = (dk, dv) if dense_cfg.block_n == cfg.block_n else _descs(kh, vh, dense_cfg.block_n, mode)
     if N > Nv:
         _dense_rows_fwd[(triton.cdiv(N - Nv, dm), B * H)](
-            qh, kh, vh, out, ddk, ddv, skip_rows, skip_rows, skip_rows,
+            qh, kh, vh, out, ddk, ddv, skip_rows, skip_rows, skip_rows, tb_ptr,
             qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
             vh.stride(0), vh.stride(1), vh.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            0, H, 1, N, Nv, N - Nv, qk_scale,
+            0, stb, H, 1, N, Nv, Nv, N - Nv, qk_scale,
             HEAD_DIM=D, BLOCK_M=dm, BLOCK_N=dense_cfg.block_n, GATHER=False, DESC_MODE=mode,
-            STAGES=dense_cfg.stages, num_warps=dense_cfg.num_warps)
+            STAGES=dense_cfg.stages, HAS_BIAS=tb is not None, num_warps=dense_cfg.num_warps)
     if rep is not None:
         R, FK = rep.rows.shape
         a_out = torch.empty(B, R, FK, D, dtype=qh.dtype, device=dev)
         _dense_rows_fwd[(triton.cdiv(FK, dm), B * R)](
-            qh, kh, vh, a_out, ddk, ddv, rep.rows, rep.heads, skip_rows,
+            qh, kh, vh, a_out, ddk, ddv, rep.rows, rep.heads, skip_rows, tb_ptr,
             qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
             vh.stride(0), vh.stride(1), vh.stride(2), a_out.stride(1), 0, a_out.stride(2),
-            rep.rows.stride(0), H, R, N, 0, FK, qk_scale,
+            rep.rows.stride(0), stb, H, R, N, Nv, 0, FK, qk_scale,
             HEAD_DIM=D, BLOCK_M=dm, BLOCK_N=dense_cfg.block_n, GATHER=True, DESC_MODE=mode,
-            STAGES=dense_cfg.stages, num_warps=dense_cfg.num_warps)
+            STAGES=dense_cfg.stages, HAS_BIAS=tb is not None, num_warps=dense_cfg.num_warps)
         # Broadcast: each head's F*T video rows take their anchor's output (gather on the GPU, no host sync).
         # Heads in skip_heads get this too; the caller overwrites them afterwards.
         bcast = torch.gather(a_out, 2, rep.src[None, :, :, None].expand(B, R, rep.covered, D))

@@ -1,7 +1,9 @@
 """Block-energy statistics in Triton (calibration): same contract as stats_reference.block_energy_reference.
 
 Two launches, never an N x N matrix:
-  1. row log-sum-exp (log2 domain) of every video query row over ALL keys, text included -> [B*H, Nv] float32;
+  1. row log-sum-exp (log2 domain) of every video query row over ALL keys, text included -> [B*H, Nv] float32
+     (with a text bias, kernels/text_bias.py, added to the text keys' scores: padded text keys leave the
+     normaliser; a constexpr branch, so the path without a bias is unchanged);
   2. per (query tile, batch*head): for every video key block, the sum over the tile's rows and the block's columns
      of exp2(s - lse), atomically added into the caller's [H, nq, nk] float32 buffer (the batch and the query
      tiles of one mask block meet there; atomics keep it one launch, at the cost of float rounding order).
@@ -24,8 +26,8 @@ import triton.language as tl
 
 from ..masks.skiplists import BlockGeometry
 from .stats_reference import check_row_stride
-from .triton_attention import (LOG2E, TritonUnsupported, _descs, _ensure_allocator, _load_tile, _tile_source,
-                               _tma_ok, pick_tiles)
+from .triton_attention import (LOG2E, TritonUnsupported, _bias_arg, _descs, _ensure_allocator, _load_tile,
+                               _tile_source, _tma_ok, pick_tiles)
 
 
 @triton.jit
@@ -56,10 +58,10 @@ def _strided_rows(v, NV, NQ, ROW_OFF, BLOCK_Q, STRIDE: tl.constexpr, VB: tl.cons
 
 
 @triton.jit
-def _row_lse(Q, K, DK, LSE, sqb, sqh, sql, skb, skh, skl, H, N, NV, qk_scale, NQ, ROW_OFF, BLOCK_Q, NLSE,
+def _row_lse(Q, K, DK, LSE, TB, sqb, sqh, sql, skb, skh, skl, stb, H, N, NV, qk_scale, NQ, ROW_OFF, BLOCK_Q, NLSE,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              DESC_MODE: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr = 1,
-             STRIDE: tl.constexpr = 1, VB: tl.constexpr = 1):
+             STRIDE: tl.constexpr = 1, VB: tl.constexpr = 1, HAS_BIAS: tl.constexpr = False):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
@@ -80,14 +82,28 @@ def _row_lse(Q, K, DK, LSE, sqb, sqh, sql, skb, skh, skl, H, N, NV, qk_scale, NQ
     desc_k = _tile_source(DK, k_base, N, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    n_full = N // BLOCK_N
+    # Without a bias one loop covers video and text keys; with one, the video keys [0, NV), then the text keys.
+    key_end = N
+    if HAS_BIAS:
+        key_end = NV
+    n_full = key_end // BLOCK_N
     for j in tl.range(0, n_full, num_stages=STAGES):
-        k = _load_tile(desc_k, k_base, b, h, j * BLOCK_N, N, skl, offs_n, offs_d, DESC_MODE, False)
+        k = _load_tile(desc_k, k_base, b, h, j * BLOCK_N, key_end, skl, offs_n, offs_d, DESC_MODE, False)
         l_i, m_i = _lse_step(l_i, m_i, q, k, qk_scale, offs_n, 0, False)
     start_n = n_full * BLOCK_N
-    if start_n < N:
-        k = _load_tile(desc_k, k_base, b, h, start_n, N, skl, offs_n, offs_d, DESC_MODE, True)
-        l_i, m_i = _lse_step(l_i, m_i, q, k, qk_scale, start_n + offs_n, N, True)
+    if start_n < key_end:
+        k = _load_tile(desc_k, k_base, b, h, start_n, key_end, skl, offs_n, offs_d, DESC_MODE, True)
+        l_i, m_i = _lse_step(l_i, m_i, q, k, qk_scale, start_n + offs_n, key_end, True)
+    if HAS_BIAS:
+        bias_row = TB + b64 * stb
+        for start_t in tl.range(NV, N, BLOCK_N, num_stages=STAGES):
+            cols = start_t + offs_n
+            k = _load_tile(desc_k, k_base, b, h, start_t, N, skl, offs_n, offs_d, DESC_MODE, True)
+            bias = tl.load(bias_row + (cols - NV), mask=cols < N, other=float("-inf"))
+            s = tl.dot(q, tl.trans(k)) * qk_scale + (bias * 1.4426950408889634)[None, :]  # log2 domain
+            m_ij = tl.maximum(m_i, tl.max(s, 1))
+            l_i = l_i * tl.math.exp2(m_i - m_ij) + tl.sum(tl.math.exp2(s - m_ij[:, None]), 1)
+            m_i = m_ij
     if STRIDE == 1:
         tl.store(LSE + bh.to(tl.int64) * NV + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
     else:
@@ -194,10 +210,11 @@ STATS_GROUP = {"group": 16}
 
 def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, *, scale: Optional[float] = None,
                         out: Optional[torch.Tensor] = None, row_stride: int = 1,
-                        row_offset: int = 0) -> torch.Tensor:
+                        row_offset: int = 0, text_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """q, k: (B, H, N, D) float16/bfloat16 (any strides with a unit last stride). out [H, nq, nk] float32 is
     accumulated into (created as zeros when None). row_stride / row_offset: estimate from a strided subsample of
-    each query block's rows (stats_reference.block_energy_reference)."""
+    each query block's rows (stats_reference.block_energy_reference). text_bias: (T,), (1, T) or (B, T) additive bias
+    on the text keys' scores (kernels/text_bias.py)."""
     row_stride, row_offset = check_row_stride(row_stride, row_offset)
     B, H, N, D = q.shape
     g = geometry
@@ -214,6 +231,7 @@ def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometr
     if out.shape != (H, g.nq, g.nk) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be contiguous float32 [{H}, {g.nq}, {g.nk}], got {out.dtype} {tuple(out.shape)}")
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
+    tb, stb = _bias_arg(text_bias, B, N - Nv, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qk_scale = scale * LOG2E
     cfg = pick_tiles(D, g.block_q, g.block_k, q.device)
@@ -239,10 +257,10 @@ def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometr
     lse = torch.empty(B * H, n_lse, dtype=torch.float32, device=q.device)
     dk = _descs(k, k, dense_cfg.block_n, mode)[0]
     _row_lse[(lse_programs, B * H)](
-        q, k, dk, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), H, N, Nv, qk_scale,
-        g.nq, off, g.block_q, n_lse,
+        q, k, dk, lse, lse if tb is None else tb, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), stb, H, N, Nv, qk_scale, g.nq, off, g.block_q, n_lse,
         HEAD_DIM=D, BLOCK_M=dense_cfg.block_m, BLOCK_N=dense_cfg.block_n, DESC_MODE=mode, STAGES=dense_cfg.stages,
-        STRIDE=row_stride, VB=vb, num_warps=dense_cfg.num_warps)
+        STRIDE=row_stride, VB=vb, HAS_BIAS=tb is not None, num_warps=dense_cfg.num_warps)
     tail_k = Nv % g.block_k != 0
     tail_tiles = triton.cdiv(Nv - (g.nk - 1) * g.block_k, cfg.block_n)
     dk = dk if cfg.block_n == dense_cfg.block_n else _descs(k, k, cfg.block_n, mode)[0]

@@ -3,8 +3,9 @@
 ComfyUI calls `override(func, *args, **kwargs)` for every attention of the patched model, with `func` the dense
 backend that would have run. Self-attention over exactly this latent's tokens in a covered layer becomes an
 AttentionCall for the handler; everything else (cross-attention, text refiners, calls before sampling started,
-sequences with extra tokens) goes to `func` unchanged. No ComfyUI import here: the wrappers in comfy_glue feed
-the per-sampling and per-step facts in, so the routing is testable with plain tensors.
+sequences with extra tokens) goes to `func` unchanged. A key-padding mask over the text keys of a joint-text model
+(HunyuanVideo's padded prompt) becomes the call's text bias; any other mask runs dense. No ComfyUI import here: the
+wrappers in comfy_glue feed the per-sampling and per-step facts in, so the routing is testable with plain tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..kernels.call import AttentionCall
+from ..kernels.text_bias import as_text_bias
 from ..masks.geometry import ModelSignature, TokenGrid
 from .model_info import FamilyLayout, grid_from_latent, layer_offset
 
@@ -79,6 +81,8 @@ class AttentionRouter:
         self.step: Optional[StepState] = None
         self._grids: dict = {}
         self._warned: set = set()
+        self._mask_video_zero: Optional[bool] = None  # checked on the first mask of a sampling run
+        self._last_mask: Optional[tuple] = None  # (mask, L, batch, bias): one conversion per model evaluation
         self.routed = 0  # calls handed to the handler (tests and logs read it)
         self.passed = 0
 
@@ -96,6 +100,8 @@ class AttentionRouter:
         self.sample_sigmas = [float(s) for s in sample_sigmas]
         self._grids = {}
         self.step = None
+        self._mask_video_zero = None
+        self._last_mask = None
         return self.grid
 
     def begin_model_call(self, sigma: float, cond_or_uncond, batch: int, device) -> StepState:
@@ -109,10 +115,13 @@ class AttentionRouter:
 
     def end_model_call(self):
         self.step = None
+        self._last_mask = None
 
     def end_sampling(self):
         self.grid = None
         self.step = None
+        self._mask_video_zero = None
+        self._last_mask = None
         self.sample_sigmas = []
 
     # ---- per attention call -------------------------------------------------------------------------------
@@ -136,6 +145,36 @@ class AttentionRouter:
         if key not in self._warned:
             self._warned.add(key)
             log.warning("%s: %s", self.name, msg)
+
+    def _text_bias(self, mask: torch.Tensor, L: int, batch: int, video: int):
+        """(usable, text bias or None) for a call with an attention mask. Usable: a joint-text model, a key-padding
+        mask over exactly the call's L keys, zero on the video keys; its text part becomes the text bias."""
+        if not self.layout.joint_text:
+            self._warn_once("mask", "attention calls with a mask run dense (this model has no joint text tokens)")
+            return False, None
+        last = self._last_mask
+        if last is not None and last[0] is mask and last[1:3] == (L, batch):
+            # The model hands every block the same mask object within one evaluation (held here, so its id cannot
+            # be recycled; no version check: inference tensors have no version counter).
+            bias = last[3]
+        else:
+            bias = key_padding_bias(mask, L, batch)
+            self._last_mask = (mask, L, batch, bias) if bias is not None else None
+        if bias is None:
+            self._warn_once("mask_shape", f"attention mask of shape {tuple(mask.shape)} is not a key-padding mask "
+                            f"over the call's {L} keys; these calls run dense")
+            return False, None
+        if self._mask_video_zero is None:
+            # One host sync per sampling run, on the first masked call: the sparse kernels bias text keys only, so
+            # the video part must be zero. The model builds every step's mask the same way (HunyuanVideo: zeros on
+            # the image tokens, the prompt's padding on the text), so the first one stands for the run; checking
+            # every call would stall the GPU at every layer.
+            self._mask_video_zero = not bool(bias[:, :video].any())
+        if not self._mask_video_zero:
+            self._warn_once("mask_video", "the attention mask is not zero on the video tokens; the sparse kernels "
+                            "only take a mask on text keys, so masked calls run dense")
+            return False, None
+        return True, (bias[:, video:] if L > video else None)
 
     def __call__(self, func, *args, **kwargs):
         step, grid = self.step, self.grid
@@ -167,11 +206,12 @@ class AttentionRouter:
                             "these calls run dense (does the workflow add reference tokens?)")
             self.passed += 1
             return func(*args, **kwargs)
+        text_bias = None
         if mask is not None:
-            # The sparse kernels take no attention mask (HunyuanVideo masks padded text this way).
-            self._warn_once("mask", "attention calls with a mask run dense")
-            self.passed += 1
-            return func(*args, **kwargs)
+            usable, text_bias = self._text_bias(mask, L, q.shape[0], grid.video_tokens)
+            if not usable:
+                self.passed += 1
+                return func(*args, **kwargs)
         layer = self.layer_of(to)
         if layer is None or not (0 <= layer < self.signature.num_layers):
             self._warn_once("layer", f"attention call without a usable layer index ({layer}); it runs dense")
@@ -180,10 +220,28 @@ class AttentionRouter:
         H = q.shape[1] if skip_reshape else int(heads)
         call = AttentionCall(q=q, k=k, v=v, layout=layout, heads=H, layer=layer, sigma=step.sigma,
                              grid=self._call_grid(text), positive_rows=step.positive_rows,
-                             dense=lambda: _as_layout(func(*args, **kwargs), layout, H))
+                             dense=lambda: _as_layout(func(*args, **kwargs), layout, H), text_bias=text_bias)
         out = self.handler(call)
         self.routed += 1
         return _to_output_layout(out, layout, bool(kwargs.get("skip_output_reshape", False)), H)
+
+
+def key_padding_bias(mask: torch.Tensor, L: int, batch: int) -> Optional[torch.Tensor]:
+    """A float32 (Bb, L) additive key bias (Bb = 1 or batch) if `mask` is a key-padding mask over L keys in one of
+    the shapes ComfyUI's attention backends broadcast that way: (L,), (1, L), (Bb, 1, L), (Bb, 1, 1, L); else None.
+    A boolean mask (True = attend) becomes 0 / -inf. Shape logic and an elementwise cast only: no host sync."""
+    if not isinstance(mask, torch.Tensor):
+        return None
+    shape = tuple(mask.shape)
+    if shape in ((L,), (1, L)):
+        rows = 1
+    elif len(shape) in (3, 4) and shape[1:] == (1,) * (len(shape) - 2) + (L,) and shape[0] in (1, batch):
+        rows = shape[0]
+    else:
+        return None
+    if not (mask.dtype == torch.bool or mask.is_floating_point()):
+        return None
+    return as_text_bias(mask.reshape(rows, L), batch, L)
 
 
 def _as_layout(out: torch.Tensor, layout: str, heads: int) -> torch.Tensor:

@@ -65,3 +65,98 @@ def test_block_energy_real_shape():
     rows = torch.clamp(torch.arange(g.nq, device="cuda") * 128 + 128, max=n) - torch.arange(g.nq, device="cuda") * 128
     per_row = (out - init).sum(-1) / (2 * rows)
     assert float(per_row.max()) <= 1.0 + 1e-3 and math.isfinite(float(per_row.min()))
+
+
+# ---- text key bias (HunyuanVideo's padded-prompt mask) ---------------------------------------------------------
+def _padded_bias(rows, T, padded, gen):
+    """(rows, T) float32 on the GPU: random finite bias, the last `padded` (+ 7 per extra row) keys at -bf16 max."""
+    bias = torch.randn(rows, T, generator=gen)
+    for r in range(rows):
+        bias[r, T - padded - 7 * r:] = -torch.finfo(torch.bfloat16).max
+    return bias.cuda()
+
+
+@pytest.mark.parametrize("dtype,layout,shared,rep", [
+    (torch.bfloat16, "bhld", True, False),  # HunyuanVideo: (B, H, L, D), one mask for the batch
+    (torch.bfloat16, "bld", False, True),  # per-batch bias + a repetitive head (anchor rows see the text)
+    (torch.float16, "bhld", False, False),
+])
+def test_real_shape_text_bias_matches_reference(dtype, layout, shared, rep):
+    from calibatt.kernels.triton_attention import sparse_attention_triton
+    H, D, frames, T, n_text, B = 8, 128, 21, 1560, 256, 2
+    n = frames * T
+    g = BlockGeometry(n, 128, 128)
+    gen = torch.Generator().manual_seed(7 + rep)
+    plan = None
+    if rep:
+        slot = torch.full((1, H), -1, dtype=torch.int32)
+        slot[0, 3] = 0
+        plan = RepetitionPlan(T, slot, torch.randperm(T, generator=gen)[:5][None],
+                              torch.randint(0, 5, (1, T), generator=gen))
+    layer = SkipLists.from_block_mask(torch.rand(1, H, g.nq, g.nk, generator=gen) < 0.25, g, plan).layer(0)
+    layer = layer.to("cuda")
+    N = n + n_text
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
+    if layout == "bld":
+        q, k, v = (t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v))
+    bias = _padded_bias(1 if shared else B, n_text, 150, gen)
+    out = torch.full_like(q, float("nan"))
+    sparse_attention_triton(q, k, v, layer, layout=layout, heads=H, out=out, text_bias=bias)
+    assert not torch.isnan(out).any()
+    ref = sparse_attention_reference(q, k, v, layer, layout=layout, heads=H, text_bias=bias)
+    tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
+    assert rel(out, ref) < tol
+    # the text rows (dense over every key) carry the bias too
+    from calibatt.kernels.triton_attention import to_bhld
+    assert rel(to_bhld(out, layout, H)[:, :, n:], to_bhld(ref, layout, H)[:, :, n:]) < tol
+    no_bias = sparse_attention_reference(q, k, v, layer, layout=layout, heads=H)
+    assert rel(no_bias, ref) > 3 * tol  # the bias matters at this size
+
+
+def test_block_energy_real_shape_text_bias():
+    H, D, n, n_text = 4, 128, 32760, 256
+    g = BlockGeometry(n, 128, 128)
+    gen = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, H, n + n_text, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    bias = _padded_bias(2, n_text, 150, gen)
+    for stride in (1, 4):
+        init = torch.rand(H, g.nq, g.nk, device="cuda")
+        out = block_energy(q, k, g, out=init.clone(), row_stride=stride, row_offset=1, text_bias=bias)  # Triton
+        ref = block_energy_reference(q, k, g, out=init.clone(), row_stride=stride, row_offset=1, text_bias=bias)
+        assert rel(out - init, ref - init) < 1e-2
+
+
+@pytest.mark.parametrize("cutoff,route", [(1.0, "sparse"), (0.5, "mixed"), (0.0, "dense")])
+def test_runner_text_bias_routes_on_gpu(cutoff, route):
+    """SparseRunner with a bias on CUDA: the Triton path (sparse), Triton + masked cuDNN/SDPA heads (mixed) and
+    masked SDPA (dense), for a layer whose heads keep every block (so each route equals masked dense attention)
+    except in the mixed case, where head 1 keeps one block a row."""
+    from calibatt.kernels.call import AttentionCall
+    from calibatt.kernels.dense import dense_attention
+    from calibatt.kernels.runner import SparseRunner
+    from calibatt.masks import MaskBundle, ModelSignature, TokenGrid
+    H, D, B, n_text = 4, 128, 2, 256
+    grid = TokenGrid(frames=5, height=30, width=52)  # 7,800 video tokens
+    n = grid.video_tokens
+    g = BlockGeometry(n, 128, 128)
+    m = torch.ones(1, H, g.nq, g.nk, dtype=torch.bool)
+    if route == "mixed":
+        m[0, 1] = False
+    sig = ModelSignature("hunyuan", 1, H, D, D * H)
+    bundle = MaskBundle.from_skip_lists(sig, grid, [SkipLists.from_block_mask(m, g)], [1.0], [0])
+    runner = SparseRunner(bundle, dense_cutoff=cutoff)
+    runner.begin_step(1.0, "cuda")
+    assert runner.route(0) == route
+    q, k, v = (torch.randn(B, H, n + n_text, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    bias = _padded_bias(B, n_text, 100, torch.Generator().manual_seed(1))
+    call = AttentionCall(q, k, v, "bhld", H, 0, 1.0, TokenGrid(5, 30, 52, text_tokens=n_text, text_position="end"),
+                         text_bias=bias)
+    out = runner(call)
+    full = torch.cat([torch.zeros(B, n, device="cuda"), bias], -1)[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=full)
+    heads = [0, 2, 3] if route == "mixed" else list(range(H))
+    assert rel(out[:, heads], want[:, heads]) < 1e-2
+    assert rel(dense_attention(q, k, v, text_bias=bias), want) < 1e-2
+    if route == "mixed":
+        skip = bundle.skip_lists(0, "cuda").layer(0)
+        assert rel(out[:, 1], sparse_attention_reference(q, k, v, skip, text_bias=bias)[:, 1]) < 1e-2
