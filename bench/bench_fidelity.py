@@ -1,7 +1,7 @@
 """Fidelity of sparse vs dense generation on the shipped tiny Wan model, against density.
 
-    python bench/bench_fidelity.py [--steps 10] [--calib 3] [--eval 3] [--presets quality balanced fast]
-                                   [--out output/bench/fidelity.json]
+    python bench/bench_fidelity.py [--model tinywan|tinywan64] [--steps 10] [--calib 3] [--eval 3]
+                                   [--presets quality balanced fast 0.97:0.995:12] [--out output/bench/fidelity.json]
 
 Calibrated on prompt set A (training-distribution captions), evaluated on set B (held-out caption combinations
 never seen in training) and, for the generalisation check, on A itself (same captions and seeds as calibration).
@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import _pkg  # noqa: E402
 
 _pkg.load_package()
-from calibatt.calibration import CalibrationSettings  # noqa: E402
+from calibatt.calibration import CalibrationSettings, eps_spec  # noqa: E402
 from calibatt.calibration.calibrator import Calibrator  # noqa: E402
 from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, MaskBundle, SkipLists  # noqa: E402
@@ -100,7 +100,7 @@ class TopKOnline:
 
 def calibrate_both(model, caps, seeds, preset, steps, guidance, block, grid, frames=None):
     """(bundle with repetition, bundle without) from one calibration pass."""
-    st = CalibrationSettings(preset=preset, repetition=True, block_q=block, block_k=block, steps=steps)
+    st = CalibrationSettings(**eps_spec(preset), repetition=True, block_q=block, block_k=block, steps=steps)
     cal = Calibrator(model.signature(), grid, st)
     sched = pipeline.sigma_schedule(steps)[:-1]
     try:
@@ -153,7 +153,10 @@ def main(argv=None):
     ap.add_argument("--eval", type=int, default=3)
     ap.add_argument("--eval-a", type=int, default=2, help="calibration prompts re-generated for the held-out / "
                                                            "calibration error ratio (calibrated configs only)")
-    ap.add_argument("--presets", nargs="+", default=["balanced", "quality", "fast"])
+    ap.add_argument("--presets", nargs="+", default=["balanced", "quality", "fast"],
+                    help="eps presets and/or explicit schedules A:C:k")
+    ap.add_argument("--model", default="tinywan", choices=["tinywan", "tinywan64"],
+                    help="shipped model: tinywan (32 px, 2,048 tokens) or tinywan64 (64 px fine-tune, 8,192 tokens)")
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--frames", type=int, default=None, help="shorter clips (smoke tests); default the model's")
@@ -163,7 +166,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_tinywan(device=device, dtype=dtype)
+    model = load_tinywan(name=a.model, device=device, dtype=dtype)
     grid = model.cfg.grid(frames=a.frames)
     caps_a = data.training_captions(a.calib)
     seeds_a = list(range(100, 100 + len(caps_a)))  # the seeds calibration used
@@ -180,7 +183,7 @@ def main(argv=None):
         f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
     def write(partial: bool) -> dict:
-        result = {"device": dev, "steps": a.steps, "guidance": a.guidance, "block": a.block,
+        result = {"device": dev, "model": a.model, "steps": a.steps, "guidance": a.guidance, "block": a.block,
                   "grid": grid.to_dict(), "calibration_prompts": caps_a, "held_out_prompts": caps_b,
                   "calibration_prompts_regenerated": caps_a_eval, "rows": rows, "partial": partial,
                   "seconds": round(time.time() - t0, 1), "torch": torch.__version__,

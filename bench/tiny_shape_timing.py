@@ -1,9 +1,11 @@
-"""Where the time goes at the tiny demo shape (B=2, 4 heads x 32, 2,048 tokens, blocks of 64) on a GPU:
-the Triton kernel alone after warm-up, dense SDPA, and the per-step cost of building a bucket's skip lists.
+"""Where the time goes at the tiny models' shapes on a GPU: the Triton kernel alone after warm-up vs dense SDPA
+(per call, random block masks at the given densities), and the per-step cost of building a bucket's skip lists.
 
-GPU: python3 bench/tiny_shape_timing.py
+GPU: python3 bench/tiny_shape_timing.py [--grid 8 16 16] [--densities 0.8] [--block 64]
+     (--grid 8 32 32 is the 64 px model's 8,192 tokens)
 """
 
+import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,27 +22,37 @@ from calibatt.kernels.triton_attention import sparse_attention_triton  # noqa: E
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid  # noqa: E402
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--grid", type=int, nargs=3, default=[8, 16, 16], metavar=("T", "H", "W"))
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.8])
+    ap.add_argument("--block", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=2)
+    a = ap.parse_args(argv)
     torch.manual_seed(0)
-    grid = TokenGrid(8, 16, 16)
-    g = BlockGeometry(grid.video_tokens, 64, 64)
+    grid = TokenGrid(*a.grid)
+    g = BlockGeometry(grid.video_tokens, a.block, a.block)
     L, H, D = 6, 4, 32
-    buckets = [SkipLists.from_block_mask(torch.rand(L, H, g.nq, g.nk) < 0.8, g) for _ in range(10)]
-    b = MaskBundle.from_skip_lists(ModelSignature("tinywan", L, H, D, H * D), grid, buckets,
-                                   torch.linspace(1, 0.1, 10).tolist(), list(range(10)))
-    q, k, v = (torch.randn(2, H, grid.video_tokens, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    layer = b.skip_lists(0, "cuda").layer(0)
-    sparse_attention_triton(q, k, v, layer)
-    torch.cuda.synchronize()
-    t_sparse = do_bench(lambda: sparse_attention_triton(q, k, v, layer), warmup=25, rep=200, return_mode="median")
+    q, k, v = (torch.randn(a.batch, H, grid.video_tokens, D, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
     t_dense = do_bench(lambda: dense_attention(q, k, v), warmup=25, rep=200, return_mode="median")
-    t0 = time.perf_counter()
-    for i in range(1, 10):
-        b.skip_lists(i, "cuda")
-    torch.cuda.synchronize()
-    t_build = (time.perf_counter() - t0) / 9 * 1e3
-    print(f"tiny shape: triton sparse {t_sparse:.3f} ms/call, dense {t_dense:.3f} ms/call, "
-          f"bucket build {t_build:.1f} ms/step ({L} layers)")
+    for dens in a.densities:
+        buckets = [SkipLists.from_block_mask(torch.rand(L, H, g.nq, g.nk) < dens, g) for _ in range(10)]
+        b = MaskBundle.from_skip_lists(ModelSignature("tinywan", L, H, D, H * D), grid, buckets,
+                                       torch.linspace(1, 0.1, 10).tolist(), list(range(10)))
+        layer = b.skip_lists(0, "cuda").layer(0)
+        sparse_attention_triton(q, k, v, layer)
+        torch.cuda.synchronize()
+        t_sparse = do_bench(lambda: sparse_attention_triton(q, k, v, layer), warmup=25, rep=200,
+                            return_mode="median")
+        t0 = time.perf_counter()
+        for i in range(1, 10):
+            b.skip_lists(i, "cuda")
+        torch.cuda.synchronize()
+        t_build = (time.perf_counter() - t0) / 9 * 1e3
+        print(f"{grid.video_tokens} tokens, B={a.batch}, H={H}, D={D}, blocks {a.block}, density "
+              f"{float(b.density):.3f}: triton sparse {t_sparse:.3f} ms/call, dense {t_dense:.3f} ms/call "
+              f"({t_dense / t_sparse:.2f}x), bucket build {t_build:.1f} ms/step ({L} layers)", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,22 @@ EPS_PRESETS = {
 }
 
 
+def eps_spec(text: str) -> dict:
+    """CalibrationSettings keywords for a preset name ("quality", "balanced", "fast") or an explicit eps schedule
+    "A:C:k" (e.g. "0.97:0.995:12"), the form command lines and benchmarks take."""
+    text = str(text).strip()
+    if ":" not in text:
+        if text not in EPS_PRESETS:
+            raise ValueError(f"eps setting {text!r}: use a preset ({', '.join(EPS_PRESETS)}) or A:C:k, "
+                             "e.g. 0.97:0.995:12")
+        return {"preset": text}
+    try:
+        A, C, k = (float(x) for x in text.split(":"))
+    except ValueError:
+        raise ValueError(f"eps setting {text!r}: A:C:k needs three numbers, e.g. 0.97:0.995:12") from None
+    return {"A": A, "C": C, "k": k}
+
+
 # Largest stride whose quality loss on the planted-structure study stayed small (docs/BENCHMARKS.md: every
 # planted block kept, eps shortfall on the full-row mass <= 0.016, held-out error +0-3.5 %) for 3.7x cheaper stats.
 STATS_ROW_STRIDE_DEFAULT = 4

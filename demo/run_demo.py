@@ -34,7 +34,12 @@ def parse_args(argv=None):
     ap.add_argument("--eval-prompts", type=int, default=3)
     ap.add_argument("--frames", type=int, default=None, help="clip frames (default: the model's 16; a multiple "
                                                              "of 2; fewer = faster, for tests)")
-    ap.add_argument("--preset", default="quality", help="eps preset: quality, balanced or fast")
+    ap.add_argument("--preset", default="quality", help="eps preset: quality, balanced or fast, or an explicit "
+                                                        "eps schedule A:C:k (e.g. 0.97:0.995:12)")
+    ap.add_argument("--model", default="auto", choices=["auto", "tinywan", "tinywan64"],
+                    help="shipped model: tinywan (32 px, 2,048 tokens per clip), tinywan64 (its 64 px fine-tune, "
+                         "8,192 tokens); auto = tinywan64 on a GPU, where that size is what makes sparse attention "
+                         "pay, tinywan on a CPU, where it keeps the demo to a minute")
     ap.add_argument("--no-repetition", action="store_true", help="calibrate without repetition heads")
     ap.add_argument("--block", type=int, default=64, help="block size (tokens) for queries and keys")
     ap.add_argument("--guidance", type=float, default=2.0)
@@ -57,7 +62,7 @@ def main(argv=None) -> dict:
 
     import _pkg
     _pkg.load_package()
-    from calibatt.calibration import CalibrationSettings
+    from calibatt.calibration import CalibrationSettings, eps_spec
     from calibatt.masks import load_bundle, save_bundle
     from calibatt.tinywan import data, evaluate
     from calibatt.tinywan.model import load_tinywan
@@ -71,17 +76,22 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
 
-    model = load_tinywan(device=device, dtype=dtype)
+    model_name = a.model if a.model != "auto" else ("tinywan64" if device.type == "cuda" else "tinywan")
+    model = load_tinywan(name=model_name, device=device, dtype=dtype)
     frames = a.frames or model.cfg.frames
     if frames % model.cfg.patch[0] or frames <= 0:
         raise SystemExit(f"--frames must be a positive multiple of {model.cfg.patch[0]}, got {frames}")
     grid = model.cfg.grid(frames=frames)
-    settings = CalibrationSettings(preset=a.preset, repetition=not a.no_repetition, block_q=a.block,
+    try:
+        eps = eps_spec(a.preset)
+    except ValueError as e:
+        raise SystemExit(f"--preset: {e}") from None
+    settings = CalibrationSettings(**eps, repetition=not a.no_repetition, block_q=a.block,
                                    block_k=a.block, steps=a.steps, sampler="euler-flow", seed=0)
     calib_caps = data.training_captions(a.calib_prompts)
     eval_caps = data.held_out_captions(a.eval_prompts)
     seeds = list(range(1000, 1000 + len(eval_caps)))
-    print(f"tiny Wan ({model.signature().num_layers} layers x {model.signature().num_heads} heads) on {device}: "
+    print(f"tiny Wan '{model_name}' ({model.signature().num_layers} layers x {model.signature().num_heads} heads) on {device}: "
           f"{grid.describe()}, {a.steps} steps, blocks of {a.block}", flush=True)
 
     # 1. calibration
@@ -120,6 +130,7 @@ def main(argv=None) -> dict:
         f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     report = {
         "device": dev_name,
+        "model": model_name,
         "density": round(density, 4),
         "attention_speedup": round(speedup, 3),
         "psnr_db": psnr,

@@ -136,10 +136,13 @@ def render(specs, generator: torch.Generator, *, device="cpu", frames: int = FRA
 
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(B, generator=g)  # noqa: E731
     t = torch.linspace(0.0, 1.0, frames)[None, :]  # [1, T]
+    # Objects, textures and travel keep their pixel sizes on larger canvases; lanes spread over the canvas. A larger
+    # canvas is a wider view of the same world (more tokens, the same local structure), and size 32 draws exactly
+    # the clips the shipped model was trained on.
     r0 = u(3.5, 6.0)
     travel = u(14.0, 20.0)
     start = u(4.0, 8.0) + r0 * 0.5
-    lane = u(9.0, 23.0)
+    lane = u(9.0, size - 9.0)
     # Per motion: centre (x, y) and radius over time, [B, T].
     cx = lane[:, None].expand(B, frames).clone()
     cy = lane[:, None].expand(B, frames).clone()
@@ -153,11 +156,11 @@ def render(specs, generator: torch.Generator, *, device="cpu", frames: int = FRA
     phase = u(0.0, 0.5)[:, None]
     bounce = floor[:, None] - u(12.0, 17.0)[:, None] * torch.abs(torch.sin(math.pi * (2.0 * t + phase)))
     cy = torch.where(m == 4, bounce, cy)
-    cx = torch.where(m == 4, u(9.0, 23.0)[:, None].expand(B, frames), cx)
+    cx = torch.where(m == 4, u(9.0, size - 9.0)[:, None].expand(B, frames), cx)
     grow = 2.0 + 8.0 * t
     r = torch.where(m == 5, grow.expand(B, frames), torch.where(m == 6, (10.0 - 8.0 * t).expand(B, frames), r))
     # Crossing: object 1 goes right on one lane, object 2 goes left on a nearby lane, passing mid-clip.
-    lane2 = (lane + u(-5.0, 5.0)).clamp(8.0, 24.0)
+    lane2 = (lane + u(-5.0, 5.0)).clamp(8.0, size - 8.0)
     cx = torch.where(crossing[:, None], fwd, cx)
     cy = torch.where(crossing[:, None], lane[:, None].expand(B, frames), cy)
     cx2, cy2 = back, lane2[:, None].expand(B, frames)
@@ -188,10 +191,10 @@ def render(specs, generator: torch.Generator, *, device="cpu", frames: int = FRA
     return video * 2.0 - 1.0
 
 
-def batch(n: int, generator: torch.Generator, *, device="cpu", held_out: bool = False):
+def batch(n: int, generator: torch.Generator, *, device="cpu", held_out: bool = False, size: int = SIZE):
     """(clips [n, 3, T, S, S], captions) for training or evaluation."""
     specs = sample_specs(n, generator, held_out=held_out)
-    return render(specs, generator, device=device), [s.caption() for s in specs]
+    return render(specs, generator, device=device, size=size), [s.caption() for s in specs]
 
 
 def held_out_captions(n: int, seed: int = 1234):

@@ -110,18 +110,39 @@ class WeightsError(RuntimeError):
     pass
 
 
-def load_tinywan(path=None, *, device="cpu", dtype=torch.float32, verify: bool = True) -> TinyWan:
-    """Load the shipped model (or `path`), checking the recorded sha256 when loading the shipped file."""
+# The shipped models: the 32 px base model (the default, fast on a CPU) and its 64 px fine-tune (8,192 tokens per
+# clip: the size where block-sparse attention beats dense on a GPU; tinywan/weights/README.md).
+SHIPPED = ("tinywan", "tinywan64")
+
+
+def shipped_path(name: str = "tinywan") -> pathlib.Path:
+    if name not in SHIPPED:
+        raise WeightsError(f"unknown shipped tiny model {name!r}; choose one of {', '.join(SHIPPED)}")
+    return WEIGHTS_FILE if name == "tinywan" else WEIGHTS_DIR / f"{name}.safetensors"
+
+
+def _checksum_file(path: pathlib.Path):
+    if path.resolve() == WEIGHTS_FILE.resolve():
+        return CHECKSUM_FILE
+    if path.resolve().parent == WEIGHTS_DIR.resolve() and path.stem in SHIPPED:
+        return WEIGHTS_DIR / f"{path.stem}.sha256"
+    return None
+
+
+def load_tinywan(path=None, *, name: str = "tinywan", device="cpu", dtype=torch.float32,
+                 verify: bool = True) -> TinyWan:
+    """Load a shipped model (`name`, see SHIPPED) or `path`, checking the recorded sha256 of shipped files."""
     from safetensors import safe_open
-    path = pathlib.Path(path) if path is not None else WEIGHTS_FILE
+    path = pathlib.Path(path) if path is not None else shipped_path(name)
     if not path.is_file():
         raise WeightsError(f"{path}: tiny model weights not found; they ship in tinywan/weights/ "
                            f"(retrain with `python tinywan/train.py`)")
-    if verify and path.resolve() == WEIGHTS_FILE.resolve():
-        want = CHECKSUM_FILE.read_text().split()[0]
+    checksum = _checksum_file(path) if verify else None
+    if checksum is not None:
+        want = checksum.read_text().split()[0]
         got = file_sha256(path)
         if got != want:
-            raise WeightsError(f"{path}: sha256 {got} does not match {CHECKSUM_FILE.name} ({want}); the file is "
+            raise WeightsError(f"{path}: sha256 {got} does not match {checksum.name} ({want}); the file is "
                                f"damaged or was replaced without updating the checksum")
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}

@@ -5,13 +5,15 @@
 `--steps auto` times 20 warm-up steps, then fixes the step count that fits the budget and prints it; pass that
 number as --steps to reproduce the run (the schedule depends only on --steps, the seed and the batch size;
 GPU kernels may still differ in the last bits). Writes DIR/tinywan.safetensors (EMA weights, float32), its
-sha256, train_log.json and contact_sheet.png (held-out captions, then training captions).
+sha256, train_log.json and contact_sheet.png (held-out captions, then training captions); with --name other than
+tinywan, those two files are prefixed with the name.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import pathlib
@@ -25,12 +27,12 @@ import _pkg  # noqa: E402
 
 _pkg.load_package()
 from calibatt.tinywan import data, pipeline  # noqa: E402
-from calibatt.tinywan.model import TinyWan, TinyWanConfig, save_tinywan  # noqa: E402
+from calibatt.tinywan.model import TinyWan, TinyWanConfig, file_sha256, load_tinywan, save_tinywan  # noqa: E402
 from calibatt.tinywan.sheet import clip_strip, write_contact_sheet  # noqa: E402
 
 
-def make_batch(n, gen, device, drop_p, drop_gen):
-    clips, caps = data.batch(n, gen, device=device)
+def make_batch(n, gen, device, drop_p, drop_gen, size=data.SIZE):
+    clips, caps = data.batch(n, gen, device=device, size=size)
     drop = torch.rand(n, generator=drop_gen) < drop_p
     caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
     return clips, caps
@@ -64,6 +66,11 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sample-steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=data.SIZE, help="frame size in pixels (a multiple of 2)")
+    ap.add_argument("--init", default=None, help="start from these weights (e.g. fine-tune the shipped 32 px model "
+                                                 "at a larger --size: RoPE positions carry over)")
+    ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--name", default="tinywan", help="output file stem (DIR/<name>.safetensors)")
     a = ap.parse_args(argv)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -73,8 +80,16 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    cfg = TinyWanConfig()
-    model = TinyWan(cfg).to(device).train()
+    if a.init:
+        base = load_tinywan(a.init, verify=False)
+        cfg = dataclasses.replace(base.cfg, size=a.size)
+        model = TinyWan(cfg)
+        model.load_state_dict(base.state_dict())
+        del base
+    else:
+        cfg = TinyWanConfig(size=a.size)
+        model = TinyWan(cfg)
+    model = model.to(device).train()
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -85,7 +100,7 @@ def main(argv=None):
 
     # Timing probe for --steps auto: its steps are real training steps at warm-up LR (counted in the total).
     steps = None if a.steps == "auto" else int(a.steps)
-    warmup = 200
+    warmup = a.warmup
     log = []
     t_start = time.time()
     step = 0
@@ -110,7 +125,7 @@ def main(argv=None):
             print(f"timing: {per * 1000:.1f} ms/step -> --steps {steps}", flush=True)
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, total if steps is not None else 10 ** 6)
-        clips, caps = make_batch(a.batch, data_gen, device, 0.1, drop_gen)
+        clips, caps = make_batch(a.batch, data_gen, device, 0.1, drop_gen, size=a.size)
         loss = train_step(model, opt, clips, caps, noise_gen, device, use_bf16)
         with torch.no_grad():
             d = min(0.999, (1 + step) / (10 + step))
@@ -125,20 +140,23 @@ def main(argv=None):
 
     ema = ema.float().eval()
     meta = {"train": {"steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed, "seconds": round(train_s, 1),
+                      "size": a.size, "init": pathlib.Path(a.init).name if a.init else None,
+                      "init_sha256": file_sha256(a.init) if a.init else None,
                       "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                       "torch": torch.__version__, "final_loss": log[-1]["loss"] if log else None}}
-    sha = save_tinywan(ema, out / "tinywan.safetensors", extra_meta=meta)
-    (out / "tinywan.sha256").write_text(f"{sha}  tinywan.safetensors\n")
+    sha = save_tinywan(ema, out / f"{a.name}.safetensors", extra_meta=meta)
+    (out / f"{a.name}.sha256").write_text(f"{sha}  {a.name}.safetensors\n")
     held = data.held_out_captions(6)
     seen = data.training_captions(3)
     caps = held + seen
     clips = pipeline.generate(ema, caps, seeds=list(range(len(caps))), steps=a.sample_steps)
-    truth = data.render([data.parse_caption(c) for c in caps], torch.Generator().manual_seed(0))
+    truth = data.render([data.parse_caption(c) for c in caps], torch.Generator().manual_seed(0), size=a.size)
     rows = [[clip_strip(c), clip_strip(t)] for c, t in zip(clips, truth)]
     labels = [("HELD-OUT: " if i < len(held) else "train: ") + c + "   (generated | a data sample)"
               for i, c in enumerate(caps)]
-    write_contact_sheet(rows, labels, out / "contact_sheet.png")
-    (out / "train_log.json").write_text(json.dumps({**meta, "log": log, "sha256": sha}, indent=1))
+    write_contact_sheet(rows, labels, out / ("contact_sheet.png" if a.name == "tinywan" else
+                                             f"{a.name}_contact_sheet.png"))
+    (out / f"{a.name}_train_log.json" if a.name != "tinywan" else out / "train_log.json").write_text(json.dumps({**meta, "log": log, "sha256": sha}, indent=1))
     print(f"done: {step} steps in {train_s:.0f}s, sha256 {sha}", flush=True)
 
 
