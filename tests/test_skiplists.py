@@ -65,3 +65,28 @@ def test_bad_shapes_raise_bundle_error():
         assert "block mask must be" in str(e)
     else:
         raise AssertionError("expected BundleError")
+
+
+def test_bundle_builds_the_same_skip_lists_in_one_chunk_or_layer_by_layer(monkeypatch):
+    """skip_lists() unpacks several layers at once (bounded by _BUILD_ELEMENTS); chunking must not change them."""
+    from calibatt.masks import MaskBundle, ModelSignature, TokenGrid
+    from calibatt.masks import bundle as bundle_mod
+
+    grid = TokenGrid(2, 6, 8)
+    g = BlockGeometry(grid.video_tokens, 16, 16)
+    gen = torch.Generator().manual_seed(7)
+    # Layers of very different widths, so a shared table width differs from each layer's own.
+    dens = torch.tensor([0.05, 0.9, 0.4, 0.2, 1.0])[:, None, None, None]
+    masks = torch.rand(5, 3, g.nq, g.nk, generator=gen) < dens
+    b = MaskBundle.from_skip_lists(ModelSignature("generic", 5, 3, 16, 48), grid,
+                                   [SkipLists.from_block_mask(masks, g)], [1.0], [0])
+    whole = b.skip_lists(0)
+    b.release()
+    monkeypatch.setattr(bundle_mod, "_BUILD_ELEMENTS", 1)  # one layer per chunk
+    per_layer = b.skip_lists(0)
+    assert torch.equal(whole.block_mask(), masks | g.diagonal())
+    assert torch.equal(per_layer.block_mask(), whole.block_mask())
+    for a, c in zip(whole.layers, per_layer.layers):
+        assert torch.equal(a.kv_counts, c.kv_counts)
+        W = c.kv_indices.shape[-1]
+        assert torch.equal(a.kv_indices[..., :W], c.kv_indices)  # the shared width only adds padding
