@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import comfy.patcher_extension as pe
 
-from .model_info import FamilyLayout
+from .model_info import FamilyLayout, extra_sequence_inputs
 from .routing import CALLS_KEY, LAYER_KEY, AttentionRouter
 
 log = logging.getLogger("calibatt")
@@ -106,8 +106,13 @@ def install(model, router: AttentionRouter, cfg: dict, *, on_begin: Callable = N
     for block_name, index, layer in block_keys(router.layout, cfg):
         m.set_model_patch_replace(_LayerTag(layer, existing.get((block_name, index))), "dit", block_name, index)
 
+    evaluations = [0]  # model evaluations of the current sampling run (for the summary line)
+    warned = set()
+
     def outer_sample(executor, *args, **kwargs):
         noise, sigmas = args[0], args[3]
+        routed, passed = router.routed, router.passed
+        evaluations[0] = 0
         try:
             # One host copy of the schedule per sampling run.
             grid = router.begin_sampling(tuple(noise.shape), sigmas.detach().float().cpu().tolist())
@@ -116,12 +121,26 @@ def install(model, router: AttentionRouter, cfg: dict, *, on_begin: Callable = N
             return executor(*args, **kwargs)
         finally:
             router.end_sampling()
+            # What the patch did, once per run: a model whose self-attention never reaches the router (a new
+            # attention path, a mask the kernels do not take) shows up here as 0 routed calls.
+            log.info("%s: %d self-attention calls routed over %d model evaluations (%d layers); %d other attention "
+                     "calls ran unchanged", router.name, router.routed - routed, evaluations[0],
+                     router.signature.num_layers, router.passed - passed)
             if on_end is not None:
                 on_end()
 
     def apply_model(executor, x, t, *args, **kwargs):
         to = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
         if router.grid is None:
+            return executor(x, t, *args, **kwargs)
+        evaluations[0] += 1
+        extra = extra_sequence_inputs(router.layout, kwargs)
+        if extra:
+            # Without begin_model_call every attention call of this evaluation runs unchanged (dense).
+            if "extra" not in warned:
+                warned.add("extra")
+                log.warning("%s: the conditioning carries %s, which adds tokens to the video sequence; these model "
+                            "evaluations run dense", router.name, ", ".join(extra))
             return executor(x, t, *args, **kwargs)
         # The one host read of sigma per model evaluation; all rows of a batch share it.
         router.begin_model_call(float(t.reshape(-1)[0]), (to or {}).get("cond_or_uncond"), x.shape[0], x.device)

@@ -53,8 +53,13 @@ def family_layout(cfg: dict) -> FamilyLayout:
     if image_model == "mochi_preview":
         return _MOCHI
     if image_model == "hunyuan_video":
-        if len(cfg.get("patch_size", (1, 2, 2))) != 3:
+        patch = tuple(cfg.get("patch_size", (1, 2, 2)))
+        if len(patch) != 3:
             raise UnsupportedModel("this HunyuanVideo checkpoint is an image model (2-D patches)")
+        if patch != _HUNYUAN.patch:
+            # HunyuanImage 2.1's refiner shares the architecture with 1x1x1 patches; the grid would be wrong.
+            raise UnsupportedModel(f"this HunyuanVideo-type checkpoint uses {'x'.join(map(str, patch))} patches "
+                                   f"(HunyuanVideo: 1x2x2)")
         return _HUNYUAN
     if image_model == "ltxv":
         return _LTXV
@@ -105,6 +110,15 @@ def video_grid_for_check(model_grid: TokenGrid, bundle_grid: TokenGrid) -> Token
         return model_grid
     return TokenGrid(model_grid.frames, model_grid.height, model_grid.width, model_grid.patch, model_grid.order,
                      bundle_grid.text_tokens, bundle_grid.text_position, model_grid.vae_stride)
+
+
+def extra_sequence_inputs(layout: FamilyLayout, conds: dict) -> list:
+    """Names of the model inputs present in `conds` (one model evaluation's conditioning) that put tokens into
+    self-attention beyond the video latent and the trailing text: HunyuanVideo's reference latent (I2V "custom"
+    guidance) is prepended to the video tokens, so a bundle for the video grid does not describe those calls."""
+    if layout.family == "hunyuan":
+        return [name for name in ("ref_latent",) if conds.get(name) is not None]
+    return []
 
 
 def layer_offset(layout: FamilyLayout, cfg: dict, block_type: Optional[str]) -> int:

@@ -72,6 +72,7 @@ def test_ltxv_grid_has_no_patching():
     (dict(WAN14B, model_type="s2v"), "adds tokens"),
     (dict(WAN14B, model_type="vace"), "adds tokens"),
     (dict(HUNYUAN, patch_size=[2, 2]), "image model"),
+    (dict(HUNYUAN, patch_size=[1, 1, 1]), "uses 1x1x1 patches"),  # HunyuanImage 2.1 refiner
 ])
 def test_unsupported_models_say_why(cfg, words):
     with pytest.raises(mi.UnsupportedModel, match=words):
