@@ -5,7 +5,8 @@ decides, per layer, which heads run block-sparse and which run dense; per call i
   - dense (kernels/dense.py, cuDNN first) where the step is in a dense window, or for a layer whose heads are all
     denser than the cutoff;
   - the Triton kernel on CUDA (float16/bfloat16, head_dim 16..128), the plain-PyTorch reference elsewhere;
-  - a layer with some heads above the cutoff: the sparse path skips those heads and dense fills them in.
+  - a layer with some heads above the cutoff: on the Triton path those heads list every key block (exact dense in
+    the same launch); on the reference path they are skipped and dense SDPA fills them in.
 No per-call host sync: the routing is computed from the bundle's host-side densities when the step begins.
 A call's text bias (a key-padding mask on the text keys, AttentionCall.text_bias) is applied on every path.
 """
@@ -56,6 +57,7 @@ class SparseRunner:
         self._step_key = None
         self._skip = None
         self._routes = None
+        self._full_heads: dict = {}
         self._dense_step = False
         self._densities = bundle.entry_densities()  # [buckets, L, H] host-side, computed once
 
@@ -69,6 +71,7 @@ class SparseRunner:
         if key != self._step_key:
             self._skip = self.bundle.skip_lists(bucket, device)
             self._routes = self._layer_routes(bucket, torch.device(device))
+            self._full_heads = {}
             self._step_key = key
         return bucket
 
@@ -95,6 +98,7 @@ class SparseRunner:
     def end(self):
         self._skip = None
         self._routes = None
+        self._full_heads = {}
         self._step_key = None
         self.bundle.release()
 
@@ -111,10 +115,17 @@ class SparseRunner:
         layer = self._skip.layer(call.layer)
         out = None
         if self._triton_ok(q):
+            if dense_heads is not None:
+                # A mixed layer: its dense heads list every key block, so one launch computes them exactly. Our
+                # kernel is within a few % of cuDNN on full rows, and this saves gathering those heads' q/k/v, a
+                # second launch and the scatter back (which cost more than the attention at small sizes).
+                full = self._full_heads.get(call.layer)
+                if full is None:
+                    full = self._full_heads[call.layer] = layer.with_full_heads(dense_heads[0])
+                layer, dense_heads = full, None
             try:
                 from .triton_attention import sparse_attention_triton
-                out = sparse_attention_triton(q, k, v, layer, scale=call.scale, text_bias=bias,
-                                              skip_heads=None if dense_heads is None else dense_heads[0])
+                out = sparse_attention_triton(q, k, v, layer, scale=call.scale, text_bias=bias)
             except Exception as e:  # noqa: BLE001 - see below
                 if isinstance(e, ValueError) and not type(e).__name__ == "TritonUnsupported":
                     raise  # bad input: the caller must see it

@@ -124,6 +124,30 @@ def test_repetition_plan_and_skip_heads():
     assert rel(o2[:, 1], TA.to_bhld(ref, "bld", H)[:, 1]) < 3e-3
 
 
+def test_full_heads_give_exact_dense_for_those_heads_in_one_launch():
+    """The runner's mixed layers on the Triton path: heads above the cutoff list every key block (and stop being
+    repetitive), the others keep their mask and repetition plan."""
+    gen = torch.Generator().manual_seed(9)
+    frames, T, H, D, n_text = 3, 40, 3, 16, 5
+    n = frames * T
+    g = BlockGeometry(n, 16, 16)
+    slot = torch.tensor([[0, -1, 0]], dtype=torch.int32)
+    plan = RepetitionPlan(T, slot, torch.randperm(T, generator=gen)[:3][None],
+                          torch.randint(0, 3, (1, T), generator=gen))
+    layer = SkipLists.from_block_mask(torch.rand(1, H, g.nq, g.nk, generator=gen) < 0.3, g, plan).layer(0)
+    full = layer.with_full_heads(torch.tensor([True, True, False]))
+    assert int(full.kv_counts[:2].min()) == g.nk and torch.equal(full.kv_counts[2], layer.kv_counts[2])
+    assert full.repetition.head_slot.tolist() == [-1, -1, int(layer.repetition.head_slot[2])]
+    assert torch.equal(full.block_mask()[2], layer.block_mask()[2])
+    q, k, v = make_inputs(2, H, n + n_text, D, "bhld", gen)
+    out = run_poisoned(q, k, v, full, "bhld", H)
+    dense = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    ref = sparse_attention_reference(q.float(), k.float(), v.float(), layer)
+    assert rel(out[:, :2], dense[:, :2]) < 3e-3
+    assert rel(out[:, 2:], ref[:, 2:]) < 3e-3
+    assert rel(ref[:, :2], dense[:, :2]) > 1e-2  # those heads were really sparse / repetitive before
+
+
 @settings(max_examples=6, deadline=None)
 @given(n=st.integers(1, 150), n_text=st.sampled_from([0, 9]), heads=st.integers(1, 2),
        block=st.sampled_from([(16, 16), (32, 16), (16, 32)]), batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
