@@ -98,9 +98,10 @@ class TopKOnline:
         return call.to_host_layout(sparse_attention_reference(q, k, v, layer, scale=call.scale))
 
 
-def calibrate_both(model, caps, seeds, preset, steps, guidance, block, grid, frames=None):
+def calibrate_both(model, caps, seeds, preset, steps, guidance, block, grid, frames=None, rho=0.5):
     """(bundle with repetition, bundle without) from one calibration pass."""
-    st = CalibrationSettings(**eps_spec(preset), repetition=True, block_q=block, block_k=block, steps=steps)
+    st = CalibrationSettings(**eps_spec(preset), repetition=True, block_q=block, block_k=block, steps=steps,
+                             rho=rho)
     cal = Calibrator(model.signature(), grid, st)
     sched = pipeline.sigma_schedule(steps)[:-1]
     try:
@@ -158,6 +159,7 @@ def main(argv=None):
     ap.add_argument("--model", default="tinywan", choices=["tinywan", "tinywan64"],
                     help="shipped model: tinywan (32 px, 2,048 tokens) or tinywan64 (64 px fine-tune, 8,192 tokens)")
     ap.add_argument("--guidance", type=float, default=2.0)
+    ap.add_argument("--rho", type=float, default=0.5, help="cross-prompt vote: keep a block kept by this share")
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--frames", type=int, default=None, help="shorter clips (smoke tests); default the model's")
     ap.add_argument("--device", default=None)
@@ -183,7 +185,7 @@ def main(argv=None):
         f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
     def write(partial: bool) -> dict:
-        result = {"device": dev, "model": a.model, "steps": a.steps, "guidance": a.guidance, "block": a.block,
+        result = {"device": dev, "model": a.model, "rho": a.rho, "steps": a.steps, "guidance": a.guidance, "block": a.block,
                   "grid": grid.to_dict(), "calibration_prompts": caps_a, "held_out_prompts": caps_b,
                   "calibration_prompts_regenerated": caps_a_eval, "rows": rows, "partial": partial,
                   "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
@@ -199,7 +201,7 @@ def main(argv=None):
     base = (caps_b, seeds_b, [], [], dense_b, None, a.steps, a.guidance)  # baselines: held-out set only
     for preset in a.presets:
         with_rep, without = calibrate_both(model, caps_a, seeds_a, preset, a.steps, a.guidance, a.block, grid,
-                                           a.frames)
+                                           a.frames, rho=a.rho)
         for bundle, tag in ((with_rep, "rep"), (without, "norep")):
             r = evaluate_method(model, f"calibatt {preset} {tag}", *common, bundle=bundle, frames=a.frames)
             r.update({"preset": preset, "repetition": tag == "rep", "bundle": bundle.summary()})
