@@ -43,3 +43,11 @@ def test_demo_report_at_reduced_size(tmp_path, capsys):
     png = tmp_path / "comparison.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "dB PSNR" in capsys.readouterr().out
+    assert on_disk["model"] == "tinywan"  # the 32 px model on a CPU (auto)
+    assert on_disk["settings"]["rho"] == 0.25 and on_disk["settings"]["repetition"] is False
+    rep = demo.main(["--out", str(tmp_path / "rep"), "--frames", "4", "--steps", "2", "--calib-prompts", "2",
+                     "--eval-prompts", "1", "--no-progress", "--device", "cpu", "--repetition", "--preset", "fast",
+                     "--rho", "0.5"])
+    assert rep["settings"]["repetition"] is True and rep["settings"]["preset"] == "fast"
+    with pytest.raises(SystemExit, match="A:C:k"):
+        demo.main(["--out", str(tmp_path / "bad"), "--preset", "0.9:x:1", "--device", "cpu", "--no-progress"])
