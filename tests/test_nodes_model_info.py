@@ -85,3 +85,22 @@ def test_fit_check_ignores_prompt_dependent_text_tokens():
     assert bundle.mismatches(mi.video_grid_for_check(model, bundle)) == []
     other = TokenGrid(4, 6, 10)
     assert bundle.mismatches(mi.video_grid_for_check(other, bundle)) != []
+
+
+# Wan 2.2 I2V A14B: 36 input channels (noise + mask + image latent) but no CLIP vision projection (img_emb), so
+# ComfyUI 0.3.64 detects model_type "t2v" (supported_models.WAN21_T2V).
+WAN22_I2V_A14B = dict(WAN14B, in_dim=36)
+
+
+def test_wan22_i2v_a14b_differs_from_t2v_by_its_input_channels():
+    sig = mi.signature_from_config(WAN22_I2V_A14B)
+    assert (sig.family, sig.num_layers, sig.num_heads) == ("wan21", 40, 40)
+    assert sig.extra == {"in_channels": 36, "model_type": "t2v"}
+    # A T2V expert's bundle does not fit the I2V expert: the input channels alone tell them apart.
+    assert mi.signature_from_config(WAN14B).mismatches(sig) == [
+        "bundle was calibrated for in_channels=16; this model has in_channels=36"]
+    # The image arrives as extra channels, not tokens: the sampled latent and the token grid are T2V's.
+    layout = mi.family_layout(WAN22_I2V_A14B)
+    shape = mi.latent_shape_for(layout, 1280, 720, 81)
+    assert shape == [1, 16, 21, 90, 160]
+    assert mi.grid_from_latent(layout, shape).video_tokens == 75600
