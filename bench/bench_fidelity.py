@@ -158,6 +158,8 @@ def main(argv=None):
                     help="eps presets and/or explicit schedules A:C:k")
     ap.add_argument("--model", default="tinywan", choices=["tinywan", "tinywan64"],
                     help="shipped model: tinywan (32 px, 2,048 tokens) or tinywan64 (64 px fine-tune, 8,192 tokens)")
+    ap.add_argument("--weights", default=None, help="a tiny-model file not shipped (e.g. a train.py output); "
+                                                    "overrides --model")
     ap.add_argument("--guidance", type=float, default=2.0)
     ap.add_argument("--rho", type=float, default=0.5, help="cross-prompt vote: keep a block kept by this share")
     ap.add_argument("--block", type=int, default=64)
@@ -168,7 +170,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = load_tinywan(name=a.model, device=device, dtype=dtype)
+    model = load_tinywan(a.weights, name=a.model, device=device, dtype=dtype)
     grid = model.cfg.grid(frames=a.frames)
     caps_a = data.training_captions(a.calib)
     seeds_a = list(range(100, 100 + len(caps_a)))  # the seeds calibration used
@@ -185,7 +187,7 @@ def main(argv=None):
         f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
 
     def write(partial: bool) -> dict:
-        result = {"device": dev, "model": a.model, "rho": a.rho, "steps": a.steps, "guidance": a.guidance, "block": a.block,
+        result = {"device": dev, "model": a.weights or a.model, "rho": a.rho, "steps": a.steps, "guidance": a.guidance, "block": a.block,
                   "grid": grid.to_dict(), "calibration_prompts": caps_a, "held_out_prompts": caps_b,
                   "calibration_prompts_regenerated": caps_a_eval, "rows": rows, "partial": partial,
                   "seconds": round(time.time() - t0, 1), "torch": torch.__version__,

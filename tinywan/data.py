@@ -191,10 +191,11 @@ def render(specs, generator: torch.Generator, *, device="cpu", frames: int = FRA
     return video * 2.0 - 1.0
 
 
-def batch(n: int, generator: torch.Generator, *, device="cpu", held_out: bool = False, size: int = SIZE):
+def batch(n: int, generator: torch.Generator, *, device="cpu", held_out: bool = False, size: int = SIZE,
+          frames: int = FRAMES):
     """(clips [n, 3, T, S, S], captions) for training or evaluation."""
     specs = sample_specs(n, generator, held_out=held_out)
-    return render(specs, generator, device=device, size=size), [s.caption() for s in specs]
+    return render(specs, generator, device=device, size=size, frames=frames), [s.caption() for s in specs]
 
 
 def held_out_captions(n: int, seed: int = 1234):

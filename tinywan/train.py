@@ -31,8 +31,8 @@ from calibatt.tinywan.model import TinyWan, TinyWanConfig, file_sha256, load_tin
 from calibatt.tinywan.sheet import clip_strip, write_contact_sheet  # noqa: E402
 
 
-def make_batch(n, gen, device, drop_p, drop_gen, size=data.SIZE):
-    clips, caps = data.batch(n, gen, device=device, size=size)
+def make_batch(n, gen, device, drop_p, drop_gen, size=data.SIZE, frames=data.FRAMES):
+    clips, caps = data.batch(n, gen, device=device, size=size, frames=frames)
     drop = torch.rand(n, generator=drop_gen) < drop_p
     caps = ["" if d else c for c, d in zip(caps, drop.tolist())]
     return clips, caps
@@ -67,6 +67,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--size", type=int, default=data.SIZE, help="frame size in pixels (a multiple of 2)")
+    ap.add_argument("--frames", type=int, default=data.FRAMES, help="frames per clip (a multiple of 2)")
     ap.add_argument("--init", default=None, help="start from these weights (e.g. fine-tune the shipped 32 px model "
                                                  "at a larger --size: RoPE positions carry over)")
     ap.add_argument("--warmup", type=int, default=200)
@@ -82,12 +83,12 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     if a.init:
         base = load_tinywan(a.init, verify=False)
-        cfg = dataclasses.replace(base.cfg, size=a.size)
+        cfg = dataclasses.replace(base.cfg, size=a.size, frames=a.frames)
         model = TinyWan(cfg)
         model.load_state_dict(base.state_dict())
         del base
     else:
-        cfg = TinyWanConfig(size=a.size)
+        cfg = TinyWanConfig(size=a.size, frames=a.frames)
         model = TinyWan(cfg)
     model = model.to(device).train()
     ema = copy.deepcopy(model).eval()
@@ -125,7 +126,7 @@ def main(argv=None):
             print(f"timing: {per * 1000:.1f} ms/step -> --steps {steps}", flush=True)
         for gr in opt.param_groups:
             gr["lr"] = lr_at(step, total if steps is not None else 10 ** 6)
-        clips, caps = make_batch(a.batch, data_gen, device, 0.1, drop_gen, size=a.size)
+        clips, caps = make_batch(a.batch, data_gen, device, 0.1, drop_gen, size=a.size, frames=a.frames)
         loss = train_step(model, opt, clips, caps, noise_gen, device, use_bf16)
         with torch.no_grad():
             d = min(0.999, (1 + step) / (10 + step))
@@ -140,7 +141,7 @@ def main(argv=None):
 
     ema = ema.float().eval()
     meta = {"train": {"steps": step, "batch": a.batch, "lr": a.lr, "seed": a.seed, "seconds": round(train_s, 1),
-                      "size": a.size, "init": pathlib.Path(a.init).name if a.init else None,
+                      "size": a.size, "frames": a.frames, "init": pathlib.Path(a.init).name if a.init else None,
                       "init_sha256": file_sha256(a.init) if a.init else None,
                       "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                       "torch": torch.__version__, "final_loss": log[-1]["loss"] if log else None}}
@@ -150,7 +151,8 @@ def main(argv=None):
     seen = data.training_captions(3)
     caps = held + seen
     clips = pipeline.generate(ema, caps, seeds=list(range(len(caps))), steps=a.sample_steps)
-    truth = data.render([data.parse_caption(c) for c in caps], torch.Generator().manual_seed(0), size=a.size)
+    truth = data.render([data.parse_caption(c) for c in caps], torch.Generator().manual_seed(0), size=a.size,
+                        frames=a.frames)
     rows = [[clip_strip(c), clip_strip(t)] for c, t in zip(clips, truth)]
     labels = [("HELD-OUT: " if i < len(held) else "train: ") + c + "   (generated | a data sample)"
               for i, c in enumerate(caps)]
