@@ -28,7 +28,7 @@ log = logging.getLogger("calibatt")
 def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, length: int, steps: int, cfg: float,
                                sampler_name: str, scheduler: str, seed: int, preset: str, eps_A: float,
                                eps_C: float, eps_k: float, rho: float, filename: str, block_size: int = 128,
-                               clip=None, negative_prompt: str = "", positive=None, negative=None):
+                               clip=None, negative_prompt: str = "", positive=None, negative=None, latent=None):
     """-> (MaskBundle, preview IMAGE, summary STRING); the bundle is saved in models/sparse_attention/."""
     from ..calibration import Calibrator
 
@@ -42,8 +42,7 @@ def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, 
     settings = make_settings(preset, eps_A, eps_C, eps_k, rho, block_size, seed, steps, sampler_name)
     pairs = prompt_conditionings(prompts, clip, negative_prompt, positive, negative)
 
-    latent = torch.zeros(latent_shape_for(layout, width, height, length),
-                         device=comfy.model_management.intermediate_device())
+    latent, noise_mask = _start_latent(model, layout, latent, width, height, length)
     grid = grid_from_latent(layout, latent.shape)
     calibrator = Calibrator(signature, grid, settings)
     router = AttentionRouter(signature, layout, mcfg, handler=calibrator.observe, name="Calibrate Sparse Attention")
@@ -66,7 +65,8 @@ def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, 
             noise = comfy.sample.prepare_noise(latent, int(seed) + i)
             try:
                 comfy.sample.sample(patched, noise, int(steps), float(cfg), sampler_name, scheduler, pos, neg,
-                                    latent, denoise=1.0, callback=on_step, disable_pbar=True, seed=int(seed) + i)
+                                    latent, denoise=1.0, noise_mask=noise_mask, callback=on_step,
+                                    disable_pbar=True, seed=int(seed) + i)
             except BaseException:
                 calibrator.abort_prompt()
                 raise
@@ -82,3 +82,21 @@ def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, 
     bundle.path = out_path
     log.info("Calibrate Sparse Attention: wrote %s (%s)", out_path, bundle.summary())
     return bundle, preview_images(bundle), bundle.summary()
+
+
+def _start_latent(model, layout, latent, width: int, height: int, length: int):
+    """(samples, noise_mask) to calibrate on: the connected LATENT (its first batch entry; empty-latent channels
+    fixed the way KSampler does), else an empty latent of width x height x length."""
+    if latent is None:
+        return torch.zeros(latent_shape_for(layout, width, height, length),
+                           device=comfy.model_management.intermediate_device()), None
+    samples = latent.get("samples") if isinstance(latent, dict) else None
+    if not torch.is_tensor(samples) or samples.dim() != 5:
+        raise ValueError("Calibrate Sparse Attention: the latent input must be a video LATENT ([batch, channels, "
+                         "frames, height, width]), e.g. from EmptyHunyuanLatentVideo or Wan22ImageToVideoLatent")
+    fix = getattr(comfy.sample, "fix_empty_latent_channels", None)  # absent in older ComfyUI
+    samples = fix(model, samples[:1]) if fix is not None else samples[:1]
+    mask = latent.get("noise_mask")
+    if mask is not None:
+        mask = mask[:1]
+    return samples, mask

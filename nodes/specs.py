@@ -175,6 +175,9 @@ CALIBRATE = NodeSpec(
         In("negative", "CONDITIONING", "Precomputed negative (else negative_prompt, else zeros).", optional=True),
         In("block_size", "INT", "Advanced: tokens per attention block (128 for real models; 16-32 only for tiny "
            "test models).", optional=True, default=128, min=16, max=256, step=16),
+        In("latent", "LATENT", "Optional starting latent, e.g. from Wan22ImageToVideoLatent (Wan 2.2 TI2V-5B "
+           "image-to-video keeps its start frame in the latent). Its shape sets the video size (width / height / "
+           "length are then ignored) and its noise mask is honoured.", optional=True),
     ),
     outputs=(Out("bundle", BUNDLE, "The calibrated bundle (also saved to disk)."),
              Out("preview", "IMAGE", "Density per layer x step, and one head's block mask."),

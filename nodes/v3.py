@@ -10,7 +10,8 @@ from .specs import In, NodeSpec
 MaskBundleType = io.Custom(specs.BUNDLE)
 
 _TYPES = {
-    "MODEL": io.Model, "CLIP": io.Clip, "CONDITIONING": io.Conditioning, "IMAGE": io.Image, "STRING": io.String,
+    "MODEL": io.Model, "CLIP": io.Clip, "CONDITIONING": io.Conditioning, "IMAGE": io.Image, "LATENT": io.Latent,
+    "STRING": io.String,
     "INT": io.Int, "FLOAT": io.Float, specs.BUNDLE: MaskBundleType,
 }
 

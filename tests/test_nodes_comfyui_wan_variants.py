@@ -317,6 +317,31 @@ def test_calibrate_two_prompts_then_patch(comfy, facts, variant):
     assert 1e-5 < d < 0.5, d
 
 
+def test_ti2v_calibrates_from_the_start_image_latent(comfy, facts):
+    """Wan 2.2 TI2V-5B keeps its start image in the latent (Wan22ImageToVideoLatent's first frame + noise mask), so
+    Calibrate Sparse Attention takes an optional LATENT: its shape sets the grid (the size widgets are ignored) and
+    its start frame and noise mask reach the sampling, so the statistics differ from an empty-latent calibration."""
+    variant = "wan22_ti2v"
+    bundles = {}
+    for name, with_latent in (("ti2v_from_latent", True), ("ti2v_empty_latent", False)):
+        p = _graph(variant, prompts=2)
+        inputs = dict(
+            VIDEO[variant], model=["unet", 0], prompts="", steps=STEPS, cfg=3.0, sampler_name="euler",
+            scheduler="simple", seed=11, preset="custom", eps_A=0.3, eps_C=0.5, eps_k=4.0, rho=0.5, filename=name,
+            positive=["img", 0], negative=["img", 1], block_size=BLOCK)
+        if with_latent:
+            # Wrong size widgets on purpose: the connected latent decides the video size.
+            inputs.update(latent=["img", 2], width=512, height=512, length=33)
+        p["calib"] = {"class_type": "CalibrateSparseAttention", "inputs": inputs}
+        p["preview"] = {"class_type": "SaveImage", "inputs": {"images": ["calib", 1], "filename_prefix": name}}
+        _run(comfy, p)
+        bundles[name] = load_bundle(comfy.base / "models" / "sparse_attention" / f"{name}.safetensors")
+    _, _, grid = facts[variant]
+    for b in bundles.values():
+        assert b.grid.mismatches(grid) == [] and b.settings["prompts"] == 2
+    assert bundles["ti2v_from_latent"].content_hash() != bundles["ti2v_empty_latent"].content_hash()
+
+
 # ------------------------------------------------------------------ the sparse kernel path itself, in-process
 def _in_process_inputs(variant: str, seed: int):
     """(positive, negative, latent, noise_mask) as the stock I2V / TI2V nodes would hand them to the sampler."""
