@@ -252,23 +252,5 @@ class SkipLists:
     def density(self) -> float:
         return float(self.head_densities().mean())
 
-    def with_full_heads(self, heads: torch.Tensor) -> "LayerSkipList":
-        """A copy in which the heads marked in `heads` ([H] bool, on this list's device) list every key block and are
-        not repetitive: exact dense attention for them through the same kernel launch. Device ops only."""
-        g = self.geometry
-        full = torch.arange(g.nk, device=self.kv_indices.device, dtype=self.kv_indices.dtype)
-        W = self.kv_indices.shape[-1]
-        # Widen to nk by repeating each row's last valid index (the padding convention), then overwrite the heads.
-        take = torch.minimum(torch.arange(g.nk, device=full.device), (self.kv_counts.long() - 1)[..., None])
-        idx = self.kv_indices.gather(-1, take.clamp_max(W - 1))
-        sel = heads.to(torch.bool)[:, None, None]
-        idx = torch.where(sel, full.expand_as(idx), idx)
-        counts = torch.where(heads.to(torch.bool)[:, None], torch.full_like(self.kv_counts, g.nk), self.kv_counts)
-        rep = self.repetition
-        if rep is not None:
-            slot = torch.where(heads.to(torch.bool), torch.full_like(rep.head_slot, -1), rep.head_slot)
-            rep = LayerRepetition(rep.frame_tokens, slot, rep.anchors, rep.row_anchor)
-        return LayerSkipList(g, idx.contiguous(), counts.to(torch.int32), rep)
-
     def to(self, device, non_blocking: bool = False) -> "SkipLists":
         return SkipLists(self.geometry, [lay.to(device, non_blocking) for lay in self.layers], self.repetition)

@@ -175,3 +175,54 @@ def tiny_mochi_model(seed: int = 0):
     model.diffusion_model.load_state_dict(sd, strict=True)  # every key of the class, nothing else
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())
+
+
+# ------------------------------------------------------------------ shared by the family and Wan-variant tests
+def model_facts(model, video: dict = None, latent_shape=None):
+    """Signature, layout and token grid exactly as the nodes derive them (nodes/comfy_glue, nodes/model_info)."""
+    from calibatt.nodes import model_info as mi
+    from calibatt.nodes.comfy_glue import describe_model
+
+    cfg = describe_model(model)
+    layout = mi.family_layout(cfg)
+    shape = latent_shape or mi.latent_shape_for(layout, video["width"], video["height"], video["length"])
+    return mi.signature_from_config(cfg), layout, mi.grid_from_latent(layout, shape)
+
+
+def kind_bundle(signature, grid, kind: str, block: int):
+    """'full': every key block kept (must reproduce dense); 'band': each query block keeps its own and the
+    neighbouring key blocks (a real, bounded change)."""
+    from calibatt.masks import BlockGeometry, MaskBundle, SkipLists
+
+    g = BlockGeometry(grid.video_tokens, block, block)
+    if kind == "full":
+        mask = torch.ones(g.nq, g.nk, dtype=torch.bool)
+    else:
+        mask = (torch.arange(g.nq)[:, None] - torch.arange(g.nk)[None, :]).abs() <= 1
+    mask = mask.expand(signature.num_layers, signature.num_heads, g.nq, g.nk).clone()
+    return MaskBundle.from_skip_lists(signature, grid, [SkipLists.from_block_mask(mask, g, None)], [1.0, 0.5],
+                                      [0, 0], settings={"test": kind})
+
+
+def log_since(server, offset: int) -> str:
+    with open(server.log_path, "rb") as f:
+        f.seek(offset)
+        return f.read().decode("utf-8", errors="replace")
+
+
+def run_logged(server, prompt, timeout=300):
+    """-> (history entry, the log lines this prompt wrote); fails with the log tail on an execution error."""
+    import comfyui_harness as H
+
+    offset = server.log_path.stat().st_size
+    entry = server.run(prompt, timeout=timeout)
+    err = H.status_error(entry)
+    assert err is None, f"{err}\n{server.log_tail()}"
+    return entry, log_since(server, offset)
+
+
+def read_latent(server, entry, save_id):
+    from safetensors.torch import load_file
+
+    info = entry["outputs"][save_id]["latents"][0]
+    return load_file(str(server.base / "output" / info["subfolder"] / info["filename"]))["latent_tensor"].float()

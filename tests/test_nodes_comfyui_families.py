@@ -29,7 +29,7 @@ pytestmark = [
 ]
 
 import comfyui_harness as H  # noqa: E402
-from calibatt.masks import BlockGeometry, MaskBundle, SkipLists, load_bundle, save_bundle  # noqa: E402
+from calibatt.masks import load_bundle, save_bundle  # noqa: E402
 
 STEPS = 3
 BLOCK = 16
@@ -46,28 +46,6 @@ rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
 
 
 # --------------------------------------------------------------------------------------------- model facts
-def _model_facts(model, video: dict = None, latent_shape=None):
-    """Signature, layout and token grid exactly as the nodes derive them (nodes/comfy_glue, nodes/model_info)."""
-    from calibatt.nodes import model_info as mi
-    from calibatt.nodes.comfy_glue import describe_model
-
-    cfg = describe_model(model)
-    layout = mi.family_layout(cfg)
-    shape = latent_shape or mi.latent_shape_for(layout, video["width"], video["height"], video["length"])
-    return mi.signature_from_config(cfg), layout, mi.grid_from_latent(layout, shape)
-
-
-def _bundle(signature, grid, kind: str) -> MaskBundle:
-    """'full': every key block kept (must reproduce dense); 'band': each query block keeps its own and the
-    neighbouring key blocks (16 of the 36 blocks: a real, bounded change)."""
-    g = BlockGeometry(grid.video_tokens, BLOCK, BLOCK)
-    if kind == "full":
-        mask = torch.ones(g.nq, g.nk, dtype=torch.bool)
-    else:
-        mask = (torch.arange(g.nq)[:, None] - torch.arange(g.nk)[None, :]).abs() <= 1
-    mask = mask.expand(signature.num_layers, signature.num_heads, g.nq, g.nk).clone()
-    return MaskBundle.from_skip_lists(signature, grid, [SkipLists.from_block_mask(mask, g, None)], [1.0, 0.5],
-                                      [0, 0], settings={"test": kind})
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +60,8 @@ def ltxv_sd():
 
 @pytest.fixture(scope="module")
 def facts(hunyuan_sd, ltxv_sd):
-    return {"hunyuan": _model_facts(F.load_model(hunyuan_sd), HUNYUAN_VIDEO),
-            "ltxv": _model_facts(F.load_model(ltxv_sd), LTXV_VIDEO)}
+    return {"hunyuan": F.model_facts(F.load_model(hunyuan_sd), HUNYUAN_VIDEO),
+            "ltxv": F.model_facts(F.load_model(ltxv_sd), LTXV_VIDEO)}
 
 
 def test_tiny_checkpoints_detect_as_their_family(hunyuan_sd, ltxv_sd, facts):
@@ -122,7 +100,7 @@ def comfy(hunyuan_sd, ltxv_sd, facts):
     for family in ("hunyuan", "ltxv"):
         sig, _, grid = facts[family]
         for kind in ("full", "band"):
-            save_bundle(_bundle(sig, grid, kind), folder / f"{family}_{kind}.safetensors")
+            save_bundle(F.kind_bundle(sig, grid, kind, BLOCK), folder / f"{family}_{kind}.safetensors")
     server = H.ComfyServer(F.COMFY, base, env_extra={"PYTHONUNBUFFERED": "1"})
     server.start()
     yield server
@@ -130,26 +108,7 @@ def comfy(hunyuan_sd, ltxv_sd, facts):
     H.remove_base_dir(base)
 
 
-def _log_since(server, offset: int) -> str:
-    with open(server.log_path, "rb") as f:
-        f.seek(offset)
-        return f.read().decode("utf-8", errors="replace")
 
-
-def _run(server, prompt, timeout=300):
-    """-> (history entry, the log lines this prompt wrote)."""
-    offset = server.log_path.stat().st_size
-    entry = server.run(prompt, timeout=timeout)
-    err = H.status_error(entry)
-    assert err is None, f"{err}\n{server.log_tail()}"
-    return entry, _log_since(server, offset)
-
-
-def _read_latent(server, entry, save_id):
-    from safetensors.torch import load_file
-
-    info = entry["outputs"][save_id]["latents"][0]
-    return load_file(str(server.base / "output" / info["subfolder"] / info["filename"]))["latent_tensor"].float()
 
 
 def _graph(family: str, padded: int = 0, tokens: int = TEXT, prompts: int = 1, tokens_step: int = 0):
@@ -194,8 +153,8 @@ def _sample_family(server, family: str, padded: int = 0, cfg: float = 3.0, token
     p = _graph(family, padded=padded, tokens=tokens)
     bundles = bundles or {kind: f"{family}_{kind}.safetensors" for kind in ("full", "band")}
     names = _patch_and_sample(p, family, bundles, cfg=cfg)
-    entry, log_text = _run(server, p)
-    out = {name: _read_latent(server, entry, f"save_{name}") for name in names}
+    entry, log_text = F.run_logged(server, p)
+    out = {name: F.read_latent(server, entry, f"save_{name}") for name in names}
     out["summaries"] = [tuple(int(x) for x in m) for m in SUMMARY.findall(log_text)]
     out["log"] = log_text
     return out
@@ -265,7 +224,7 @@ def _calibrate(server, family: str, padded: int, name: str, cfg: float = 3.0):
     entry = server.run(p, timeout=300)
     err = H.status_error(entry)
     path = server.base / "models" / "sparse_attention" / f"{name}.safetensors"
-    assert err is None and path.is_file(), f"{err}\n{_log_since(server, offset)[-3000:]}"
+    assert err is None and path.is_file(), f"{err}\n{F.log_since(server, offset)[-3000:]}"
     return load_bundle(path)
 
 
@@ -315,7 +274,7 @@ def test_mochi_routes_cropped_text_and_matches_dense(mochi):
     import comfy.sample
     from calibatt.nodes.actions import patch_model_attention
 
-    sig, layout, grid = _model_facts(mochi, latent_shape=MOCHI_LATENT)
+    sig, layout, grid = F.model_facts(mochi, latent_shape=MOCHI_LATENT)
     assert (sig.family, sig.num_layers, sig.num_heads, sig.head_dim) == ("mochi", 2, 2, 128)
     assert layout.joint_text and grid.video_tokens == 96
 
@@ -337,7 +296,7 @@ def test_mochi_routes_cropped_text_and_matches_dense(mochi):
     dense = sample(mochi)
     out, seen = {}, {}
     for kind in ("full", "band"):
-        patched = patch_model_attention(mochi, _bundle(sig, grid, kind))
+        patched = patch_model_attention(mochi, F.kind_bundle(sig, grid, kind, BLOCK))
         router = patched.model_options["transformer_options"]["optimized_attention_override"]
         calls = seen[kind] = []
         handler = router.handler
@@ -399,8 +358,8 @@ def test_all_keep_bundle_through_the_sparse_kernel_path_matches_dense(case):
 
     build, latent_shape, positive, negative, cfg, expected = IN_PROCESS[case]
     model = build()
-    sig, layout, grid = _model_facts(model, latent_shape=latent_shape)
-    runner = SparseRunner(_bundle(sig, grid, "full"), dense_cutoff=1.0)
+    sig, layout, grid = F.model_facts(model, latent_shape=latent_shape)
+    runner = SparseRunner(F.kind_bundle(sig, grid, "full", BLOCK), dense_cutoff=1.0)
     router = AttentionRouter(sig, layout, describe_model(model), handler=runner, step_hook=runner.begin_step)
     calls = []
     router.handler = lambda call: (calls.append(runner.route(call.layer)), runner(call))[1]
@@ -427,14 +386,14 @@ def test_hunyuan_reference_latent_runs_dense(caplog):
     from calibatt.nodes.actions import patch_model_attention
 
     model = F.load_model(F.tiny_hunyuan_state_dict())
-    sig, _, grid = _model_facts(model, latent_shape=[1, 16, 3, 8, 16])
+    sig, _, grid = F.model_facts(model, latent_shape=[1, 16, 3, 8, 16])
     g = torch.Generator().manual_seed(4)
     pos = _prompt(64, TEXT, 768, 1)
     pos[0][1]["ref_latent"] = torch.randn(1, 16, 1, 8, 16, generator=g)
     neg = _prompt(64, TEXT, 768, 2)
     latent = torch.zeros(1, 16, 3, 8, 16)
     noise = torch.randn(latent.shape, generator=g)
-    patched = patch_model_attention(model, _bundle(sig, grid, "band"))
+    patched = patch_model_attention(model, F.kind_bundle(sig, grid, "band", BLOCK))
     router = patched.model_options["transformer_options"]["optimized_attention_override"]
     with caplog.at_level(logging.INFO, logger="calibatt"):
         out = [comfy.sample.sample(m, noise, STEPS, 1.0, "euler", "simple", pos, neg, latent, seed=1,

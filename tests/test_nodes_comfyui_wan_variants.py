@@ -28,7 +28,7 @@ pytestmark = [
 
 import comfyui_harness as H  # noqa: E402
 import comfyui_wan_variants as V  # noqa: E402
-from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, load_bundle, save_bundle  # noqa: E402
+from calibatt.masks import ModelSignature, load_bundle, save_bundle  # noqa: E402
 
 STEPS = 3
 BLOCK = 16
@@ -46,27 +46,6 @@ SUMMARY = re.compile(r"Patch Model Attention: (\d+) self-attention calls routed 
 rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
 
 
-def _model_facts(model, video: dict):
-    """Signature, layout and token grid exactly as the nodes derive them."""
-    from calibatt.nodes import model_info as mi
-    from calibatt.nodes.comfy_glue import describe_model
-
-    cfg = describe_model(model)
-    layout = mi.family_layout(cfg)
-    shape = mi.latent_shape_for(layout, video["width"], video["height"], video["length"])
-    return mi.signature_from_config(cfg), layout, mi.grid_from_latent(layout, shape)
-
-
-def _bundle(signature, grid, kind: str) -> MaskBundle:
-    """'full': every key block kept; 'band': each query block keeps its own and the neighbouring key blocks."""
-    g = BlockGeometry(grid.video_tokens, BLOCK, BLOCK)
-    if kind == "full":
-        mask = torch.ones(g.nq, g.nk, dtype=torch.bool)
-    else:
-        mask = (torch.arange(g.nq)[:, None] - torch.arange(g.nk)[None, :]).abs() <= 1
-    mask = mask.expand(signature.num_layers, signature.num_heads, g.nq, g.nk).clone()
-    return MaskBundle.from_skip_lists(signature, grid, [SkipLists.from_block_mask(mask, g, None)], [1.0, 0.5],
-                                      [0, 0], settings={"test": kind})
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +55,7 @@ def state_dicts():
 
 @pytest.fixture(scope="module")
 def facts(state_dicts):
-    return {v: _model_facts(F.load_model(sd), VIDEO[v]) for v, sd in state_dicts.items()}
+    return {v: F.model_facts(F.load_model(sd), VIDEO[v]) for v, sd in state_dicts.items()}
 
 
 def test_tiny_checkpoints_detect_as_the_intended_variants(state_dicts, facts):
@@ -121,9 +100,10 @@ def comfy(state_dicts, facts):
     for variant in V.VARIANTS:
         sig, _, grid = facts[variant]
         for kind in ("full", "band"):
-            save_bundle(_bundle(sig, grid, kind), folder / f"{variant}_{kind}.safetensors")
+            save_bundle(F.kind_bundle(sig, grid, kind, BLOCK), folder / f"{variant}_{kind}.safetensors")
     # What a Wan 2.1 T2V calibration at the same video size would have written.
-    save_bundle(_bundle(T2V_SIGNATURE, facts["wan21_i2v"][2], "band"), folder / "wan21_t2v_band.safetensors")
+    save_bundle(F.kind_bundle(T2V_SIGNATURE, facts["wan21_i2v"][2], "band", BLOCK),
+                folder / "wan21_t2v_band.safetensors")
     server = H.ComfyServer(F.COMFY, base, env_extra={"PYTHONUNBUFFERED": "1"})
     server.start()
     yield server
@@ -131,26 +111,7 @@ def comfy(state_dicts, facts):
     H.remove_base_dir(base)
 
 
-def _log_since(server, offset: int) -> str:
-    with open(server.log_path, "rb") as f:
-        f.seek(offset)
-        return f.read().decode("utf-8", errors="replace")
 
-
-def _run(server, prompt, timeout=300):
-    """-> (history entry, the log lines this prompt wrote)."""
-    offset = server.log_path.stat().st_size
-    entry = server.run(prompt, timeout=timeout)
-    err = H.status_error(entry)
-    assert err is None, f"{err}\n{server.log_tail()}"
-    return entry, _log_since(server, offset)
-
-
-def _read_latent(server, entry, save_id):
-    from safetensors.torch import load_file
-
-    info = entry["outputs"][save_id]["latents"][0]
-    return load_file(str(server.base / "output" / info["subfolder"] / info["filename"]))["latent_tensor"].float()
 
 
 def _graph(variant: str, prompts: int = 1, image_seed: int = 5, image_id: str = "img") -> dict:
@@ -215,8 +176,8 @@ def variant_run(request, comfy):
     _ksampler(p, "other_image", ["unet", 0], image_id="img_other")
     p["save_start"] = {"class_type": "SaveLatent", "inputs": {"samples": ["img", 2],
                                                               "filename_prefix": "latents/start"}}
-    entry, log_text = _run(comfy, p)
-    out = {name: _read_latent(comfy, entry, f"save_{name}") for name in ("dense", "full", "band", "other_image",
+    entry, log_text = F.run_logged(comfy, p)
+    out = {name: F.read_latent(comfy, entry, f"save_{name}") for name in ("dense", "full", "band", "other_image",
                                                                          "start")}
     out.update(variant=variant, summaries=_summaries(log_text), log=log_text)
     return out
@@ -295,7 +256,7 @@ def test_calibrate_two_prompts_then_patch(comfy, facts, variant):
         scheduler="simple", seed=11, preset="custom", eps_A=0.3, eps_C=0.5, eps_k=4.0, rho=0.5, filename=name,
         positive=["img", 0], negative=["img", 1], block_size=BLOCK)}
     p["preview"] = {"class_type": "SaveImage", "inputs": {"images": ["calib", 1], "filename_prefix": name}}
-    _run(comfy, p)
+    F.run_logged(comfy, p)
     path = comfy.base / "models" / "sparse_attention" / f"{name}.safetensors"
     bundle = load_bundle(path)
     sig, _, grid = facts[variant]
@@ -309,9 +270,9 @@ def test_calibrate_two_prompts_then_patch(comfy, facts, variant):
     p = _graph(variant)
     _ksampler(p, "dense", ["unet", 0])
     _ksampler(p, "calibrated", _patch(p, "calibrated", f"{name}.safetensors"))
-    entry, log_text = _run(comfy, p)
+    entry, log_text = F.run_logged(comfy, p)
     _assert_every_self_attention_routed(_summaries(log_text), variant, patched_runs=1)
-    dense, sparse = (_read_latent(comfy, entry, f"save_{n}") for n in ("dense", "calibrated"))
+    dense, sparse = (F.read_latent(comfy, entry, f"save_{n}") for n in ("dense", "calibrated"))
     assert torch.isfinite(sparse).all()
     d = rel(sparse, dense)
     assert 1e-5 < d < 0.5, d
@@ -334,7 +295,7 @@ def test_ti2v_calibrates_from_the_start_image_latent(comfy, facts):
             inputs.update(latent=["img", 2], width=512, height=512, length=33)
         p["calib"] = {"class_type": "CalibrateSparseAttention", "inputs": inputs}
         p["preview"] = {"class_type": "SaveImage", "inputs": {"images": ["calib", 1], "filename_prefix": name}}
-        _run(comfy, p)
+        F.run_logged(comfy, p)
         bundles[name] = load_bundle(comfy.base / "models" / "sparse_attention" / f"{name}.safetensors")
     _, _, grid = facts[variant]
     for b in bundles.values():
@@ -379,7 +340,7 @@ def test_all_keep_bundle_through_the_sparse_kernel_path_matches_dense(state_dict
 
     model = F.load_model(state_dicts[variant])
     sig, layout, grid = facts[variant]
-    runner = SparseRunner(_bundle(sig, grid, "full"), dense_cutoff=1.0)
+    runner = SparseRunner(F.kind_bundle(sig, grid, "full", BLOCK), dense_cutoff=1.0)
     router = AttentionRouter(sig, layout, describe_model(model), handler=runner, step_hook=runner.begin_step)
     paths = []
     router.handler = lambda call: (paths.append(runner.route(call.layer)), runner(call))[1]

@@ -158,7 +158,8 @@ def main(argv=None):
               for i, c in enumerate(caps)]
     write_contact_sheet(rows, labels, out / ("contact_sheet.png" if a.name == "tinywan" else
                                              f"{a.name}_contact_sheet.png"))
-    (out / f"{a.name}_train_log.json" if a.name != "tinywan" else out / "train_log.json").write_text(json.dumps({**meta, "log": log, "sha256": sha}, indent=1))
+    log_file = out / ("train_log.json" if a.name == "tinywan" else f"{a.name}_train_log.json")
+    log_file.write_text(json.dumps({**meta, "log": log, "sha256": sha}, indent=1))
     print(f"done: {step} steps in {train_s:.0f}s, sha256 {sha}", flush=True)
 
 
