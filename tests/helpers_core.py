@@ -1,6 +1,8 @@
-"""Small builders shared by the core tests: random skip lists and bundles with real structure."""
+"""Small builders shared by the core tests: random skip lists and bundles with real structure, token-level masks,
+and ComfyUI's attention-function contract (the `func` an override receives)."""
 
 import torch
+import torch.nn.functional as F
 
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, RepetitionPlan, SkipLists, TokenGrid
 
@@ -35,3 +37,44 @@ def make_bundle(*, L=2, H=3, grid=None, block=16, steps=4, shared_steps=True, re
         step_bucket.append(len(buckets) - 1)  # the last two steps share a bucket
     return MaskBundle.from_skip_lists(sig, grid, buckets, sigmas, step_bucket,
                                       settings={"preset": "balanced", "rho": 0.5})
+
+
+def token_mask(layer, n_video, n_text):
+    """[H, N, N] bool from a layer's block mask, expanded independently of the reference's own code."""
+    g = layer.geometry
+    blocks = layer.block_mask()
+    N = n_video + n_text
+    m = torch.ones(blocks.shape[0], N, N, dtype=torch.bool)
+    qb = torch.arange(n_video) // g.block_q
+    kb = torch.arange(n_video) // g.block_k
+    m[:, :n_video, :n_video] = blocks[:, qb][:, :, kb]
+    return m
+
+
+def masked_sdpa64(q, k, v, bias, n_video, tok_mask=None):
+    """float64 SDPA with `bias` ((Bb, T)) on the text keys as a full (Bb, 1, 1, N) additive mask, plus the token
+    mask."""
+    full = torch.cat([torch.zeros(bias.shape[0], n_video, dtype=torch.float64), bias.double()], -1)[:, None, None]
+    if tok_mask is not None:
+        full = full.masked_fill(~tok_mask[None], float("-inf"))
+    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=full)
+
+
+def comfy_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                    **kwargs):
+    """ComfyUI's attention_pytorch contract, mask handling included (2-D -> (1, Lq, Lk), 3-D -> (B, 1, Lq, Lk))."""
+    if skip_reshape:
+        b, _, _, d = q.shape
+    else:
+        b, _, c = q.shape
+        d = c // heads
+        q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    if mask is not None:
+        if mask.ndim == 2:
+            mask = mask.unsqueeze(0)
+        if mask.ndim == 3:
+            mask = mask.unsqueeze(1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if not skip_output_reshape:
+        out = out.transpose(1, 2).reshape(b, -1, heads * d)
+    return out

@@ -25,18 +25,7 @@ from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
 from calibatt.kernels.stats import block_energy  # noqa: E402
 from calibatt.kernels.stats_reference import block_energy_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
-
-
-def token_mask(layer, n_video, n_text):
-    """[H, N, N] bool expanded from the block mask independently of the reference's own code."""
-    g = layer.geometry
-    blocks = layer.block_mask()
-    N = n_video + n_text
-    m = torch.ones(blocks.shape[0], N, N, dtype=torch.bool)
-    qb = torch.arange(n_video) // g.block_q
-    kb = torch.arange(n_video) // g.block_k
-    m[:, :n_video, :n_video] = blocks[:, qb][:, :, kb]
-    return m
+from helpers_core import token_mask  # noqa: E402
 
 
 def rel(a, b):

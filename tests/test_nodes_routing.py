@@ -5,33 +5,18 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from calibatt.kernels.reference import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner
 from calibatt.masks import BlockGeometry, MaskBundle, SkipLists
 from calibatt.nodes import model_info as mi
 from calibatt.nodes.routing import CALLS_KEY, LAYER_KEY, AttentionRouter, positive_rows, step_index
+from helpers_core import comfy_attention
 
 WAN = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "num_heads": 2, "num_layers": 3, "in_dim": 16}
 MOCHI = {"image_model": "mochi_preview", "num_layers": 3, "num_heads": 2, "dim": 64, "depth": 3}
 LATENT = (2, 16, 2, 6, 8)  # -> 2 x 3 x 4 = 24 tokens
 SIGMAS = [1.0, 0.75, 0.5, 0.25, 0.0]
-
-
-def comfy_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
-                    **kwargs):
-    """Same contract as ComfyUI's attention_pytorch (the `func` an override receives)."""
-    if skip_reshape:
-        b, _, _, d = q.shape
-    else:
-        b, _, c = q.shape
-        d = c // heads
-        q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if not skip_output_reshape:
-        out = out.transpose(1, 2).reshape(b, -1, heads * d)
-    return out
 
 
 def make_bundle(cfg, density, seed=0, block=4):

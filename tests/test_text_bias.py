@@ -19,6 +19,7 @@ from calibatt.kernels.text_bias import as_text_bias, select_rows
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, RepetitionPlan, SkipLists, TokenGrid
 from calibatt.nodes import model_info as mi
 from calibatt.nodes.routing import LAYER_KEY, AttentionRouter, key_padding_bias
+from helpers_core import comfy_attention, masked_sdpa64, token_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,27 +37,6 @@ def padded_bias(B, T, gen, shared):
     for r in range(rows):
         bias[r, T - 1 - r * 2:] = NEG  # row r pads its last 1 + 2r keys
     return bias
-
-
-def token_mask(layer, n_video, n_text):
-    """[H, N, N] bool from the block mask, expanded independently of the reference's code."""
-    g = layer.geometry
-    blocks = layer.block_mask()
-    N = n_video + n_text
-    m = torch.ones(blocks.shape[0], N, N, dtype=torch.bool)
-    qb = torch.arange(n_video) // g.block_q
-    kb = torch.arange(n_video) // g.block_k
-    m[:, :n_video, :n_video] = blocks[:, qb][:, :, kb]
-    return m
-
-
-def masked_sdpa64(q, k, v, bias, n_video, tok_mask=None):
-    """float64 SDPA with the bias on the text keys as a full (Bb, 1, 1, N) additive mask (and the token mask)."""
-    Bb = bias.shape[0]
-    full = torch.cat([torch.zeros(Bb, n_video, dtype=torch.float64), bias.double()], -1)[:, None, None, :]
-    if tok_mask is not None:
-        full = full.masked_fill(~tok_mask[None], float("-inf"))
-    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=full)
 
 
 def to_layout(t, layout):
@@ -218,26 +198,6 @@ HUNYUAN = {"image_model": "hunyuan_video", "num_layers": 3, "num_heads": 2, "dim
            "patch_size": (1, 2, 2)}
 LATENT = (2, 16, 2, 8, 8)  # -> 2 x 4 x 4 = 32 video tokens
 SIGMAS = [1.0, 0.5, 0.0]
-
-
-def comfy_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
-                    **kwargs):
-    """ComfyUI's attention_pytorch contract, mask handling included (2-D -> (1, Lq, Lk), 3-D -> (B, 1, Lq, Lk))."""
-    if skip_reshape:
-        b, _, _, d = q.shape
-    else:
-        b, _, c = q.shape
-        d = c // heads
-        q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
-    if mask is not None:
-        if mask.ndim == 2:
-            mask = mask.unsqueeze(0)
-        if mask.ndim == 3:
-            mask = mask.unsqueeze(1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    if not skip_output_reshape:
-        out = out.transpose(1, 2).reshape(b, -1, heads * d)
-    return out
 
 
 def hunyuan_router(density=1.1, seed=0):

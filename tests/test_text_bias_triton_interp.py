@@ -10,7 +10,6 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 triton = pytest.importorskip("triton")
 from triton_interp import interpreted_kernels  # noqa: E402
@@ -20,6 +19,7 @@ TA, TS = interpreted_kernels()
 from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
 from calibatt.kernels.stats_reference import block_energy_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
+from helpers_core import masked_sdpa64, token_mask  # noqa: E402
 
 # -max * log2(e) overflows to -inf in float32, which is the intended value; numpy (the interpreter) says so loudly.
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -40,24 +40,6 @@ def padded_bias(B, T, gen, shared):
     if not shared:
         bias[-1, 0] = float("-inf")  # a boolean-mask style -inf as well
     return bias
-
-
-def token_mask(layer, n_video, n_text):
-    g = layer.geometry
-    blocks = layer.block_mask()
-    N = n_video + n_text
-    m = torch.ones(blocks.shape[0], N, N, dtype=torch.bool)
-    qb = torch.arange(n_video) // g.block_q
-    kb = torch.arange(n_video) // g.block_k
-    m[:, :n_video, :n_video] = blocks[:, qb][:, :, kb]
-    return m
-
-
-def masked_sdpa64(q, k, v, bias, n_video, tok_mask=None):
-    full = torch.cat([torch.zeros(bias.shape[0], n_video, dtype=torch.float64), bias.double()], -1)[:, None, None]
-    if tok_mask is not None:
-        full = full.masked_fill(~tok_mask[None], float("-inf"))
-    return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=full)
 
 
 def make_inputs(B, H, N, D, layout, gen):
