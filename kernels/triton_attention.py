@@ -116,6 +116,14 @@ def _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, key_star
 
 
 @triton.jit
+def _biased_scores(q, k, bias_row, cols, key_start, key_end, qk_scale):
+    """Log2-domain scores of one text-key tile with the text bias (natural-log units, as the host mask) added;
+    columns past key_end get -inf through the bias load. Shared by the attention and statistics kernels."""
+    bias = tl.load(bias_row + (cols - key_start), mask=cols < key_end, other=float("-inf"))
+    return tl.dot(q, tl.trans(k)) * qk_scale + (bias * 1.4426950408889634)[None, :]
+
+
+@triton.jit
 def _biased_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, key_start, key_end, skl, svl, qk_scale,
                  bias_row, offs_n, offs_d, BLOCK_N: tl.constexpr, DESC_MODE: tl.constexpr, STAGES: tl.constexpr):
     """Keys [key_start, key_end) (the text keys) with bias_row[j - key_start] added to their scores (natural-log
@@ -126,8 +134,7 @@ def _biased_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, key_sta
         cols = start_n + offs_n
         k = _load_tile(desc_k, k_base, b, h, start_n, key_end, skl, offs_n, offs_d, DESC_MODE, True)
         v = _load_tile(desc_v, v_base, b, h, start_n, key_end, svl, offs_n, offs_d, DESC_MODE, True)
-        bias = tl.load(bias_row + (cols - key_start), mask=cols < key_end, other=float("-inf"))
-        s = tl.dot(q, tl.trans(k)) * qk_scale + (bias * 1.4426950408889634)[None, :]  # log2 domain
+        s = _biased_scores(q, k, bias_row, cols, key_start, key_end, qk_scale)
         m_ij = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)

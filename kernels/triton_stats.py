@@ -26,8 +26,8 @@ import triton.language as tl
 
 from ..masks.skiplists import BlockGeometry
 from .stats_reference import check_row_stride
-from .triton_attention import (LOG2E, TritonUnsupported, _bias_arg, _descs, _ensure_allocator, _load_tile,
-                               _tile_source, _tma_ok, pick_tiles)
+from .triton_attention import (LOG2E, TritonUnsupported, _bias_arg, _biased_scores, _descs, _ensure_allocator,
+                               _load_tile, _tile_source, _tma_ok, pick_tiles)
 
 
 @triton.jit
@@ -99,8 +99,7 @@ def _row_lse(Q, K, DK, LSE, TB, sqb, sqh, sql, skb, skh, skl, stb, H, N, NV, qk_
         for start_t in tl.range(NV, N, BLOCK_N, num_stages=STAGES):
             cols = start_t + offs_n
             k = _load_tile(desc_k, k_base, b, h, start_t, N, skl, offs_n, offs_d, DESC_MODE, True)
-            bias = tl.load(bias_row + (cols - NV), mask=cols < N, other=float("-inf"))
-            s = tl.dot(q, tl.trans(k)) * qk_scale + (bias * 1.4426950408889634)[None, :]  # log2 domain
+            s = _biased_scores(q, k, bias_row, cols, NV, N, qk_scale)
             m_ij = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.math.exp2(m_i - m_ij) + tl.sum(tl.math.exp2(s - m_ij[:, None]), 1)
             m_i = m_ij
