@@ -161,12 +161,12 @@ class LayerSkipList:
         # Widen to nk by repeating each row's last valid index (the padding convention), then overwrite the heads.
         take = torch.minimum(torch.arange(g.nk, device=full.device), (self.kv_counts.long() - 1)[..., None])
         idx = self.kv_indices.gather(-1, take.clamp_max(W - 1))
-        sel = heads.to(torch.bool)[:, None, None]
-        idx = torch.where(sel, full.expand_as(idx), idx)
-        counts = torch.where(heads.to(torch.bool)[:, None], torch.full_like(self.kv_counts, g.nk), self.kv_counts)
+        sel = heads.to(torch.bool)
+        idx = torch.where(sel[:, None, None], full.expand_as(idx), idx)
+        counts = torch.where(sel[:, None], torch.full_like(self.kv_counts, g.nk), self.kv_counts)
         rep = self.repetition
         if rep is not None:
-            slot = torch.where(heads.to(torch.bool), torch.full_like(rep.head_slot, -1), rep.head_slot)
+            slot = torch.where(sel, torch.full_like(rep.head_slot, -1), rep.head_slot)
             rep = LayerRepetition(rep.frame_tokens, slot, rep.anchors, rep.row_anchor)
         return LayerSkipList(g, idx.contiguous(), counts.to(torch.int32), rep)
 
