@@ -1,6 +1,6 @@
 """Fidelity of sparse vs dense generation on the shipped tiny Wan model, against density.
 
-    python bench/bench_fidelity.py [--model tinywan|tinywan64] [--steps 10] [--calib 3] [--eval 3]
+    python bench/bench_fidelity.py [--model tinywan|tinywan64w] [--steps 10] [--calib 3] [--eval 3]
                                    [--presets quality balanced fast 0.97:0.995:12] [--out output/bench/fidelity.json]
 
 Calibrated on prompt set A (training-distribution captions), evaluated on set B (held-out caption combinations
@@ -156,8 +156,9 @@ def main(argv=None):
                                                            "calibration error ratio (calibrated configs only)")
     ap.add_argument("--presets", nargs="+", default=["balanced", "quality", "fast"],
                     help="eps presets and/or explicit schedules A:C:k")
-    ap.add_argument("--model", default="tinywan", choices=["tinywan", "tinywan64"],
-                    help="shipped model: tinywan (32 px, 2,048 tokens) or tinywan64 (64 px fine-tune, 8,192 tokens)")
+    ap.add_argument("--model", default="tinywan", choices=["tinywan", "tinywan64w"],
+                    help="shipped model: tinywan (32 px, 2,048 tokens) or tinywan64w (64 px, 8,192 tokens, 4 heads x "
+                         "64)")
     ap.add_argument("--weights", default=None, help="a tiny-model file not shipped (e.g. a train.py output); "
                                                     "overrides --model")
     ap.add_argument("--guidance", type=float, default=2.0)
@@ -166,6 +167,7 @@ def main(argv=None):
     ap.add_argument("--frames", type=int, default=None, help="shorter clips (smoke tests); default the model's")
     ap.add_argument("--device", default=None)
     ap.add_argument("--no-baselines", action="store_true")
+    ap.add_argument("--no-repetition", action="store_true", help="evaluate only the bundles without repetition heads")
     ap.add_argument("--out", default=str(ROOT / "output" / "bench" / "fidelity.json"))
     a = ap.parse_args(argv)
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -204,7 +206,7 @@ def main(argv=None):
     for preset in a.presets:
         with_rep, without = calibrate_both(model, caps_a, seeds_a, preset, a.steps, a.guidance, a.block, grid,
                                            a.frames, rho=a.rho)
-        for bundle, tag in ((with_rep, "rep"), (without, "norep")):
+        for bundle, tag in ((with_rep, "rep"), (without, "norep"))[int(a.no_repetition):]:
             r = evaluate_method(model, f"calibatt {preset} {tag}", *common, bundle=bundle, frames=a.frames)
             r.update({"preset": preset, "repetition": tag == "rep", "bundle": bundle.summary()})
             rows.append(r)

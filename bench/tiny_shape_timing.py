@@ -6,6 +6,7 @@ GPU: python3 bench/tiny_shape_timing.py [--grid 8 16 16] [--densities 0.8] [--bl
 """
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from calibatt.kernels.dense import dense_attention  # noqa: E402
+from calibatt.kernels import triton_attention as TA  # noqa: E402
 from calibatt.kernels.triton_attention import sparse_attention_triton  # noqa: E402
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid  # noqa: E402
 
@@ -28,11 +30,19 @@ def main(argv=None):
     ap.add_argument("--densities", type=float, nargs="+", default=[0.8])
     ap.add_argument("--block", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--head-dim", type=int, default=32, help="32: tinywan; 64: tinywan64w")
+    ap.add_argument("--tma", type=int, default=None, choices=[0, 1, 2],
+                    help="force K/V loads: 0 pointers, 1 in-kernel TMA descriptors, 2 host TMA descriptors "
+                         "(default: the tile table's choice)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
+    if a.tma is not None:
+        base = TA.pick_tiles(a.head_dim, a.block, a.block, torch.device("cuda"))
+        TA.set_tile_override(dataclasses.replace(base, tma=a.tma))
     grid = TokenGrid(*a.grid)
     g = BlockGeometry(grid.video_tokens, a.block, a.block)
-    L, H, D = 6, 4, 32
+    L, H, D = 6, a.heads, a.head_dim
     q, k, v = (torch.randn(a.batch, H, grid.video_tokens, D, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
     t_dense = do_bench(lambda: dense_attention(q, k, v), warmup=25, rep=200, return_mode="median")
@@ -51,7 +61,7 @@ def main(argv=None):
         torch.cuda.synchronize()
         t_build = (time.perf_counter() - t0) / 9 * 1e3
         print(f"{grid.video_tokens} tokens, B={a.batch}, H={H}, D={D}, blocks {a.block}, density "
-              f"{float(b.density):.3f}: triton sparse {t_sparse:.3f} ms/call, dense {t_dense:.3f} ms/call "
+              f"{float(b.density):.3f}, K/V loads {'table' if a.tma is None else a.tma}: triton sparse {t_sparse:.3f} ms/call, dense {t_dense:.3f} ms/call "
               f"({t_dense / t_sparse:.2f}x), bucket build {t_build:.1f} ms/step ({L} layers)", flush=True)
 
 

@@ -4,9 +4,10 @@
 
 `--steps auto` times 20 warm-up steps, then fixes the step count that fits the budget and prints it; pass that
 number as --steps to reproduce the run (the schedule depends only on --steps, the seed and the batch size;
-GPU kernels may still differ in the last bits). Writes DIR/tinywan.safetensors (EMA weights, float32), its
+GPU kernels may still differ in the last bits). Writes DIR/tinywan.safetensors (EMA weights, float32 unless --save-dtype), its
 sha256, train_log.json and contact_sheet.png (held-out captions, then training captions); with --name other than
-tinywan, those two files are prefixed with the name.
+tinywan, those two files are prefixed with the name. --heads / --head-dim / --ffn / --layers shape a model trained
+from scratch (with --init the architecture is the starting weights'); --save-dtype bfloat16 halves the file.
 """
 
 from __future__ import annotations
@@ -72,6 +73,13 @@ def main(argv=None):
                                                  "at a larger --size: RoPE positions carry over)")
     ap.add_argument("--warmup", type=int, default=200)
     ap.add_argument("--name", default="tinywan", help="output file stem (DIR/<name>.safetensors)")
+    ap.add_argument("--heads", type=int, default=None, help="attention heads (new model; default 4)")
+    ap.add_argument("--head-dim", type=int, default=None, help="head dimension (new model; default 32; RoPE "
+                                                               "splits it over t, h, w, so larger = finer positions)")
+    ap.add_argument("--ffn", type=int, default=None, help="feed-forward width (new model; default 512)")
+    ap.add_argument("--layers", type=int, default=None, help="transformer blocks (new model; default 6)")
+    ap.add_argument("--save-dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="storage type of the weights file (bfloat16 halves it; loading upcasts)")
     a = ap.parse_args(argv)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,6 +89,11 @@ def main(argv=None):
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    arch = {k: v for k, v in (("dim_heads", a.heads), ("head_dim", a.head_dim), ("ffn_dim", a.ffn),
+                                ("layers", a.layers)) if v is not None}
+    if a.init and arch:
+        ap.error("--heads/--head-dim/--ffn/--layers shape a new model; with --init the architecture is the "
+                 "starting weights'")
     if a.init:
         base = load_tinywan(a.init, verify=False)
         cfg = dataclasses.replace(base.cfg, size=a.size, frames=a.frames)
@@ -88,7 +101,7 @@ def main(argv=None):
         model.load_state_dict(base.state_dict())
         del base
     else:
-        cfg = TinyWanConfig(size=a.size, frames=a.frames)
+        cfg = TinyWanConfig(size=a.size, frames=a.frames, **arch)
         model = TinyWan(cfg)
     model = model.to(device).train()
     ema = copy.deepcopy(model).eval()
@@ -145,7 +158,8 @@ def main(argv=None):
                       "init_sha256": file_sha256(a.init) if a.init else None,
                       "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
                       "torch": torch.__version__, "final_loss": log[-1]["loss"] if log else None}}
-    sha = save_tinywan(ema, out / f"{a.name}.safetensors", extra_meta=meta)
+    meta["train"]["save_dtype"] = a.save_dtype
+    sha = save_tinywan(ema, out / f"{a.name}.safetensors", extra_meta=meta, dtype=getattr(torch, a.save_dtype))
     (out / f"{a.name}.sha256").write_text(f"{sha}  {a.name}.safetensors\n")
     held = data.held_out_captions(6)
     seen = data.training_captions(3)
