@@ -110,9 +110,10 @@ class WeightsError(RuntimeError):
     pass
 
 
-# The shipped models: the 32 px base model (the default, fast on a CPU) and its 64 px fine-tune (8,192 tokens per
-# clip: the size where block-sparse attention beats dense on a GPU; tinywan/weights/README.md).
-SHIPPED = ("tinywan", "tinywan64")
+# The shipped models (tinywan/weights/README.md): the 32 px base model (the default, fast on a CPU) and a wider 64 px
+# model (8,192 tokens per clip, the size where block-sparse attention beats dense on a GPU; 4 heads x 64, whose finer
+# 3D RoPE positions let heads attend locally).
+SHIPPED = ("tinywan", "tinywan64w")
 
 
 def shipped_path(name: str = "tinywan") -> pathlib.Path:
