@@ -298,6 +298,12 @@ _HOPPER = {128: TileConfig(128, 128, 8, 3, 2), 64: TileConfig(128, 128, 8, 3, 2)
 # Ampere / Ada: no TMA; the classic FA2 Triton shape.
 _AMPERE = {128: TileConfig(128, 64, 4, 3, 0), 64: TileConfig(128, 64, 4, 3, 0)}
 _OVERRIDE: dict = {}
+# Host TMA descriptors are encoded on the host at every launch, which costs about 0.15 ms of host time: more than a
+# small call's whole attention. Below this many (query, key) pairs per call the kernel reads K/V through pointers.
+# H100, 8,192 tokens, B 2, H 4, D 64, blocks of 64 (bench/tiny_shape_timing.py --tma, docs/BENCHMARKS.md):
+# host descriptors 0.352 / 0.168 / 0.160 ms at density 1.0 / 0.4 / 0.2 (a floor: the host), pointers 0.377 / 0.177 /
+# 0.102. At Wan's sizes (>= 1e10 pairs per call) a call takes milliseconds and descriptors are the faster loads.
+_TMA_MIN_PAIRS = 1 << 32
 
 
 def _pow2_divisor(n: int, cap: int) -> int:
@@ -453,6 +459,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     tb, stb = _bias_arg(text_bias, B, N - Nv, dev)
     cfg = pick_tiles(D, g.block_q, g.block_k, dev)
     mode = cfg.tma if all(_tma_ok(t) for t in (kh, vh)) else 0
+    if mode == 2 and "cfg" not in _OVERRIDE and B * H * Nv * N < _TMA_MIN_PAIRS:
+        mode = 0
     if mode == 1:
         _ensure_allocator()
     dk, dv = _descs(kh, vh, cfg.block_n, mode)
