@@ -32,14 +32,21 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=32, help="32: tinywan; 64: tinywan64w")
+    ap.add_argument("--tiles", type=int, nargs=4, default=None, metavar=("BM", "BN", "WARPS", "STAGES"),
+                    help="force the kernel tile (BM / BN must divide the block size)")
     ap.add_argument("--tma", type=int, default=None, choices=[0, 1, 2],
                     help="force K/V loads: 0 pointers, 1 in-kernel TMA descriptors, 2 host TMA descriptors "
                          "(default: the tile table's choice)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
-    if a.tma is not None:
+    if a.tma is not None or a.tiles is not None:
         base = TA.pick_tiles(a.head_dim, a.block, a.block, torch.device("cuda"))
-        TA.set_tile_override(dataclasses.replace(base, tma=a.tma))
+        if a.tma is not None:
+            base = dataclasses.replace(base, tma=a.tma)
+        if a.tiles is not None:
+            base = dataclasses.replace(base, block_m=a.tiles[0], block_n=a.tiles[1], num_warps=a.tiles[2],
+                                       stages=a.tiles[3])
+        TA.set_tile_override(base)
     grid = TokenGrid(*a.grid)
     g = BlockGeometry(grid.video_tokens, a.block, a.block)
     L, H, D = 6, a.heads, a.head_dim
@@ -61,7 +68,7 @@ def main(argv=None):
         torch.cuda.synchronize()
         t_build = (time.perf_counter() - t0) / 9 * 1e3
         print(f"{grid.video_tokens} tokens, B={a.batch}, H={H}, D={D}, blocks {a.block}, density "
-              f"{float(b.density):.3f}, K/V loads {'table' if a.tma is None else a.tma}: triton sparse {t_sparse:.3f} ms/call, dense {t_dense:.3f} ms/call "
+              f"{float(b.density):.3f}, K/V loads {'table' if a.tma is None else a.tma}, tiles {a.tiles or 'table'}: triton sparse {t_sparse:.3f} ms/call, dense {t_dense:.3f} ms/call "
               f"({t_dense / t_sparse:.2f}x), bucket build {t_build:.1f} ms/step ({L} layers)", flush=True)
 
 

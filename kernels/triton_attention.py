@@ -299,10 +299,11 @@ _HOPPER = {128: TileConfig(128, 128, 8, 3, 2), 64: TileConfig(128, 128, 8, 3, 2)
 _AMPERE = {128: TileConfig(128, 64, 4, 3, 0), 64: TileConfig(128, 64, 4, 3, 0)}
 _OVERRIDE: dict = {}
 # Host TMA descriptors are encoded on the host at every launch, which costs about 0.15 ms of host time: more than a
-# small call's whole attention. Below this many (query, key) pairs per call the kernel reads K/V through pointers.
-# H100, 8,192 tokens, B 2, H 4, D 64, blocks of 64 (bench/tiny_shape_timing.py --tma, docs/BENCHMARKS.md):
-# host descriptors 0.352 / 0.168 / 0.160 ms at density 1.0 / 0.4 / 0.2 (a floor: the host), pointers 0.377 / 0.177 /
-# 0.102. At Wan's sizes (>= 1e10 pairs per call) a call takes milliseconds and descriptors are the faster loads.
+# small call's whole attention. Below this many (query, key) pairs per call the kernel builds its descriptors on the
+# GPU instead (mode 1). H100, 8,192 tokens, B 2, H 4, D 64, blocks of 64 (bench/tiny_shape_timing.py --tma,
+# docs/BENCHMARKS.md): host descriptors 0.352 / 0.168 / 0.160 ms at density 1.0 / 0.4 / 0.2 (a floor: the host),
+# pointers 0.379 / 0.245 / 0.140 at 1.0 / 0.6 / 0.3, in-kernel descriptors 0.330 / 0.225 / 0.129. At Wan's sizes
+# (>= 1e10 pairs per call) a call takes milliseconds and host and in-kernel descriptors time the same.
 _TMA_MIN_PAIRS = 1 << 32
 
 
@@ -340,7 +341,7 @@ def pick_tiles(head_dim: int, block_q: int, block_k: int, device: torch.device) 
     else:
         hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
         tma = int(base.tma) if hopper else 0
-    warps = base.num_warps if bm * bn >= 128 * 64 else 4
+    warps = base.num_warps if bm * bn >= 128 * 64 or "cfg" in _OVERRIDE else 4
     return TileConfig(bm, bn, warps, base.stages, tma, base.warp_spec and not interpret)
 
 
@@ -459,8 +460,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     tb, stb = _bias_arg(text_bias, B, N - Nv, dev)
     cfg = pick_tiles(D, g.block_q, g.block_k, dev)
     mode = cfg.tma if all(_tma_ok(t) for t in (kh, vh)) else 0
-    if mode == 2 and "cfg" not in _OVERRIDE and B * H * Nv * N < _TMA_MIN_PAIRS:
-        mode = 0
+    if mode == 2 and "cfg" not in _OVERRIDE and B * H * Nv * N < _TMA_MIN_PAIRS and not _interpreting():
+        mode = 1
     if mode == 1:
         _ensure_allocator()
     dk, dv = _descs(kh, vh, cfg.block_n, mode)

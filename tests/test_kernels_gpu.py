@@ -53,6 +53,34 @@ def test_real_shape_matches_reference(dtype, layout, density, n_text, B, rep):
     assert to_bhld(out, layout, H).shape == (B, H, N, D)
 
 
+@pytest.mark.parametrize("layout,n_text,rep", [("bld", 0, False), ("bhld", 7, True)])
+def test_small_call_matches_reference(layout, n_text, rep):
+    """A call below _TMA_MIN_PAIRS (the tiny model's shape: 8,192 tokens, 4 heads x 64, blocks of 64) takes the
+    in-kernel descriptor path on Hopper and pointer loads elsewhere: every launch (video rows, text rows, anchor
+    rows) against the reference."""
+    from calibatt.kernels import triton_attention as TA
+    B, H, D, frames, T = 2, 4, 64, 8, 1024
+    n = frames * T
+    assert B * H * n * (n + n_text) < TA._TMA_MIN_PAIRS
+    g = BlockGeometry(n, 64, 64)
+    gen = torch.Generator().manual_seed(n_text)
+    plan = None
+    if rep:
+        slot = torch.full((1, H), -1, dtype=torch.int32)
+        slot[0, 2] = 0
+        plan = RepetitionPlan(T, slot, torch.randperm(T, generator=gen)[:5][None],
+                              torch.randint(0, 5, (1, T), generator=gen))
+    layer = SkipLists.from_block_mask(torch.rand(1, H, g.nq, g.nk, generator=gen) < 0.4, g, plan).layer(0)
+    layer = layer.to("cuda")
+    N = n + n_text
+    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    if layout == "bld":
+        q, k, v = (t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v))
+    out = TA.sparse_attention_triton(q, k, v, layer, layout=layout, heads=H)
+    ref = sparse_attention_reference(q, k, v, layer, layout=layout, heads=H)
+    assert rel(out, ref) < 1e-2
+
+
 def test_block_energy_real_shape():
     H, D, n, n_text = 4, 128, 32760, 118
     g = BlockGeometry(n, 128, 128)
