@@ -402,6 +402,21 @@ def _prepare_repetition(skip: LayerSkipList, device) -> Optional[_RepPrep]:
     return prep
 
 
+def _skip_rows(skip: LayerSkipList, rep: Optional[_RepPrep], H: int, device) -> torch.Tensor:
+    """[H] int32: video rows per head that the sparse launch leaves to the anchor broadcast (0 for most heads).
+    Cached on the skip-list object like the repetition tables: a fresh tensor per call was a kernel launch per
+    call, and at the tiny model's size the host's launch work, not the GPU, bounds a call."""
+    cache = getattr(skip, "_triton_skip_rows", None)
+    if cache is not None and cache[0] == str(device):
+        return cache[1]
+    rows = torch.zeros(H, dtype=torch.int32)
+    if rep is not None:
+        rows[rep.heads.long().cpu()] = rep.covered
+    rows = rows.to(device)
+    skip._triton_skip_rows = (str(device), rows)
+    return rows
+
+
 def _tma_ok(t: torch.Tensor) -> bool:
     # TMA wants a 16-byte aligned base and 16-byte multiples for every stride but the last.
     return t.data_ptr() % 16 == 0 and all((st * t.element_size()) % 16 == 0 for st in t.stride()[:-1])
@@ -476,9 +491,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         if out.stride(-1) != 1:
             raise ValueError("out must have a unit stride along head_dim")
     rep = _prepare_repetition(skip, dev)
-    skip_rows = torch.zeros(H, dtype=torch.int32, device=dev)
-    if rep is not None:
-        skip_rows[rep.heads.long()] = rep.covered
+    skip_rows = _skip_rows(skip, rep, H, dev)
     if skip_heads is not None:
         skip_rows = torch.where(skip_heads.to(dev), torch.full_like(skip_rows, N + 1), skip_rows)
 
