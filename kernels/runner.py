@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from ..masks.bundle import MaskBundle
+from ..masks.transfer import to_device_async
 from .call import AttentionCall
 from .dense import dense_attention
 from .reference import sparse_attention_reference
@@ -84,7 +85,8 @@ class SparseRunner:
             if bool(row.all()):
                 routes.append(("dense", None))
             elif bool(row.any()):
-                routes.append(("mixed", (row.to(device), row.nonzero().flatten().to(device))))
+                routes.append(("mixed", (to_device_async(row, device),
+                                         to_device_async(row.nonzero().flatten(), device))))
             else:
                 routes.append(("sparse", None))
         return routes

@@ -324,9 +324,23 @@ def set_tile_override(cfg: Optional[TileConfig]):
 
 def pick_tiles(head_dim: int, block_q: int, block_k: int, device: torch.device) -> TileConfig:
     """Kernel tile for a mask block: the tile must sit inside one mask block (it reads one skip-list row), so
-    BLOCK_M divides block_q and BLOCK_N divides block_k; tl.dot needs >= 16 on each side."""
+    BLOCK_M divides block_q and BLOCK_N divides block_k; tl.dot needs >= 16 on each side. Memoised: it runs at
+    every call, and reading the device's properties each time was a measurable share of a small call's host time."""
     base = _OVERRIDE.get("cfg")
     interpret = _interpreting()
+    key = (head_dim, block_q, block_k, str(device), interpret, base)
+    hit = _PICKED.get(key)
+    if hit is not None:
+        return hit
+    cfg = _pick_tiles(head_dim, block_q, block_k, device, base, interpret)
+    _PICKED[key] = cfg
+    return cfg
+
+
+_PICKED: dict = {}
+
+
+def _pick_tiles(head_dim, block_q, block_k, device, base, interpret) -> TileConfig:
     if base is None:
         cc = (0, 0) if interpret or device.type != "cuda" else torch.cuda.get_device_capability(device)
         table = _HOPPER if cc[0] == 9 else _AMPERE
@@ -409,10 +423,9 @@ def _skip_rows(skip: LayerSkipList, rep: Optional[_RepPrep], H: int, device) -> 
     cache = getattr(skip, "_triton_skip_rows", None)
     if cache is not None and cache[0] == str(device):
         return cache[1]
-    rows = torch.zeros(H, dtype=torch.int32)
+    rows = torch.zeros(H, dtype=torch.int32, device=device)  # built on the device: a host copy would sync
     if rep is not None:
-        rows[rep.heads.long().cpu()] = rep.covered
-    rows = rows.to(device)
+        rows[rep.heads.long()] = rep.covered
     skip._triton_skip_rows = (str(device), rows)
     return rows
 

@@ -18,6 +18,7 @@ from ..version import __version__
 from .errors import BundleError
 from .geometry import ModelSignature, TokenGrid
 from .packing import pack_bits, row_counts, unpack_bits
+from .transfer import to_device_async
 from .sigmas import SigmaBuckets, validate_sigmas
 from .skiplists import BlockGeometry, LayerSkipList, RepetitionPlan, SkipLists, mask_to_table
 
@@ -205,7 +206,7 @@ class MaskBundle:
         layers = []
         for l0 in range(0, self.num_layers, per):
             l1 = min(self.num_layers, l0 + per)
-            bits = self.packed_masks[ids[l0:l1].reshape(-1)].to(device, non_blocking=True)
+            bits = to_device_async(self.packed_masks[ids[l0:l1].reshape(-1)], device)
             mask = unpack_bits(bits, g.nk).view(l1 - l0, self.num_heads, g.nq, g.nk)
             table, counts = mask_to_table(mask, width=int(max(widths[l0:l1])))
             for i, l in enumerate(range(l0, l1)):

@@ -26,9 +26,21 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return (m << _SHIFTS.to(mask.device)).sum(-1, dtype=torch.uint8)
 
 
+def _shifts_on(device) -> torch.Tensor:
+    # One copy per device: copying the constant at every unpack was a host-to-device copy, which syncs.
+    key = str(device)
+    t = _SHIFTS_ON.get(key)
+    if t is None:
+        t = _SHIFTS_ON[key] = _SHIFTS.to(device)
+    return t
+
+
+_SHIFTS_ON: dict = {}
+
+
 def unpack_bits(packed: torch.Tensor, nk: int) -> torch.Tensor:
     """[..., ceil(nk/8)] uint8 -> [..., nk] bool."""
-    bits = (packed[..., None] >> _SHIFTS.to(packed.device)) & 1
+    bits = (packed[..., None] >> _shifts_on(packed.device)) & 1
     return bits.reshape(*packed.shape[:-1], -1)[..., :nk].to(torch.bool)
 
 
