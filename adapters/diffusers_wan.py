@@ -63,8 +63,10 @@ def wan_grid(transformer, latent_shape: Sequence[int], vae_stride=(4, 8, 8)) -> 
 
 class AttentionTimer:
     """Time spent in the attention handler. On CUDA: GPU time between CUDA events recorded around each call, with
-    no sync per call (the host runs ahead as in a real run, so the kernels' time is measured, not the Python
-    between launches; reading `seconds` syncs once). On the CPU: wall time."""
+    no sync per call. While the host runs ahead of the GPU this is the kernels' time; where the host falls behind
+    (a small model, or a host stall), it also counts the GPU waiting for the call's launches, which is time the
+    run really loses (bench/attention_profile.py separates the two). Reading `seconds` syncs once. On the CPU:
+    wall time."""
 
     def __init__(self):
         self.reset()
