@@ -67,9 +67,11 @@ def main(argv=None):
             b.skip_lists(i, "cuda")
         torch.cuda.synchronize()
         t_build = (time.perf_counter() - t0) / 9 * 1e3
+        loads = "table" if a.tma is None else a.tma
         print(f"{grid.video_tokens} tokens, B={a.batch}, H={H}, D={D}, blocks {a.block}, density "
-              f"{float(b.density):.3f}, K/V loads {'table' if a.tma is None else a.tma}, tiles {a.tiles or 'table'}: triton sparse {t_sparse:.3f} ms/call, dense {t_dense:.3f} ms/call "
-              f"({t_dense / t_sparse:.2f}x), bucket build {t_build:.1f} ms/step ({L} layers)", flush=True)
+              f"{float(b.density):.3f}, K/V loads {loads}, tiles {a.tiles or 'table'}: triton sparse "
+              f"{t_sparse:.3f} ms/call, dense {t_dense:.3f} ms/call ({t_dense / t_sparse:.2f}x), bucket build "
+              f"{t_build:.1f} ms/step ({L} layers)", flush=True)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ from ..version import __version__
 from .errors import BundleError
 from .geometry import ModelSignature, TokenGrid
 from .packing import pack_bits, row_counts, unpack_bits
-from .transfer import to_device_async
 from .sigmas import SigmaBuckets, validate_sigmas
 from .skiplists import BlockGeometry, LayerSkipList, RepetitionPlan, SkipLists, mask_to_table
+from .transfer import to_device_async
 
 FORMAT = "calibatt-mask-bundle"
 FORMAT_VERSION = 1
