@@ -4,8 +4,8 @@
 
 `--steps auto` times 20 warm-up steps, then fixes the step count that fits the budget and prints it; pass that
 number as --steps to reproduce the run (the schedule depends only on --steps, the seed and the batch size;
-GPU kernels may still differ in the last bits). Writes DIR/tinywan.safetensors (EMA weights, float32 unless --save-dtype), its
-sha256, train_log.json and contact_sheet.png (held-out captions, then training captions); with --name other than
+GPU kernels may still differ in the last bits). Writes DIR/tinywan.safetensors (EMA weights, float32 unless
+--save-dtype), its sha256, train_log.json and contact_sheet.png (held-out captions, then training captions); with --name other than
 tinywan, those two files are prefixed with the name. --heads / --head-dim / --ffn / --layers shape a model trained
 from scratch (with --init the architecture is the starting weights'); --save-dtype bfloat16 halves the file.
 """
