@@ -21,6 +21,26 @@ def rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
+def make_case(*, B, H, D, frames, T, n_text, block, density, rep_head, layout, dtype, seed, device="cuda"):
+    """(layer, q, k, v): a random skip list of frames * T video tokens (a repetitive head `rep_head`, or None) on
+    `device`, and random q, k, v of n_text more tokens in the given layout."""
+    n = frames * T
+    g = BlockGeometry(n, block, block)
+    gen = torch.Generator().manual_seed(seed)
+    plan = None
+    if rep_head is not None:
+        slot = torch.full((1, H), -1, dtype=torch.int32)
+        slot[0, rep_head] = 0
+        plan = RepetitionPlan(T, slot, torch.randperm(T, generator=gen)[:5][None],
+                              torch.randint(0, 5, (1, T), generator=gen))
+    layer = SkipLists.from_block_mask(torch.rand(1, H, g.nq, g.nk, generator=gen) < density, g, plan).layer(0)
+    N = n + n_text
+    q, k, v = (torch.randn(B, H, N, D, device=device, dtype=dtype) for _ in range(3))
+    if layout == "bld":
+        q, k, v = (t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v))
+    return layer.to(device), q, k, v
+
+
 @pytest.mark.parametrize("dtype,layout,density,n_text,B,rep", [
     (torch.bfloat16, "bld", 0.3, 0, 2, False),
     (torch.float16, "bhld", 1.0, 0, 1, False),
@@ -29,22 +49,12 @@ def rel(a, b):
 ])
 def test_real_shape_matches_reference(dtype, layout, density, n_text, B, rep):
     from calibatt.kernels.triton_attention import sparse_attention_triton, to_bhld
-    H, D, frames, T = 8, 128, 21, 1560
-    n = frames * T  # 32,760: the last 128-block is partial
-    g = BlockGeometry(n, 128, 128)
-    gen = torch.Generator().manual_seed(int(density * 100) + n_text)
-    plan = None
-    if rep:
-        slot = torch.full((1, H), -1, dtype=torch.int32)
-        slot[0, 1] = 0
-        plan = RepetitionPlan(T, slot, torch.randperm(T, generator=gen)[:5][None],
-                              torch.randint(0, 5, (1, T), generator=gen))
-    layer = SkipLists.from_block_mask(torch.rand(1, H, g.nq, g.nk, generator=gen) < density, g, plan).layer(0)
-    layer = layer.to("cuda")
-    N = n + n_text
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
-    if layout == "bld":
-        q, k, v = (t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v))
+    H, D = 8, 128
+    # 21 frames of 1,560 tokens = 32,760: the last 128-block is partial
+    layer, q, k, v = make_case(B=B, H=H, D=D, frames=21, T=1560, n_text=n_text, block=128, density=density,
+                               rep_head=1 if rep else None, layout=layout, dtype=dtype,
+                               seed=int(density * 100) + n_text)
+    N = 21 * 1560 + n_text
     out = torch.full_like(q, float("nan"))
     sparse_attention_triton(q, k, v, layer, layout=layout, heads=H, out=out)
     assert not torch.isnan(out).any()
@@ -59,23 +69,10 @@ def test_small_call_matches_reference(layout, n_text, rep):
     in-kernel descriptor path on Hopper and pointer loads elsewhere: every launch (video rows, text rows, anchor
     rows) against the reference."""
     from calibatt.kernels import triton_attention as TA
-    B, H, D, frames, T = 2, 4, 64, 8, 1024
-    n = frames * T
+    B, H, n = 2, 4, 8 * 1024
     assert B * H * n * (n + n_text) < TA._TMA_MIN_PAIRS
-    g = BlockGeometry(n, 64, 64)
-    gen = torch.Generator().manual_seed(n_text)
-    plan = None
-    if rep:
-        slot = torch.full((1, H), -1, dtype=torch.int32)
-        slot[0, 2] = 0
-        plan = RepetitionPlan(T, slot, torch.randperm(T, generator=gen)[:5][None],
-                              torch.randint(0, 5, (1, T), generator=gen))
-    layer = SkipLists.from_block_mask(torch.rand(1, H, g.nq, g.nk, generator=gen) < 0.4, g, plan).layer(0)
-    layer = layer.to("cuda")
-    N = n + n_text
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    if layout == "bld":
-        q, k, v = (t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v))
+    layer, q, k, v = make_case(B=B, H=H, D=64, frames=8, T=1024, n_text=n_text, block=64, density=0.4,
+                               rep_head=2 if rep else None, layout=layout, dtype=torch.bfloat16, seed=n_text)
     out = TA.sparse_attention_triton(q, k, v, layer, layout=layout, heads=H)
     ref = sparse_attention_reference(q, k, v, layer, layout=layout, heads=H)
     assert rel(out, ref) < 1e-2
@@ -111,22 +108,10 @@ def _padded_bias(rows, T, padded, gen):
 ])
 def test_real_shape_text_bias_matches_reference(dtype, layout, shared, rep):
     from calibatt.kernels.triton_attention import sparse_attention_triton
-    H, D, frames, T, n_text, B = 8, 128, 21, 1560, 256, 2
-    n = frames * T
-    g = BlockGeometry(n, 128, 128)
-    gen = torch.Generator().manual_seed(7 + rep)
-    plan = None
-    if rep:
-        slot = torch.full((1, H), -1, dtype=torch.int32)
-        slot[0, 3] = 0
-        plan = RepetitionPlan(T, slot, torch.randperm(T, generator=gen)[:5][None],
-                              torch.randint(0, 5, (1, T), generator=gen))
-    layer = SkipLists.from_block_mask(torch.rand(1, H, g.nq, g.nk, generator=gen) < 0.25, g, plan).layer(0)
-    layer = layer.to("cuda")
-    N = n + n_text
-    q, k, v = (torch.randn(B, H, N, D, device="cuda", dtype=dtype) for _ in range(3))
-    if layout == "bld":
-        q, k, v = (t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v))
+    H, n_text, B, n = 8, 256, 2, 21 * 1560
+    gen = torch.Generator().manual_seed(7 + rep)  # the bias's draws
+    layer, q, k, v = make_case(B=B, H=H, D=128, frames=21, T=1560, n_text=n_text, block=128, density=0.25,
+                               rep_head=3 if rep else None, layout=layout, dtype=dtype, seed=7 + rep)
     bias = _padded_bias(1 if shared else B, n_text, 150, gen)
     out = torch.full_like(q, float("nan"))
     sparse_attention_triton(q, k, v, layer, layout=layout, heads=H, out=out, text_bias=bias)
