@@ -18,10 +18,16 @@ def load_package(name: str = "calibatt"):
 
 
 def git_commit() -> str:
-    """Short commit of the checkout, for recording figures ("unknown" where there is no git, e.g. the device)."""
+    """Short commit of the checkout, for recording figures, with "+dirty" when tracked files differ from it (e.g. a
+    copy of the working tree whose .git is older than the code, as on the lent device); "unknown" without git."""
     import subprocess
+
+    def git(*args) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
+        head = git("rev-parse", "--short", "HEAD")
+        if not head:
+            return "unknown"
+        return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
