@@ -42,7 +42,7 @@ from ..masks.geometry import ModelSignature, TokenGrid
 from ..masks.packing import pack_bits, row_counts, unpack_bits
 from ..masks.skiplists import SkipLists
 from .repetition import anchor_plan, build_plan, decide_repetitive, repetition_scores
-from .selection import SHIFTS, kept_mass, mean_block_mass, pack_keep_bits, select_blocks, share_steps, vote
+from .selection import kept_mass, mean_block_mass, select_blocks, share_steps, vote
 from .settings import CalibrationSettings
 from .stats import CalibrationStats, StatsError, same_sigma
 
@@ -172,7 +172,7 @@ class Calibrator:
                 idx = torch.as_tensor(rows, dtype=torch.long, device=q.device)
                 q, k, ob = q.index_select(0, idx), k.index_select(0, idx), ob.index_select(0, idx)
         g = self.geometry
-        rows_t, anchors, row_anchor, shifts = self._device_consts(q.device)
+        rows_t, anchors, row_anchor = self._device_consts(q.device)
         with torch.no_grad():
             stride = self.settings.stats_row_stride
             # Rotate the sampled rows with the step and layer (host ints: no sync). Not with the prompt: a prompt's
@@ -187,7 +187,7 @@ class Calibrator:
             keep = select_blocks(mass, eps, text)
             drop = (1.0 - kept_mass(mass, keep, text)).clamp_min(0.0).mean(-1)
             del mass
-            bits = pack_keep_bits(keep, shifts)
+            bits = pack_bits(keep)
             if self.settings.repetition:
                 err, frac = repetition_scores(ob, self.grid, anchors, row_anchor, self.settings.gamma, head_chunk=4)
             else:
@@ -203,7 +203,7 @@ class Calibrator:
         hit = self._consts.get(key)
         if hit is None:
             hit = self._consts[key] = (block_row_counts(self.geometry).to(device), self.anchors.to(device),
-                                       self.row_anchor.to(device), SHIFTS.to(device))
+                                       self.row_anchor.to(device))
         return hit
 
     def _check_call(self, call: AttentionCall, q: torch.Tensor):

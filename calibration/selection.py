@@ -91,18 +91,3 @@ def share_steps(step_masks, step_t: list, share_iou: float, share_after: float =
         step_bucket.append(len(bucket_masks) - 1)
     return step_bucket, bucket_masks, bucket_rep
 
-
-SHIFTS = torch.arange(7, -1, -1, dtype=torch.uint8)
-
-
-def pack_keep_bits(mask: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """masks.packing.pack_bits with the shift table passed in (already on mask's device): building it per call
-    would be a host-to-device copy, which waits for the GPU."""
-    nk = mask.shape[-1]
-    pad = (-nk) % 8
-    m = mask.to(torch.uint8)
-    if pad:
-        m = torch.nn.functional.pad(m, (0, pad))
-    m = m.reshape(*mask.shape[:-1], -1, 8)
-    return (m << shifts).sum(-1, dtype=torch.uint8)
-
