@@ -20,7 +20,6 @@ from triton.testing import do_bench  # noqa: E402
 
 from calibatt.kernels.dense import dense_attention  # noqa: E402
 from calibatt.kernels import triton_attention as TA  # noqa: E402
-from calibatt.kernels.triton_attention import sparse_attention_triton  # noqa: E402
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid  # noqa: E402
 
 
@@ -58,9 +57,9 @@ def main(argv=None):
         b = MaskBundle.from_skip_lists(ModelSignature("tinywan", L, H, D, H * D), grid, buckets,
                                        torch.linspace(1, 0.1, 10).tolist(), list(range(10)))
         layer = b.skip_lists(0, "cuda").layer(0)
-        sparse_attention_triton(q, k, v, layer)
+        TA.sparse_attention_triton(q, k, v, layer)
         torch.cuda.synchronize()
-        t_sparse = do_bench(lambda: sparse_attention_triton(q, k, v, layer), warmup=25, rep=200,
+        t_sparse = do_bench(lambda: TA.sparse_attention_triton(q, k, v, layer), warmup=25, rep=200,
                             return_mode="median")
         t0 = time.perf_counter()
         for i in range(1, 10):

@@ -341,7 +341,8 @@ _PICKED: dict = {}
 
 
 def _pick_tiles(head_dim, block_q, block_k, device, base, interpret) -> TileConfig:
-    if base is None:
+    forced = base is not None  # an override (set_tile_override) is taken as given, warps included
+    if not forced:
         cc = (0, 0) if interpret or device.type != "cuda" else torch.cuda.get_device_capability(device)
         table = _HOPPER if cc[0] == 9 else _AMPERE
         base = table.get(head_dim, TileConfig(64, 64, 4, 2, 0))
@@ -355,7 +356,7 @@ def _pick_tiles(head_dim, block_q, block_k, device, base, interpret) -> TileConf
     else:
         hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
         tma = int(base.tma) if hopper else 0
-    warps = base.num_warps if bm * bn >= 128 * 64 or "cfg" in _OVERRIDE else 4
+    warps = base.num_warps if bm * bn >= 128 * 64 or forced else 4
     return TileConfig(bm, bn, warps, base.stages, tma, base.warp_spec and not interpret)
 
 
