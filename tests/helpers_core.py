@@ -6,6 +6,25 @@ import torch.nn.functional as F
 
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, RepetitionPlan, SkipLists, TokenGrid
 
+NEG = -torch.finfo(torch.bfloat16).max  # what ComfyUI's HunyuanVideo puts on padded text keys (bf16 model)
+
+
+def rel(a, b):
+    """Relative error of a against b, in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def padded_bias(B, T, gen, shared, *, step=2, inf_first_key=False):
+    """Random finite text bias with padded keys (NEG): row r pads its last 1 + step * r keys; one row when shared,
+    else B. inf_first_key: the last row's first key gets -inf as well (a boolean-mask style value)."""
+    rows = 1 if shared else B
+    bias = torch.randn(rows, T, generator=gen)
+    for r in range(rows):
+        bias[r, T - 1 - step * r:] = NEG
+    if inf_first_key:
+        bias[-1, 0] = float("-inf")
+    return bias
+
 
 def random_block_mask(L, H, geometry, density, gen):
     return torch.rand(L, H, geometry.nq, geometry.nk, generator=gen) < density

@@ -23,13 +23,10 @@ from calibatt.kernels.stats import block_energy  # noqa: E402
 from calibatt.kernels.stats_reference import block_energy_reference, sampled_rows  # noqa: E402
 from calibatt.masks import BlockGeometry, ModelSignature, TokenGrid  # noqa: E402
 from calibatt.masks.packing import unpack_bits  # noqa: E402
+from helpers_core import rel  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def old_block_energy(q, k, g, scale=None):

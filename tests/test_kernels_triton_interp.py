@@ -25,11 +25,7 @@ from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
 from calibatt.kernels.stats import block_energy  # noqa: E402
 from calibatt.kernels.stats_reference import block_energy_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
-from helpers_core import token_mask  # noqa: E402
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
+from helpers_core import rel, token_mask  # noqa: E402
 
 
 def make_inputs(B, H, N, D, layout, gen, dtype=torch.float16):

@@ -19,25 +19,9 @@ from calibatt.kernels.text_bias import as_text_bias, select_rows
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, RepetitionPlan, SkipLists, TokenGrid
 from calibatt.nodes import model_info as mi
 from calibatt.nodes.routing import LAYER_KEY, AttentionRouter, key_padding_bias
-from helpers_core import comfy_attention, masked_sdpa64, token_mask
+from helpers_core import NEG, comfy_attention, masked_sdpa64, padded_bias, rel, token_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-NEG = -torch.finfo(torch.bfloat16).max  # what ComfyUI's HunyuanVideo puts on padded text keys (bf16 model)
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def padded_bias(B, T, gen, shared):
-    """Random finite bias with some text keys padded (NEG), different per batch row unless shared."""
-    rows = 1 if shared else B
-    bias = torch.randn(rows, T, generator=gen)
-    for r in range(rows):
-        bias[r, T - 1 - r * 2:] = NEG  # row r pads its last 1 + 2r keys
-    return bias
-
 
 def to_layout(t, layout):
     B, H, N, D = t.shape

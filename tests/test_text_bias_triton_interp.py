@@ -19,27 +19,16 @@ TA, TS = interpreted_kernels()
 from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
 from calibatt.kernels.stats_reference import block_energy_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
-from helpers_core import masked_sdpa64, token_mask  # noqa: E402
+import helpers_core  # noqa: E402
+from helpers_core import masked_sdpa64, rel, token_mask  # noqa: E402
 
 # -max * log2(e) overflows to -inf in float32, which is the intended value; numpy (the interpreter) says so loudly.
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.usefixtures("one_thread")]
 
-NEG = -torch.finfo(torch.bfloat16).max
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 def padded_bias(B, T, gen, shared):
-    rows = 1 if shared else B
-    bias = torch.randn(rows, T, generator=gen)
-    for r in range(rows):
-        bias[r, T - 1 - 3 * r:] = NEG
-    if not shared:
-        bias[-1, 0] = float("-inf")  # a boolean-mask style -inf as well
-    return bias
+    # Rows pad 1 + 3r keys, and unshared biases carry a boolean-mask style -inf as well.
+    return helpers_core.padded_bias(B, T, gen, shared, step=3, inf_first_key=not shared)
 
 
 def make_inputs(B, H, N, D, layout, gen):
