@@ -1,6 +1,8 @@
 """Small builders shared by the core tests: random skip lists and bundles with real structure, token-level masks,
 and ComfyUI's attention-function contract (the `func` an override receives)."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -12,6 +14,21 @@ NEG = -torch.finfo(torch.bfloat16).max  # what ComfyUI's HunyuanVideo puts on pa
 def rel(a, b):
     """Relative error of a against b, in float64."""
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def block_energy64(q, k, bias, n_video, geometry):
+    """[H, nq, nk] float64 block energy (summed over the batch) from the full softmax matrix, with `bias` on the text
+    keys: the specification the statistics kernels are checked against."""
+    g = geometry
+    s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
+    s[..., n_video:] += bias.double()[:, None, None, :]
+    p = torch.softmax(s, -1)[:, :, :n_video, :n_video]
+    H = q.shape[1]
+    qi, ki = torch.arange(n_video) // g.block_q, torch.arange(n_video) // g.block_k
+    want = torch.zeros(H, g.nq, g.nk, dtype=torch.float64)
+    want.index_put_((torch.arange(H)[:, None, None], qi[None, :, None], ki[None, None, :]), p.sum(0),
+                    accumulate=True)
+    return want
 
 
 def padded_bias(B, T, gen, shared, *, step=2, inf_first_key=False):

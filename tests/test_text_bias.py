@@ -3,7 +3,6 @@ the reference, the statistics reference, the runner's routes and the ComfyUI rou
 are in test_text_bias_triton_interp.py, the GPU ones in test_kernels_gpu.py."""
 
 import logging
-import math
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from calibatt.kernels.text_bias import as_text_bias, select_rows
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, RepetitionPlan, SkipLists, TokenGrid
 from calibatt.nodes import model_info as mi
 from calibatt.nodes.routing import LAYER_KEY, AttentionRouter, key_padding_bias
-from helpers_core import NEG, comfy_attention, masked_sdpa64, padded_bias, rel, token_mask
+from helpers_core import NEG, block_energy64, comfy_attention, masked_sdpa64, padded_bias, rel, token_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,13 +115,7 @@ def test_block_energy_with_bias_matches_float64_masked_softmax(shared):
     bias = padded_bias(B, T, gen, shared)
     init = torch.rand(H, g.nq, g.nk, generator=gen)
     out = block_energy(q, k, g, out=init.clone(), text_bias=bias)  # CPU: the reference
-    s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(D)
-    s[..., n:] += bias.double()[:, None, None, :]
-    p = torch.softmax(s, -1)[:, :, :n, :n]
-    qi, ki = torch.arange(n) // g.block_q, torch.arange(n) // g.block_k
-    want = torch.zeros(H, g.nq, g.nk, dtype=torch.float64)
-    want.index_put_((torch.arange(H)[:, None, None], qi[None, :, None], ki[None, None, :]), p.sum(0),
-                    accumulate=True)
+    want = block_energy64(q, k, bias, n, g)
     assert rel(out - init, want) < 1e-5
     assert rel(block_energy_reference(q, k, g), want) > 1e-3  # padding moves mass to the video blocks
     # the strided estimate takes the bias too: at stride 2 it stays close to the exact sums
