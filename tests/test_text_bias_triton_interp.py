@@ -6,7 +6,6 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' @triton.jit runs (it decides at decoration time)
 
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
