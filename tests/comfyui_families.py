@@ -17,12 +17,11 @@ metadata to the detection) assumes 32 heads, so the tiny model has 32 heads of 8
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 
-COMFY = os.environ.get("COMFYUI_PATH")
+from comfyui_harness import COMFY
 
 FAMILY_NODE_SOURCE = '''
 """Test-only ComfyUI node: random conditioning of a given width, with an optional text padding mask."""
@@ -79,10 +78,6 @@ MOCHI_CONFIG = dict(image_model="mochi_preview", depth=2, patch_size=2, num_head
                     qk_norm=True, qkv_bias=False, out_bias=True, attn_drop=0.0, patch_embed_bias=True,
                     posenc_preserve_area=True, timestep_mlp_bias=True, attend_to_padding=False,
                     timestep_scale=1000.0, use_t5=True, t5_feat_dim=64, t5_token_length=256, rope_theta=10000.0)
-
-
-def comfy_available() -> bool:
-    return bool(COMFY) and os.path.isfile(os.path.join(COMFY, "main.py"))
 
 
 def import_comfy():

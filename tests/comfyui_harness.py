@@ -21,9 +21,23 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+COMFY = os.environ.get("COMFYUI_PATH")
+
+
+def comfy_available() -> bool:
+    return bool(COMFY) and os.path.isfile(os.path.join(COMFY, "main.py"))
+
+
+# The marks of every module that runs against a real ComfyUI: `pytestmark = H.NEEDS_COMFYUI`.
+NEEDS_COMFYUI = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not comfy_available(),
+                       reason="needs a ComfyUI checkout: set COMFYUI_PATH (docs/COMFYUI.md has the commands)"),
+]
 # An odd folder name: the package must not depend on being installed as "calibatt" or any fixed name.
 PACKAGE_DIR_NAME = "ComfyUI-CalibAtt-test"
 

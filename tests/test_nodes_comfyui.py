@@ -8,20 +8,16 @@ T5-shaped random conditioning. Everything is driven through the HTTP API with AP
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-COMFY = os.environ.get("COMFYUI_PATH")
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(not COMFY or not (Path(COMFY) / "main.py").is_file(),
-                       reason="needs a ComfyUI checkout: set COMFYUI_PATH (docs/COMFYUI.md has the commands)"),
-]
+import comfyui_harness as H
+from comfyui_harness import COMFY
 
-import comfyui_harness as H  # noqa: E402
+pytestmark = H.NEEDS_COMFYUI
+
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid, load_bundle, save_bundle
 
 REPO = Path(__file__).resolve().parents[1]

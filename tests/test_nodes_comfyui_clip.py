@@ -7,20 +7,16 @@ text_embedding takes. The tiny Wan checkpoint and the server come from tests/com
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-COMFY = os.environ.get("COMFYUI_PATH")
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(not COMFY or not (Path(COMFY) / "main.py").is_file(),
-                       reason="needs a ComfyUI checkout: set COMFYUI_PATH (docs/COMFYUI.md has the commands)"),
-]
+import comfyui_harness as H
+from comfyui_harness import COMFY
+
+pytestmark = H.NEEDS_COMFYUI
 
 import comfyui_clip as C  # noqa: E402
-import comfyui_harness as H  # noqa: E402
 from calibatt.masks import ModelSignature, TokenGrid, load_bundle  # noqa: E402
 
 # The tiny size of tests/test_nodes_comfyui.py: latent [1, 16, 3, 8, 16] -> 3 x 4 x 8 = 96 tokens, blocks of 16.

@@ -19,14 +19,10 @@ import pytest
 import torch
 
 import comfyui_families as F
+import comfyui_harness as H
 
-pytestmark = [
-    pytest.mark.comfyui,
-    pytest.mark.skipif(not F.comfy_available(),
-                       reason="needs a ComfyUI checkout: set COMFYUI_PATH (docs/COMFYUI.md has the commands)"),
-]
+pytestmark = H.NEEDS_COMFYUI
 
-import comfyui_harness as H  # noqa: E402
 import comfyui_wan_variants as V  # noqa: E402
 from calibatt.masks import ModelSignature, load_bundle, save_bundle  # noqa: E402
 
