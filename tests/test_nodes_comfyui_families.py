@@ -293,7 +293,7 @@ def test_mochi_routes_cropped_text_and_matches_dense(mochi):
     out, seen = {}, {}
     for kind in ("full", "band"):
         patched = patch_model_attention(mochi, F.kind_bundle(sig, grid, kind, BLOCK))
-        router = patched.model_options["transformer_options"]["optimized_attention_override"]
+        router = patched.model_options["transformer_options"]["optimized_attention_override"].router
         calls = seen[kind] = []
         handler = router.handler
 
@@ -390,7 +390,7 @@ def test_hunyuan_reference_latent_runs_dense(caplog):
     latent = torch.zeros(1, 16, 3, 8, 16)
     noise = torch.randn(latent.shape, generator=g)
     patched = patch_model_attention(model, F.kind_bundle(sig, grid, "band", BLOCK))
-    router = patched.model_options["transformer_options"]["optimized_attention_override"]
+    router = patched.model_options["transformer_options"]["optimized_attention_override"].router
     with caplog.at_level(logging.INFO, logger="calibatt"):
         out = [comfy.sample.sample(m, noise, STEPS, 1.0, "euler", "simple", pos, neg, latent, seed=1,
                                    disable_pbar=True) for m in (model, patched)]
