@@ -241,8 +241,9 @@ class AttentionRouter:
         if bias is not None:
             pos = self._mask_says(bias, video)
             if pos == "bad":
-                self._warn_once("mask_video", "the attention mask is not zero on the video tokens; the sparse kernels "
-                                "only take a mask on text keys, so masked calls run dense")
+                self._warn_once("mask_video", "the attention mask is not zero on the video tokens (with the text "
+                                "before or after them); the sparse kernels only take a mask on text keys, so masked "
+                                "calls run dense")
                 return None
             if pos in _SAYS:
                 said["the key-padding mask"] = pos
