@@ -122,7 +122,7 @@ def video_grid_for_check(model_grid: TokenGrid, bundle_grid: TokenGrid) -> Token
 
 def extra_sequence_inputs(layout: FamilyLayout, conds: dict) -> list:
     """Names of the model inputs present in `conds` (one model evaluation's conditioning) that put tokens into
-    self-attention beyond the video latent and the trailing text: HunyuanVideo's reference latent (I2V "custom"
+    self-attention beyond the video latent and the text: HunyuanVideo's reference latent (I2V "custom"
     guidance) is prepended to the video tokens, so a bundle for the video grid does not describe those calls."""
     if layout.family == "hunyuan":
         return [name for name in ("ref_latent",) if conds.get(name) is not None]

@@ -481,6 +481,47 @@ def test_hunyuan_sparse_attention_is_the_reference_on_the_true_video_tokens(huny
     assert min(wrong) > 1e-3, wrong  # the check sees masks on the wrong tokens
 
 
+def test_block_patches_already_there_stay_chained(hunyuan_sd):
+    """A "dit" block patch another node installed before ours keeps running (ours wraps it, then hands it the
+    block), on every block of every evaluation, and the text position is still read from the host: the output is
+    bit-identical to the same patch without the other one, and every self-attention call is routed."""
+    F.import_comfy()
+    import comfy.sample
+    from calibatt.nodes.actions import patch_model_attention
+    from calibatt.nodes.comfy_glue import block_keys, describe_model
+
+    model = F.load_model(hunyuan_sd)
+    latent_shape = [1, 16, 3, 8, 16]
+    sig, layout, grid = F.model_facts(model, latent_shape=latent_shape)
+    bundle = F.kind_bundle(sig, grid, "band", BLOCK)
+    seen = []
+
+    def other_patch(name, index):
+        def patch(args, extra):
+            seen.append((name, index, "pe" in args))
+            return extra["original_block"](args)
+        return patch
+
+    other = model.clone()
+    for name, index, _ in block_keys(layout, describe_model(model)):
+        other.set_model_patch_replace(other_patch(name, index), "dit", name, index)
+    pos, neg = _prompt(64, TEXT, 768, 1), _prompt(64, TEXT, 768, 2)
+    for c in (pos, neg):
+        del c[0][1]["attention_mask"]
+    latent = torch.zeros(latent_shape)
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for key, base in (("alone", model), ("chained", other)):
+        patched = patch_model_attention(base, bundle)
+        router = patched.model_options["transformer_options"]["optimized_attention_override"]
+        out[key] = comfy.sample.sample(patched, noise, STEPS, 3.0, "euler", "simple", pos, neg, latent, seed=1,
+                                       disable_pbar=True)
+        assert router.routed == STEPS * sig.num_layers, (key, router.routed)
+    assert sorted(set(seen)) == [("double_block", 0, True), ("single_block", 0, True)]
+    assert len(seen) == STEPS * sig.num_layers
+    assert torch.equal(out["alone"], out["chained"])
+
+
 def test_hunyuan_reference_latent_runs_dense(caplog):
     """HunyuanVideo I2V with "custom" guidance prepends the reference image's tokens to the video tokens; a bundle
     for the video grid does not describe those calls, so such evaluations run dense (with a warning) instead of
