@@ -10,7 +10,9 @@ Routing is checked three ways: a bundle that keeps every block matches the unpat
 the output by a bounded amount (so calls really went through the sparse path); the per-run summary line
 ("N self-attention calls routed over E model evaluations") shows every self-attention call of every evaluation
 was routed, none passed through. In-process, with the dense cutoff at 1, the all-keep bundle also runs the
-block-sparse path itself (text keys, HunyuanVideo's padding mask, Mochi's cropped text) and must match dense.
+block-sparse path itself (text keys, HunyuanVideo's padding mask, Mochi's cropped text) and must match dense, and
+each routed HunyuanVideo call of a banded bundle must equal the sparse reference with the masks on the tokens that
+really are the video (ComfyUI 0.3.x puts the text after the video, 0.19+ before it: run the module on both).
 """
 
 from __future__ import annotations
@@ -456,21 +458,22 @@ def test_hunyuan_sparse_attention_is_the_reference_on_the_true_video_tokens(huny
     for rec in records:
         q, k, v = rec["qkv"]  # (B, H, L, D): HunyuanVideo's attention passes skip_reshape
         L = q.shape[2]
+        assert L - V == TEXT
         o = _true_video_start(rec["ids"], video_ids)
         assert rec["position"] == ("start" if o else "end")
-        text = [i for i in range(L) if not o <= i < o + V]
-        assert L - V == TEXT
-        bias = None
-        if padded:
-            mask = rec["mask"]
-            assert mask is not None and mask.shape[-1] == L
-            bias = mask.reshape(-1, L)[:, text].float()
-            assert int((bias != 0).sum()) == padded  # the padded text keys, wherever the text sits
+        mask = rec["mask"].reshape(-1, L).float() if padded else None
+        if padded:  # the padded text keys, and only they, carry the mask
+            text = [i for i in range(L) if not o <= i < o + V]
+            assert int((mask[:, text] != 0).sum()) == padded and not mask[:, o:o + V].any()
+        else:
+            assert rec["mask"] is None
         skip = bundle.skip_lists(bundle.bucket_for_sigma(rec["sigma"])).layer(rec["layer"])
 
         def reference(start):
+            """The sparse reference with the masks on tokens [start, start + V): video moved first (the
+            reference's own order), the rest as text with the mask's entries there as its bias, moved back."""
             order = torch.tensor(list(range(start, start + V)) + [i for i in range(L) if not start <= i < start + V])
-            tb = None if bias is None else (rec["mask"].reshape(-1, L)[:, order[V:]].float())
+            tb = None if mask is None else mask[:, order[V:]]
             ref = sparse_attention_reference(*(t[:, :, order] for t in (q, k, v)), skip, text_bias=tb)
             ref = ref[:, :, torch.argsort(order)]
             return ref.transpose(1, 2).reshape(rec["out"].shape)  # ComfyUI's (B, L, H*D) output
