@@ -4,14 +4,17 @@ Installed pieces (all on the clone; the input model is never touched):
 - transformer_options["optimized_attention_override"]: the AttentionRouter, wrapped in a _RouterOverride whose
   dense fallback is the override that was already there (an attention-backend selector, another sparse
   attention), else ComfyUI's `func` (the global backend);
-- one "dit" block patch per transformer block that puts our layer index into transformer_options (ComfyUI
-  0.3.x has no block_index; newer versions have one and we read either);
+- one "dit" block patch per transformer block that puts our layer index and a per-block call counter into
+  transformer_options (ComfyUI 0.3.x has no block_index; where the host sets one, the router uses the host's
+  and checks ours against it) and shows the router the block's arguments (the RoPE table it reads the text
+  position from when a call carries no other layout fact);
 - an OUTER_SAMPLE wrapper: once per sampling run it reads the latent shape and the sigma schedule (one host
   copy), checks the bundle fits, and tears down afterwards;
-- an APPLY_MODEL wrapper: once per model evaluation it reads the current sigma (the only host sync per step) and
-  the CFG chunk layout, so attention calls themselves never sync; and it puts the router first again in that
-  evaluation's transformer_options when a node applied later replaced or wrapped our override (see
-  _front_override for why here and not in an ON_PREPARE_STATE callback).
+- an APPLY_MODEL wrapper: once per model evaluation it reads the current sigma (transformer_options["sigmas"],
+  which the sampler sets, else the timestep; the only host sync per step) and the CFG chunk layout, so attention
+  calls themselves never sync; and it puts the router first again in that evaluation's transformer_options when
+  a node applied later replaced or wrapped our override (see _front_override for why here and not in an
+  ON_PREPARE_STATE callback).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 from typing import Callable, Optional
 
 import comfy.patcher_extension as pe
+import torch
 
 from .model_info import FamilyLayout, extra_sequence_inputs
 from .routing import CALLS_KEY, LAYER_KEY, AttentionRouter
@@ -62,14 +66,17 @@ def block_keys(layout: FamilyLayout, cfg: dict):
 
 
 class _LayerTag:
-    """dit block patch: hand the block a transformer_options copy that carries our layer index, then run the
-    block (or the patch that was there before, so other block patches keep working)."""
+    """dit block patch: show the router the block's arguments, hand the block a transformer_options copy that
+    carries our layer index and call counter, then run the block (or the patch that was there before, so other
+    block patches keep working)."""
 
-    def __init__(self, layer: int, previous: Optional[Callable]):
+    def __init__(self, layer: int, previous: Optional[Callable], router: AttentionRouter):
         self.layer = layer
         self.previous = previous
+        self.router = router
 
     def __call__(self, args, extra):
+        self.router.note_block(args)
         args = dict(args)
         to = dict(args.get("transformer_options") or {})
         to[LAYER_KEY] = self.layer
@@ -140,7 +147,8 @@ def install(model, router: AttentionRouter, cfg: dict, *, on_begin: Callable = N
 
     existing = to.get("patches_replace", {}).get("dit", {})
     for block_name, index, layer in block_keys(router.layout, cfg):
-        m.set_model_patch_replace(_LayerTag(layer, existing.get((block_name, index))), "dit", block_name, index)
+        m.set_model_patch_replace(_LayerTag(layer, existing.get((block_name, index)), router), "dit", block_name,
+                                  index)
 
     evaluations = [0]  # model evaluations of the current sampling run (for the summary line)
     warned = set()
@@ -221,8 +229,12 @@ def install(model, router: AttentionRouter, cfg: dict, *, on_begin: Callable = N
                 log.info("%s: another attention override is installed (%s); this patch answers each attention call "
                          "first, and the calls it does not route, and its dense steps, go to that override",
                          router.name, _describe(other))
-        # The one host read of sigma per model evaluation; all rows of a batch share it.
-        router.begin_model_call(float(t.reshape(-1)[0]), (to or {}).get("cond_or_uncond"), x.shape[0], x.device)
+        # The one host read of sigma per model evaluation; all rows of a batch share it. The sampler's own
+        # transformer_options["sigmas"] (set in both ComfyUI generations) where present, else the timestep.
+        to = to or {}
+        sigma = to.get("sigmas")
+        sigma = sigma if isinstance(sigma, torch.Tensor) and sigma.numel() else t
+        router.begin_model_call(float(sigma.reshape(-1)[0]), to.get("cond_or_uncond"), x.shape[0], x.device)
         try:
             return executor(x, t, *args, **kwargs)
         finally:
