@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from pathlib import Path
@@ -65,7 +66,8 @@ def gguf_importable() -> str | None:
     try:
         import gguf  # noqa: F401
     except ImportError as e:
-        return f"the gguf package is not installed in {os.path.dirname(os.path.dirname(os.__file__))} ({e})"
+        return (f"needs the gguf package (pip install gguf) in the Python that runs ComfyUI, {sys.executable} "
+                f"({e})")
     return None
 
 

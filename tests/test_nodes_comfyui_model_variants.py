@@ -270,13 +270,14 @@ def test_fp8_weight_checkpoints_patch_and_sample(comfy):
 
 
 # ------------------------------------------------------------------------------------------------- GGUF
-def test_gguf_model_through_comfyui_gguf(comfy, calibrated, facts):
+def test_gguf_model_through_comfyui_gguf(comfy, facts, request):
     """ComfyUI-GGUF's UnetLoaderGGUF loads the tiny Wan written as a Q8_0 / Q4_0 GGUF file; the base-model
     bundles patch it (the patch node accepts its signature), every self-attention call is routed, the output is
     finite, an all-keep bundle reproduces the unpatched GGUF model, and Calibrate Sparse Attention on the GGUF
     model writes a bundle with the safetensors model's signature fingerprint."""
     if comfy.gguf_skip:
         pytest.skip(comfy.gguf_skip)
+    calibrated = request.getfixturevalue("calibrated")  # only once the test is sure to run
     assert "UnetLoaderGGUF" in comfy.object_info(), f"ComfyUI-GGUF did not register:\n{comfy.log_tail()}"
     assert comfy.gguf_counts.get("Q8_0") and comfy.gguf_counts.get("Q4_0"), comfy.gguf_counts
     p = _graph(prompts=2)
