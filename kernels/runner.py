@@ -1,7 +1,7 @@
 """SparseRunner: given a bundle and an AttentionCall, run the right attention.
 
-Per step (not per call) it picks the sigma bucket, builds that bucket's skip lists on the call's device and
-decides, per layer, which heads run block-sparse and which run dense; per call it dispatches:
+Per step (not per call) it picks the sigma bucket, builds that bucket's skip lists on the call's device (letting
+go of the previous bucket's, so one bucket's tables are resident at a time) and decides, per layer, which heads run block-sparse and which run dense; per call it dispatches:
   - dense (kernels/dense.py, cuDNN first) where the step is in a dense window, or for a layer whose heads are all
     denser than the cutoff;
   - the Triton kernel on CUDA (float16/bfloat16, head_dim 16..128), the plain-PyTorch reference elsewhere;
@@ -70,13 +70,24 @@ class SparseRunner:
         self._dense_step = step_fraction is not None and (
             step_fraction < self.dense_first or step_fraction > 1.0 - self.dense_last - 1e-9)
         bucket = self.bundle.bucket_for_sigma(float(sigma))
-        key = (bucket, str(torch.device(device)))
-        if key != self._step_key:
-            self._skip = self.bundle.skip_lists(bucket, device)
-            self._routes = self._layer_routes(bucket, torch.device(device))
-            self._full_heads = {}
-            self._step_key = key
+        self._hold(bucket, device)
         return bucket
+
+    def _hold(self, bucket: int, device):
+        """Make `bucket`'s skip lists and layer routes on `device` the current ones."""
+        key = (bucket, str(torch.device(device)))
+        if key == self._step_key:
+            return
+        if self._step_key is not None:
+            # Only the current bucket's tables stay on the compute device: let go of the previous bucket's (or the
+            # previous device's) before building the next (a run's sigmas fall, so it seldom comes back to one).
+            self._skip = self._routes = None
+            self._full_heads = {}
+            self.bundle.release(*self._step_key)
+        self._skip = self.bundle.skip_lists(bucket, device)
+        self._routes = self._layer_routes(bucket, torch.device(device))
+        self._full_heads = {}
+        self._step_key = key
 
     def _layer_routes(self, bucket: int, device) -> list:
         """Per layer: ("sparse", None), ("dense", None) or ("mixed", (dense-head bool [H], dense-head index))."""
@@ -99,6 +110,11 @@ class SparseRunner:
             raise RuntimeError("call begin_step before asking for a route")
         return self._routes[layer][0]
 
+    @property
+    def held(self):
+        """(bucket, device) whose skip lists this runner holds, or None between sampling runs."""
+        return self._step_key
+
     def end(self):
         self._skip = None
         self._routes = None
@@ -107,8 +123,12 @@ class SparseRunner:
         self.bundle.release()
 
     def __call__(self, call: AttentionCall) -> torch.Tensor:
-        if self._skip is None or self._step_key[1] != str(call.q.device):
+        if self._skip is None:
             self.begin_step(call.sigma, call.q.device)
+        elif self._step_key[1] != str(call.q.device):
+            # The model's calls moved to another device (weights offloaded and streamed, a model split over GPUs):
+            # the same bucket's tables on that device; this step's dense-window decision stands.
+            self._hold(self._step_key[0], call.q.device)
         if self._dense_step:
             return self._dense(call)
         kind, dense_heads = self._routes[call.layer]
