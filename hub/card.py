@@ -57,7 +57,7 @@ def card_metadata(bundle, sha256: str, size: int, file_name: str, reference=None
 def _body(meta: dict, title: str) -> str:
     m, g = meta["model"], meta["grid"]
     family = FAMILY_NAMES.get(m["family"], m["family"])
-    extra = ", ".join(f"{k}={v}" for k, v in sorted(m["extra"].items())) or "none"
+    extra = "".join(f", {k}={v}" for k, v in sorted(m["extra"].items()))
     use = (f"Paste this into **Load Mask Bundle**'s `hub_reference` input:\n\n```\n{meta['reference']}\n```\n\n"
            if meta.get("reference") else
            "Load it with **Load Mask Bundle** (`hub_reference`: `hf://<owner>/<repo>/"
@@ -84,7 +84,7 @@ def _body(meta: dict, title: str) -> str:
         "| | |",
         "|---|---|",
         f"| model family | {m['family']} ({family}) |",
-        f"| signature | {m['num_layers']} layers x {m['num_heads']} heads x {m['head_dim']}, hidden {m['dim']}, "
+        f"| signature | {m['num_layers']} layers x {m['num_heads']} heads x {m['head_dim']}, hidden {m['dim']}"
         f"{extra} (fingerprint `{m['fingerprint']}`) |",
         f"| video | {g['width']}x{g['height']} px, {g['frames']} frames = {g['latent_tokens'][0]}x"
         f"{g['latent_tokens'][1]}x{g['latent_tokens'][2]} latent tokens |",

@@ -241,7 +241,7 @@ def _network_error(exc: BaseException, ref: Reference, host: str) -> Optional[Hu
         return HubError(E.TIMEOUT, f"{host} did not answer in time. Retry later; on a slow connection raise "
                                    "CALIBATT_HUB_TIMEOUT (and HF_HUB_DOWNLOAD_TIMEOUT for hf:// references)",
                         reference=ref_text)
-    if {"RemoteProtocolError", "ChunkedEncodingError", "IncompleteRead", "ProtocolError"} & names or \
+    if {"RemoteProtocolError", "ChunkedEncodingError", "IncompleteRead", "ProtocolError", "ReadError"} & names or \
             "Consistency check failed" in text:
         return HubError(E.CUT, f"the download from {host} was cut off before the end and could not be resumed; "
                                "nothing was kept. Run the workflow again to retry", reference=ref_text)
@@ -392,17 +392,18 @@ def _fetch_https(ref: Reference, dest: Path, transfer: _Transfer, timeout: float
                         if any(h.url.lower().startswith("http://") for h in (*r.history, r)):
                             raise HubError(E.BAD_REFERENCE, "the server redirected to plain http://; refused",
                                            reference=ref.canonical())
-                        if r.status_code == 206 and done and r.headers.get("Content-Range", "").startswith(
-                                f"bytes {done}-"):
-                            pass  # resumed where the cut left off
-                        elif r.status_code == 200 or (r.status_code == 416 and done):
-                            if r.status_code == 416:
-                                done = 0
-                                continue
+                        resumed = r.status_code == 206 and done and r.headers.get("Content-Range", "").startswith(
+                            f"bytes {done}-")
+                        if not resumed and done and r.status_code in (206, 416):
+                            done, validator = 0, None  # the server cannot continue this file: start over
+                            f.seek(0)
+                            f.truncate()
+                            continue
+                        if r.status_code == 200:
                             f.seek(0)
                             f.truncate()
                             done = 0
-                        else:
+                        elif not resumed:
                             raise _status_error(r.status_code, ref, _host(ref, None))
                         length = r.headers.get("Content-Length")
                         total = done + int(length) if length is not None and length.isdigit() else None

@@ -125,7 +125,13 @@ def validate(bundle_name, hub_reference="") -> "bool | str":
         except HubError as e:
             return str(e)
         return True
-    if bundle_name in paths.list_bundles() or (is_catalog_label(bundle_name) and bundle_name in catalog_labels()):
-        return True
+    if isinstance(bundle_name, str) and bundle_name:
+        if is_catalog_label(bundle_name):
+            found = bundle_name in catalog_labels()
+        else:  # get_full_path takes either separator and looks in every sparse_attention folder
+            found = (bundle_name.lower().endswith(paths.EXTENSION)
+                     and folder_paths.get_full_path(paths.FOLDER, bundle_name) is not None)
+        if found:
+            return True
     return (f"mask bundle '{bundle_name}' is not in models/sparse_attention/: put the file there, calibrate one, "
             "pick a catalog entry, or paste a hub reference (hf://owner/repo/file.safetensors) into hub_reference")
