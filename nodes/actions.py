@@ -81,4 +81,5 @@ def preview_bundle(bundle: MaskBundle):
     return preview_images(bundle)
 
 
-__all__ = ["load_mask_bundle", "bundle_file_fingerprint", "validate_load_inputs", "patch_model_attention", "preview_bundle"]
+__all__ = ["load_mask_bundle", "bundle_file_fingerprint", "validate_load_inputs", "patch_model_attention",
+           "preview_bundle"]
