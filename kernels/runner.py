@@ -1,6 +1,7 @@
 """SparseRunner: given a bundle and an AttentionCall, run the right attention.
 
-Per step (not per call) it picks the sigma bucket, builds that bucket's skip lists on the call's device and
+Per step (not per call) it picks the sigma bucket, puts that bucket's packed masks on the call's device
+(kernels/bucket_tables.py: each layer's skip-list table is built right before its call, into one reused buffer) and
 decides, per layer, which heads run block-sparse and which run dense; per call it dispatches:
   - dense (kernels/dense.py, cuDNN first) where the step is in a dense window, or for a layer whose heads are all
     denser than the cutoff;
@@ -21,7 +22,8 @@ from typing import Optional
 import torch
 
 from ..masks.bundle import MaskBundle
-from ..masks.transfer import to_device_async
+from ..masks.transfer import canonical_device, to_device_async
+from .bucket_tables import BucketTables
 from .call import AttentionCall
 from .dense import dense_attention
 from .reference import sparse_attention_reference
@@ -58,9 +60,8 @@ class SparseRunner:
         self.dense_last = dense_last
         self.dense_cutoff = dense_cutoff
         self._step_key = None
-        self._skip = None
+        self._tables: Optional[BucketTables] = None
         self._routes = None
-        self._full_heads: dict = {}
         self._dense_step = False
         self._densities = bundle.entry_densities()  # [buckets, L, H] host-side, computed once
 
@@ -70,11 +71,16 @@ class SparseRunner:
         self._dense_step = step_fraction is not None and (
             step_fraction < self.dense_first or step_fraction > 1.0 - self.dense_last - 1e-9)
         bucket = self.bundle.bucket_for_sigma(float(sigma))
-        key = (bucket, str(torch.device(device)))
+        device = canonical_device(device)  # "cuda" and the calls' "cuda:0" must not look like two devices
+        key = (bucket, str(device))
         if key != self._step_key:
-            self._skip = self.bundle.skip_lists(bucket, device)
-            self._routes = self._layer_routes(bucket, torch.device(device))
-            self._full_heads = {}
+            # Drop the last bucket's device state before making the next: one bucket is held at a time.
+            self._tables = None
+            self._routes = self._layer_routes(bucket, device)
+            above = self._densities[bucket] > self.dense_cutoff
+            mixed = above.any(-1) & ~above.all(-1)
+            self._tables = BucketTables(self.bundle, bucket, device, full_heads=above & mixed[:, None],
+                                        layers=[l for l, r in enumerate(self._routes) if r[0] != "dense"])
             self._step_key = key
         return bucket
 
@@ -99,15 +105,21 @@ class SparseRunner:
             raise RuntimeError("call begin_step before asking for a route")
         return self._routes[layer][0]
 
+    def held_bytes(self) -> int:
+        """Bytes of the device tensors the runner keeps for the current bucket: its packed masks, the table buffer
+        (or tables), per-layer repetition and routing tables. 0 before begin_step and after end()."""
+        if self._tables is None:
+            return 0
+        return self._tables.held_bytes([t for _, heads in self._routes if heads is not None for t in heads])
+
     def end(self):
-        self._skip = None
+        self._tables = None
         self._routes = None
-        self._full_heads = {}
         self._step_key = None
         self.bundle.release()
 
     def __call__(self, call: AttentionCall) -> torch.Tensor:
-        if self._skip is None or self._step_key[1] != str(call.q.device):
+        if self._tables is None or self._step_key[1] != str(call.q.device):
             self.begin_step(call.sigma, call.q.device)
         if self._dense_step:
             return self._dense(call)
@@ -117,17 +129,13 @@ class SparseRunner:
         vs = call.video_start
         if kind == "dense":
             return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias, video_start=vs))
-        layer = self._skip.layer(call.layer)
         out = None
         if self._triton_ok(q):
-            if dense_heads is not None:
-                # A mixed layer: its dense heads list every key block, so one launch computes them exactly. Our
-                # kernel is within a few % of cuDNN on full rows, and this saves gathering those heads' q/k/v, a
-                # second launch and the scatter back (which cost more than the attention at small sizes).
-                full = self._full_heads.get(call.layer)
-                if full is None:
-                    full = self._full_heads[call.layer] = layer.with_full_heads(dense_heads[0])
-                layer, dense_heads = full, None
+            # A mixed layer: its dense heads list every key block, so one launch computes them exactly. Our kernel is
+            # within a few % of cuDNN on full rows, and this saves gathering those heads' q/k/v, a second launch and
+            # the scatter back (which cost more than the attention at small sizes).
+            layer = self._tables.layer(call.layer, full=dense_heads is not None)
+            dense_heads = None
             try:
                 from .triton_attention import sparse_attention_triton
                 out = sparse_attention_triton(q, k, v, layer, scale=call.scale, text_bias=bias, video_start=vs)
@@ -142,6 +150,7 @@ class SparseRunner:
                 return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias,
                                                            video_start=vs))
         if out is None:
+            layer = self._tables.layer(call.layer)
             out = sparse_attention_reference(q, k, v, layer, scale=call.scale, text_bias=bias, video_start=vs)
         if dense_heads is not None:
             idx = dense_heads[1]
