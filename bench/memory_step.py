@@ -293,7 +293,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dense-layers", type=int, default=3, help="cuDNN dense calls timed, and calls run in the "
                     "all-dense bucket")
-    ap.add_argument("--budget-s", type=float, default=200.0, help="skip further repeats past this wall time")
+    ap.add_argument("--budget-s", type=float, default=150.0, help="skip further repeats past this wall time")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     t_start = time.time()
