@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
+from ..masks.signatures import current
 from . import errors as E
 from .errors import HubError
 from .reference import HUB_DIR, Reference, parse
@@ -117,15 +118,16 @@ def entry_for(bundle, reference, sha256: str, size: int, title: str = "") -> Cat
     if ref.sha256 is not None and ref.sha256 != sha256:
         raise HubError(E.CATALOG, f"the reference pins sha256 {ref.sha256}, but the bundle file has {sha256}",
                        reference=ref.canonical())
+    # The fingerprint of the signature as a loaded file reads (a signature in an older form is read in today's).
     return CatalogEntry(ref.canonical(with_sha256=False), sha256, bundle.signature.family,
-                        bundle.signature.fingerprint(), grid_facts(bundle.grid), len(bundle.calibrated_sigmas),
+                        current(bundle.signature).fingerprint(), grid_facts(bundle.grid), len(bundle.calibrated_sigmas),
                         round(float(bundle.density), 4), int(size), title)
 
 
 def check_bundle(entry: CatalogEntry, bundle):
     """The downloaded bundle must be what the entry says (the sha256 already ties the file to the entry; this
     catches an entry written for another file)."""
-    facts = {"family": bundle.signature.family, "fingerprint": bundle.signature.fingerprint(),
+    facts = {"family": bundle.signature.family, "fingerprint": current(bundle.signature).fingerprint(),
              "latent_tokens": grid_facts(bundle.grid)["latent_tokens"], "steps": len(bundle.calibrated_sigmas)}
     said = {"family": entry.family, "fingerprint": entry.fingerprint, "latent_tokens": entry.grid["latent_tokens"],
             "steps": entry.steps}

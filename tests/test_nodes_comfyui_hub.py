@@ -29,13 +29,14 @@ from hub_server import Fault, HubServer
 pytestmark = H.NEEDS_COMFYUI
 
 from calibatt.hub.catalog import add_entry, entry_for  # noqa: E402
-from calibatt.masks import ModelSignature, TokenGrid, save_bundle  # noqa: E402
+from calibatt.masks import ModelSignature, TokenGrid, save_bundle, signatures  # noqa: E402
 
 MB = 1 << 20
 REPO = "calibatt-test/tiny-bundles"
 W, HGT, LEN, BLOCK, STEPS = 128, 64, 9, 16, 3  # latent [1, 16, 3, 8, 16] -> 3 x 4 x 8 tokens
 GRID = TokenGrid(frames=3, height=4, width=8)
-SIGNATURE = ModelSignature("wan21", 2, 2, 128, 256, {"in_channels": 16, "model_type": "t2v"})
+SIGNATURE = signatures.wan(num_layers=2, num_heads=2, head_dim=128, in_channels=16, out_channels=16, patch=(1, 2, 2),
+                           image_embedding=False)
 
 
 _FIRST = {}
