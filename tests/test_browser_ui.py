@@ -47,8 +47,10 @@ LOADER_FOLDERS = {"UNETLoader": "diffusion_models", "CLIPLoader": "text_encoders
 MODEL_FILE = re.compile(r"\.(safetensors|gguf|pt|pth|ckpt)$")
 
 # A returning user's settings: the first-run template gallery closed, the minimap off (it covers the graph in the
-# screenshots). Nothing here changes how a workflow loads.
-USER_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
+# screenshots), node contents drawn at every zoom (the newer frontend draws plain boxes below a font size; the
+# whole workflow on one screen is below it). Nothing here changes how a workflow loads.
+USER_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
+                 "LiteGraph.Canvas.MinFontSizeForLOD": 0}
 
 APP_READY = ("return !!(window.app && window.app.graph && window.LiteGraph && document.querySelector('#comfy-file-input')"
              " && window.app.extensionManager && window.app.extensionManager.command)")
@@ -164,8 +166,20 @@ def _open_file(browser: Browser, path: Path, node_count: int):
 
 
 def _fit_view(browser: Browser):
-    browser.js("window.app.canvas.deselectAll && window.app.canvas.deselectAll();"
-               "return window.app.extensionManager.command.execute('Comfy.Canvas.FitView')")
+    """The whole graph on screen, as large as it fits between the UI's bars (the frontends' own Fit View leaves wide
+    margins in one version and not the other, so the screenshots would differ by version for no reason)."""
+    browser.js("""
+        const c = window.app.canvas, g = window.app.graph, r = c.canvas.getBoundingClientRect();
+        c.deselectAll && c.deselectAll();
+        const title = window.LiteGraph.NODE_TITLE_HEIGHT || 30;
+        const xs = g._nodes.flatMap(n => [n.pos[0], n.pos[0] + n.size[0]]);
+        const ys = g._nodes.flatMap(n => [n.pos[1] - title, n.pos[1] + n.size[1]]);
+        const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+        const left = 90, top = 120, right = 50, bottom = 80;  // the sidebar, tab and menu bars, the zoom controls
+        const scale = Math.min(1.0, (r.width - left - right) / (x1 - x0), (r.height - top - bottom) / (y1 - y0));
+        c.ds.scale = scale;
+        c.ds.offset = [left / scale - x0, top / scale - y0];
+        c.setDirty(true, true);""")
     time.sleep(0.8)
 
 
@@ -218,9 +232,11 @@ def _open_help(browser: Browser, node_id: int) -> str:
                             timeout=20, what="the node help panel")
 
 
-def _close_help(browser: Browser):
-    """Back to a clear canvas: close the side panel that Node Info opened (press Node Info again)."""
-    browser.js("""const b = document.querySelector('[data-testid=info-button]'); if (b) b.click();
+def _close_side_panels(browser: Browser):
+    """Back to a clear canvas: the newer frontend opens help in a right side panel that stays open (a setting, so
+    across page loads too); the older one in the node library tab, which a page load closes."""
+    browser.js("""const s = window.app.extensionManager.setting;
+                  if (s.get('Comfy.RightSidePanel.IsOpen') === true) s.set('Comfy.RightSidePanel.IsOpen', false);
                   window.app.canvas.deselectAll && window.app.canvas.deselectAll();""")
     time.sleep(0.5)
 
@@ -283,21 +299,23 @@ def test_node_help_opens_from_the_canvas(ui, node_id):
     browser.js("""window.app.graph.clear();
                   const n = window.LiteGraph.createNode(arguments[0]); n.pos = [120, 160];
                   window.app.graph.add(n); window.app.canvas.setDirty(true, true);""", node_id)
-    _fit_view(browser)
-    browser.js("window.app.canvas.ds.scale = 1.0; window.app.canvas.ds.offset = [0, 0];"
-               "window.app.canvas.setDirty(true, true)")
+    # at 100 %, in the middle of the canvas: clear of the side panels a previous help may have left open
+    browser.js("""const c = window.app.canvas, r = c.canvas.getBoundingClientRect(), n = window.app.graph._nodes[0];
+                  c.ds.scale = 1.0; c.ds.offset = [r.width * 0.4 - n.pos[0], r.height * 0.35 - n.pos[1]];
+                  c.setDirty(true, true);""")
     time.sleep(0.5)
     node = browser.js("return window.app.graph._nodes[0].id")
     text = _open_help(browser, node)
     flat = " ".join(text.split())
     assert heading in flat and opening in flat, f"help panel for {node_id} shows: {flat[:300]}"
     browser.screenshot(shots / f"help_{node_id}.png")
-    _close_help(browser)
+    _close_side_panels(browser)
 
 
 def test_mask_bundle_preview_runs_from_the_run_button(ui):
     server, browser, shots = ui
-    _load_page(browser, server.url)  # a fresh page: no side panel left open by the help tests
+    _load_page(browser, server.url)  # a fresh page, no side panel left open by the help tests
+    _close_side_panels(browser)
     browser.js("""
         const g = window.app.graph; g.clear();
         const load = window.LiteGraph.createNode('LoadMaskBundle'); load.pos = [40, 120]; g.add(load);
