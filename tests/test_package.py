@@ -127,3 +127,20 @@ def test_requires_comfyui_is_the_oldest_version_the_tests_run_against():
         pytest.skip("no ComfyUI trees here (../shared/comfyui or ~/.cache/calibatt/comfyui) to compare with")
     comfy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]
     assert comfy["requires-comfyui"] == ">=" + ".".join(map(str, versions[0]))
+
+
+def test_readme_screenshots_exist_and_are_the_browser_tests():
+    """The README's pictures are files the browser test writes (tests/test_browser_ui.py; make screenshots): a
+    workflow of workflows/, a node's help, or Mask Bundle Preview's output."""
+    readme = (ROOT / "README.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert images, "the README shows no screenshots"
+    workflows = {p.stem for p in (ROOT / "workflows").glob("*.json")}
+    nodes = {p.stem for p in (ROOT / "web" / "docs").glob("*.md")}
+    for rel in images:
+        path = ROOT / rel
+        assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG", rel
+        assert re.fullmatch(r"docs/screenshots/comfyui-[0-9.]+/[^/]+\.png", rel), rel
+        stem = path.stem
+        assert stem in workflows or stem == "mask_bundle_preview" or \
+            (stem.startswith("help_") and stem[5:] in nodes), f"{rel} is not a picture the browser test takes"
