@@ -197,6 +197,22 @@ def _error_texts(browser: Browser) -> list:
     """)
 
 
+def _graph_state(browser: Browser) -> dict:
+    """What the UI made of the loaded graph: node types it does not know, titles, the widget values it would save,
+    and choice widgets whose value is not among their choices."""
+    return browser.js("""
+        const g = window.app.graph, reg = window.LiteGraph.registered_node_types;
+        const saved = g.serialize();
+        return {
+          missing: g._nodes.filter(n => !reg[n.type] || n.has_errors).map(n => n.type),
+          titles: Object.fromEntries(g._nodes.map(n => [n.id, n.title])),
+          values: Object.fromEntries(saved.nodes.map(n => [n.id, n.widgets_values || []])),
+          bad_choices: g._nodes.flatMap(n => (n.widgets || []).filter(w => w.type === 'combo'
+              && Array.isArray(w.options?.values) && !w.options.values.includes(w.value))
+              .map(w => `${n.type}.${w.name} = ${w.value}`)),
+        };""")
+
+
 def _js_errors(browser: Browser) -> list:
     """Console errors from scripts (not the 404s of absent optional user files, which are network entries)."""
     return [e["message"] for e in browser.console()
@@ -266,17 +282,7 @@ def test_workflow_opens_in_the_ui(ui, wf_path):
     browser.console()
     _open_file(browser, wf_path, len(wf["nodes"]))
 
-    state = browser.js("""
-        const g = window.app.graph, reg = window.LiteGraph.registered_node_types;
-        const saved = g.serialize();
-        return {
-          missing: g._nodes.filter(n => !reg[n.type] || n.has_errors).map(n => n.type),
-          titles: Object.fromEntries(g._nodes.map(n => [n.id, n.title])),
-          values: Object.fromEntries(saved.nodes.map(n => [n.id, n.widgets_values || []])),
-          bad_choices: g._nodes.flatMap(n => (n.widgets || []).filter(w => w.type === 'combo'
-              && Array.isArray(w.options?.values) && !w.options.values.includes(w.value))
-              .map(w => `${n.type}.${w.name} = ${w.value}`)),
-        };""")
+    state = _graph_state(browser)
     assert state["missing"] == [], f"{wf_path.name}: missing node types in the UI: {state['missing']}"
     assert _error_texts(browser) == [], f"{wf_path.name}: the UI reports: {_error_texts(browser)}"
     assert _js_errors(browser) == [], f"{wf_path.name}: JavaScript errors while loading"
@@ -337,3 +343,23 @@ def test_mask_bundle_preview_runs_from_the_run_button(ui):
     assert _error_texts(browser) == [] and _js_errors(browser) == []
     _fit_view(browser)
     browser.screenshot(shots / "mask_bundle_preview.png")
+
+
+def test_the_checks_see_a_broken_workflow(ui, tmp_path):
+    """The same checks on a workflow with a node type no one registered and a bundle that is not there: the UI
+    flags the node as missing and says so, and the bundle choice is not among the choices."""
+    server, browser, _ = ui
+    wf = json.loads((REPO / "workflows" / "wan21_t2v_sparse.json").read_text())
+    for n in wf["nodes"]:
+        if n["type"] == "ModelSamplingSD3":
+            n["type"] = n["properties"]["Node name for S&R"] = "CalibAttNoSuchNode"
+        if n["type"] == "LoadMaskBundle":
+            n["widgets_values"] = ["not_in_the_folder.safetensors"]
+    broken = tmp_path / "broken_workflow.json"
+    broken.write_text(json.dumps(wf))
+    _open_file(browser, broken, len(wf["nodes"]))
+    state = _graph_state(browser)
+    assert "CalibAttNoSuchNode" in state["missing"]
+    assert any("CalibAttNoSuchNode" in t or "missing" in t.lower() for t in _error_texts(browser))
+    assert "LoadMaskBundle.bundle_name = not_in_the_folder.safetensors" in state["bad_choices"]
+    _load_page(browser, server.url)  # leave no dialog behind for the next test
