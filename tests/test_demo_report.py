@@ -104,3 +104,16 @@ def test_display_caption_reads_as_english():
         "a blue circle moving left over a purple grid"
     # only the label changes: the model's prompt (its grammar) still parses
     assert parse_caption("a orange circle moving right over a white dots").texture == 3
+
+
+def test_what_it_shows_by_device():
+    """The GPU run reports its measured speed; the CPU run says speed is not what it measures (the GPU branch is
+    checked here as text: no GPU on this machine)."""
+    demo = _demo_module()
+    gpu = demo._what_it_shows(True, 0.80, 1.13, 8192)
+    assert "1.13x the speed of dense" in gpu["speed"] and "Triton" in gpu["speed"] and "speed" in gpu["summary"]
+    assert "8,192 tokens" in gpu["sparsity"]
+    cpu = demo._what_it_shows(False, 0.96, 0.54, 2048)
+    assert cpu["speed"].startswith("not measured by this run") and "(0.54x)" in cpu["speed"]
+    assert "CUDA GPU" in cpu["summary"]
+    assert demo._what_it_shows(False, 0.35, 0.5, 75600)["sparsity"] == "the rest were skipped"
