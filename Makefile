@@ -5,9 +5,16 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+DEMO_STAMP := $(VENV)/.demo-setup-done
 STAMP := $(VENV)/.setup-done
-DEV_PACKAGES := triton==3.6.0 numpy==2.4.6 safetensors==0.8.0 hypothesis==6.170.15 pytest==9.2.0 \
-	pytest-timeout==2.4.0 tqdm==4.70.1 pillow==13.0.0 diffusers==0.42.1
+# What the demo needs. triton only where a CUDA GPU runs the sparse kernel: on a CPU the demo's sparse path is the
+# PyTorch reference, and triton is 640 MB to unpack (a third of the setup time on the 2-core machine).
+DEMO_PACKAGES := numpy==2.4.6 safetensors==0.8.0 tqdm==4.70.1 pillow==13.0.0 diffusers==0.42.1 \
+	$(if $(shell command -v nvidia-smi 2>/dev/null),triton==3.6.0)
+# What the tests add (the Triton kernels run on the CPU under triton's interpreter there).
+TEST_PACKAGES := triton==3.6.0 hypothesis==6.170.15 pytest==9.2.0 pytest-timeout==2.4.0
+# --no-compile: Python compiles what it imports on first use; compiling all of torch up front costs CPU time
+PIP := $(PY) -m pip install -q --disable-pip-version-check --no-compile
 
 # The real-ComfyUI tests run against every ComfyUI tree in $(SHARED)/comfyui, extracted outside the repository into
 # $(COMFY_TREES), with one venv for all of them (scripts/comfyui_hosts.sh; rebuilt when a requirements file changes).
@@ -15,21 +22,29 @@ SHARED ?= ../shared
 COMFY_TREES ?= $(HOME)/.cache/calibatt/comfyui
 COMFY_VENV := .venv-comfy
 
-.PHONY: setup test demo bench-size clean
+.PHONY: setup demo-setup test demo screenshots bench-size clean
 
 setup: $(STAMP)
+demo-setup: $(DEMO_STAMP)
 
-$(STAMP): Makefile
+$(DEMO_STAMP): Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -q --disable-pip-version-check $(DEV_PACKAGES)
+	$(PIP) torch==2.13.0 $(DEMO_PACKAGES)
+	touch $(DEMO_STAMP)
+
+$(STAMP): $(DEMO_STAMP)
+	$(PIP) $(TEST_PACKAGES)
 	touch $(STAMP)
 
 test: setup
 	bash scripts/run_tests.sh $(SHARED) $(COMFY_TREES) $(COMFY_VENV)
 
-demo: setup
+demo: demo-setup
 	$(PY) demo/run_demo.py
+
+# The README's screenshots, from the browser test against the newest ComfyUI tree (needs Debian's chromium).
+screenshots: setup
+	bash scripts/screenshots.sh $(SHARED) $(COMFY_TREES) $(COMFY_VENV)
 
 bench-size: setup
 	$(PY) bench/bench_bundle_size.py

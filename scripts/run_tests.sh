@@ -18,6 +18,7 @@ if [ -d "$shared/comfyui" ]; then
     fi
     mapfile -t hosts < "$list"
     rm -f "$list"
+    bash scripts/browser_deps.sh
 else
     hosts=()
     echo "run_tests: $shared/comfyui is absent, so the real-ComfyUI tests skip (they need its ComfyUI trees)"

@@ -5,6 +5,9 @@ import pathlib
 import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import calibatt
 
@@ -191,3 +194,72 @@ def test_requirements_do_not_pull_torch():
 def test_versions_agree():
     py = (ROOT / "pyproject.toml").read_text()
     assert f'version = "{calibatt.__version__}"' in py
+
+
+PLACEHOLDER = "UNKNOWN-UNTIL-PUBLISHED"
+
+
+def _tested_comfyui_versions() -> list:
+    """ComfyUI versions make test / CI run against: the archives in ../shared/comfyui or the extracted trees."""
+    found = set()
+    for folder in (ROOT.parent / "shared" / "comfyui", Path.home() / ".cache" / "calibatt" / "comfyui"):
+        for p in folder.glob("comfyui-*"):
+            m = re.fullmatch(r"comfyui-(\d+(?:\.\d+)*)(?:\.tgz)?", p.name)
+            if m:
+                found.add(tuple(int(x) for x in m.group(1).split(".")))
+    return sorted(found)
+
+
+def test_pyproject_is_complete_for_the_comfy_registry():
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project, comfy = meta["project"], meta["tool"]["comfy"]
+    name = project["name"]
+    # the registry's rules for a node id: < 100 characters of [A-Za-z0-9._-], no two special characters in a row,
+    # starts with a letter; and its advice: no "ComfyUI" in it
+    assert len(name) < 100 and re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", name) and not re.search(r"[._-]{2}", name)
+    assert "comfyui" not in name.lower()
+    assert project["version"] == calibatt.__version__ and re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    assert len(project["description"]) > 40 and project["license"] and project["requires-python"]
+    assert project["dependencies"] == []  # requirements.txt is empty on purpose, see test above
+    assert comfy["DisplayName"]
+    for folder in comfy["includes"]:
+        assert (ROOT / folder).is_dir(), folder
+    assert {"web", "workflows"} <= set(comfy["includes"])
+    # fields that cannot be known before the first publication carry one documented placeholder
+    unknown = [k for k, v in (("Repository", project["urls"]["Repository"]), ("PublisherId", comfy["PublisherId"]))
+               if v == PLACEHOLDER]
+    if unknown:
+        publishing = (ROOT / "docs" / "COMFYUI.md").read_text().split("## Publishing", 1)
+        assert len(publishing) == 2 and PLACEHOLDER in publishing[1], "docs/COMFYUI.md must say what to fill in"
+        assert all(k in publishing[1] for k in unknown)
+    else:
+        assert project["urls"]["Repository"].startswith("https://")
+
+
+def test_requires_comfyui_is_the_oldest_version_the_tests_run_against():
+    import tomllib
+
+    versions = _tested_comfyui_versions()
+    if not versions:
+        pytest.skip("no ComfyUI trees here (../shared/comfyui or ~/.cache/calibatt/comfyui) to compare with")
+    comfy = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["comfy"]
+    assert comfy["requires-comfyui"] == ">=" + ".".join(map(str, versions[0]))
+
+
+def test_readme_screenshots_exist_and_are_the_browser_tests():
+    """The README's pictures are files the browser test writes (tests/test_browser_ui.py; make screenshots): a
+    workflow of workflows/, a node's help, or Mask Bundle Preview's output."""
+    readme = (ROOT / "README.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert images, "the README shows no screenshots"
+    workflows = {p.stem for p in (ROOT / "workflows").glob("*.json")}
+    nodes = {p.stem for p in (ROOT / "web" / "docs").glob("*.md")}
+    for rel in images:
+        path = ROOT / rel
+        assert path.is_file() and path.read_bytes()[:4] == b"\x89PNG", rel
+        assert re.fullmatch(r"docs/screenshots/comfyui-[0-9.]+/[^/]+\.png", rel), rel
+        stem = path.stem
+        assert stem in workflows or stem == "mask_bundle_preview" or \
+            (stem.startswith("help_") and stem[5:] in nodes), f"{rel} is not a picture the browser test takes"

@@ -60,6 +60,27 @@ class Spec:
         return self.motion >= 0 and is_held_out(self.color, self.shape, self.motion)
 
 
+_PLURAL_TEXTURES = ("stripes", "dots")
+
+
+def display_caption(caption: str) -> str:
+    """A caption as a person writes it, for labels only: "an orange circle ... over white dots".
+
+    The model reads the grammar's own form ("a orange circle ... over a white dots"): its vocabulary has no "an"
+    and it was trained on that form, so prompts stay as they are and only what is shown to people changes.
+    """
+    words = caption.split()
+    out = []
+    for i, w in enumerate(words):
+        nxt = words[i + 1] if i + 1 < len(words) else ""
+        if w == "a" and i >= 1 and words[i - 1] == "over" and i + 2 < len(words) and words[i + 2] in _PLURAL_TEXTURES:
+            continue  # "over a white dots" -> "over white dots"
+        if w == "a" and nxt[:1] in "aeiou" and nxt:
+            w = "an"
+        out.append(w)
+    return " ".join(out)
+
+
 def parse_caption(caption: str) -> Spec:
     """Inverse of Spec.caption (used to render the ground truth of a prompt); ValueError names the bad part."""
     words = caption.strip().lower().split()
