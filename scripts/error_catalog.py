@@ -21,7 +21,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "ERRORS.md"
-PACKAGE_DIRS = ("nodes", "masks", "calibration", "kernels", "adapters", "tinywan", "demo")
+PACKAGE_DIRS = ("nodes", "masks", "calibration", "kernels", "adapters", "tinywan", "demo", "hub")
 ROOT_MODULES = ("__init__.py",)
 
 # Functions that raise or warn with a message their callers pass: each call is listed with the helper's own
@@ -30,6 +30,7 @@ RAISING_HELPERS = ("_fail", "fail", "_warn_once")
 # Raises whose message is not text in the code, and why they need no entry of their own.
 PASS_THROUGH = {
     ("calibration/calibrator.py", "IndexError"): "sequence protocol of a lazy list (ends iteration); never shown",
+    ("hub/fetch.py", "err"): "the HubError that classify() built from the client's exception; listed there",
 }
 
 # What each module's messages are about and what a user does about them, in the order the file lists modules.
@@ -46,6 +47,15 @@ MODULE_NOTES = {
                         "warning once per run.",
     "nodes/model_info.py": "The model connected to the nodes: a family or variant the nodes do not support, or a "
                            "latent that does not fit it.",
+    "hub/reference.py": "A hub reference that cannot be used: write it as hf://owner/repo/path/file.safetensors"
+                        "[@revision][#sha256=<hex>] or an https:// link (docs/HUB.md).",
+    "hub/fetch.py": "Getting a bundle from the hub: the message says what failed (network, access, size, checksum, "
+                    "disk) and what to do; nothing half-downloaded is kept (docs/HUB.md).",
+    "hub/catalog.py": "A catalog file or entry that is wrong: fix the file the message names, or use the bundle by "
+                      "reference (docs/HUB.md).",
+    "hub/card.py": "Writing a bundle card: the message names the bundle field or file to fix (docs/HUB.md).",
+    "hub/cli.py": "The hub command line (`python -m hub`): the message names the argument to fix.",
+    "nodes/hub_source.py": "Load Mask Bundle's hub reference or catalog entry: the message says what to change.",
     "masks/bundle_file.py": "Loading a bundle file: it is damaged, not a mask bundle, or from a newer version of "
                             "this package. Recalibrate it (or update the package); the message names the file and "
                             "the field.",
@@ -53,6 +63,12 @@ MODULE_NOTES = {
                        "resolution and length (the message names what differs).",
     "masks/geometry.py": "Model signature or token grid values that cannot be right (a damaged bundle, or a bug in a "
                          "host adapter).",
+    "masks/signatures.py": "A model whose shape facts do not make a signature (a bug in a host adapter, or a model "
+                           "the package does not know): the message names the value.",
+    "kernels/bucket_tables.py": "Skip-list tables of one sigma bucket on the device: a caller's bug or a damaged "
+                                "bundle; the message names the layer or value.",
+    "kernels/triton_tables.py": "The Triton table builder was handed tensors it does not take (a caller's bug); "
+                                "the runner falls back to the PyTorch builder when it cannot compile.",
     "masks/skiplists.py": "Skip lists that do not fit their grid (a damaged bundle or a caller's bug).",
     "masks/sigmas.py": "The bundle's sigma schedule is damaged: recalibrate.",
     "masks/atomic.py": "Writing a file atomically failed (disk full, permissions): free space or fix the folder's "
@@ -144,8 +160,11 @@ def _warning_text(call: ast.Call) -> str | None:
 
 
 def _raise_text(call: ast.Call) -> str | None:
-    """The message of `raise E(msg, field=...)`: "[field] msg" when a field is given (BundleError's form)."""
+    """The message of `raise E(msg, field=...)`: "[field] msg" when a field is given (BundleError's form). HubError
+    takes its kind first: `raise HubError(kind, msg)`; then the message is the second argument."""
     text = _text(call.args[0]) if call.args else None
+    if text is None and len(call.args) > 1 and _callee(call) == "HubError":
+        text = _text(call.args[1])
     if text is None:
         return None
     field = _kw(call, "field")
@@ -213,6 +232,11 @@ def collect() -> tuple[list[Entry], list[str]]:
             entries.append(Entry(rel, where, kind, text))
         helpers = {n.name: _Helper(n, consts) for n in ast.walk(tree)
                    if isinstance(n, ast.FunctionDef) and n.name in RAISING_HELPERS}
+        # Error factories: functions that `return SomeError(...)` for their callers to raise (the hub's). Their
+        # messages are listed where they are built; `raise factory(...)` adds nothing of its own.
+        factories = {n.name for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+                     and any(isinstance(r, ast.Return) and isinstance(r.value, ast.Call)
+                             and _callee(r.value).endswith("Error") for r in ast.walk(n))}
 
         def visit(node, scope):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -226,9 +250,16 @@ def collect() -> tuple[list[Entry], list[str]]:
                 text = _raise_text(call) if call else None
                 if text is not None:
                     add(scope or "(module)", name, text)
+                elif call is not None and name in factories:
+                    pass
                 elif (rel, name) not in PASS_THROUGH:
                     problems.append(f"{rel}:{node.lineno}: raise {ast.unparse(exc)[:80]} has no readable "
                                     f"message; give it one, or name it in PASS_THROUGH with the reason")
+            elif (isinstance(node, ast.Return) and isinstance(node.value, ast.Call)
+                  and _callee(node.value).endswith("Error")):
+                text = _raise_text(node.value)
+                if text is not None:
+                    add(scope or "(module)", _callee(node.value), text)
             elif isinstance(node, ast.Call):
                 callee = _callee(node)
                 if callee in helpers:
