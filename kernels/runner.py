@@ -22,6 +22,7 @@ from ..masks.bundle import MaskBundle
 from ..masks.transfer import to_device_async
 from .call import AttentionCall
 from .dense import dense_attention
+from .ops import build_op_state, is_compiling, sparse_attention_op, traced_sparse_attention
 from .reference import sparse_attention_reference
 
 # Key-block density above which the dense path (cuDNN) is at least as fast as our Triton kernel for that head.
@@ -60,6 +61,9 @@ class SparseRunner:
         self._routes = None
         self._full_heads: dict = {}
         self._dense_step = False
+        self._op_state = None  # what a compiled model's traced calls read (kernels/ops.py)
+        self._op_meta = None
+        self._op_shared: dict = {}
         self._densities = bundle.entry_densities()  # [buckets, L, H] host-side, computed once
 
     def begin_step(self, sigma: float, device, step_fraction: Optional[float] = None):
@@ -74,6 +78,13 @@ class SparseRunner:
             self._routes = self._layer_routes(bucket, torch.device(device))
             self._full_heads = {}
             self._step_key = key
+            if sparse_attention_op is not None:
+                mixed = {l: r[1][0] for l, r in enumerate(self._routes) if r[0] == "mixed"}
+                self._op_state = build_op_state(self.bundle, bucket, self._skip,
+                                                self._densities[bucket] > self.dense_cutoff, mixed, device,
+                                                self._op_shared)
+        if self._op_state is not None:
+            self._op_meta = self._op_state.meta_dense if self._dense_step else self._op_state.meta
         return bucket
 
     def _layer_routes(self, bucket: int, device) -> list:
@@ -102,9 +113,22 @@ class SparseRunner:
         self._routes = None
         self._full_heads = {}
         self._step_key = None
+        self._op_state = None
+        self._op_meta = None
         self.bundle.release()
 
+    @property
+    def traceable(self) -> bool:
+        """Whether a compiled model can trace calls into this runner (AttentionRouter asks): the custom op exists."""
+        return sparse_attention_op is not None
+
     def __call__(self, call: AttentionCall) -> torch.Tensor:
+        if is_compiling():
+            # Traced once, replayed every step: read only the tensors begin_step prepared (kernels/ops.py).
+            if self._op_state is None:
+                raise RuntimeError("calibatt: a compiled model called the sparse runner before begin_step; the "
+                                   "APPLY_MODEL wrapper (nodes/comfy_glue.py) must run outside the compiled model")
+            return traced_sparse_attention(self._op_state, self._op_meta, call)
         if self._skip is None or self._step_key[1] != str(call.q.device):
             self.begin_step(call.sigma, call.q.device)
         if self._dense_step:

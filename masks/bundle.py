@@ -48,6 +48,7 @@ class MaskBundle:
     path: Optional[str] = None
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
     _max_counts: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
+    _layer_widths: Optional[list] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         validate_sigmas(self.calibrated_sigmas, self.step_bucket, self.num_buckets, self.path)
@@ -153,6 +154,15 @@ class MaskBundle:
         """[U] int32: longest row of each distinct mask (sizes padded tables without a device sync)."""
         return self._mask_counts()[0]
 
+    def layer_widths(self) -> list:
+        """Per layer, the longest row over every bucket and head: the width of that layer's kv_indices in every
+        bucket. One width for all buckets keeps the tables' shapes fixed from step to step, which a compiled model
+        needs (kernels/ops.py: a shape change would recompile it, or with ComfyUI's guard filter run stale code);
+        the kernels walk the counts, so the padding costs memory only."""
+        if self._layer_widths is None:
+            self._layer_widths = self.max_counts()[self.entry_mask.long()].amax(dim=(0, 2)).tolist()
+        return self._layer_widths
+
     def entry_densities(self) -> torch.Tensor:
         """[B, L, H] float64 fraction of key blocks computed, repetitive heads at their anchor share."""
         g = self.geometry
@@ -198,7 +208,7 @@ class MaskBundle:
         g = self.geometry
         rep = self.repetition_plan(bucket)
         ids = self.entry_mask[bucket].long()  # [L, H]
-        widths = self.max_counts()[ids].amax(-1).tolist()  # per layer, host-side: no device sync
+        widths = self.layer_widths()  # per layer, host-side: no device sync
         # Several layers per unpack / table build: a build per layer costs ~10 small launches each, which at small
         # sizes (the tiny models: 6 layers, 2 ms per step) rivals the step's attention. The chunk bounds the
         # transient memory (the stable argsort holds int64 indices for every (head, query block, key block)).

@@ -17,6 +17,7 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..kernels.call import AttentionCall
+from ..kernels.ops import is_compiling
 from ..kernels.text_bias import as_text_bias
 from ..masks.geometry import ModelSignature, TokenGrid
 from .model_info import FamilyLayout, grid_from_latent, layer_offset
@@ -133,12 +134,24 @@ class AttentionRouter:
                 self.layout, self.cfg, transformer_options.get("block_type"))
         return None
 
+    def _count_passed(self):
+        # Counters are host state: a traced call (torch.compile) must not write them (dynamo would guard on the
+        # value, or, under ComfyUI's guard filter, write back the value seen when tracing). The routed calls of a
+        # compiled model are counted by the op when it runs (kernels/ops.py, op_runs).
+        if not is_compiling():
+            self.passed += 1
+
     def _call_grid(self, text_tokens: int) -> TokenGrid:
-        g = self._grids.get(text_tokens)
+        # No cache while tracing (torch.compile): the write would be replayed every step, and begin_sampling's fresh
+        # dict would fail a guard on its contents at the next sampling run.
+        compiling = is_compiling()
+        g = None if compiling else self._grids.get(text_tokens)
         if g is None:
             v = self.grid
-            g = self._grids[text_tokens] = TokenGrid(v.frames, v.height, v.width, v.patch, v.order, text_tokens,
-                                                     "end" if text_tokens else "none", v.vae_stride)
+            g = TokenGrid(v.frames, v.height, v.width, v.patch, v.order, text_tokens,
+                          "end" if text_tokens else "none", v.vae_stride)
+            if not compiling:
+                self._grids[text_tokens] = g
         return g
 
     def _warn_once(self, key, msg):
@@ -152,6 +165,8 @@ class AttentionRouter:
         if not self.layout.joint_text:
             self._warn_once("mask", "attention calls with a mask run dense (this model has no joint text tokens)")
             return False, None
+        if is_compiling():
+            return self._traced_text_bias(mask, L, batch, video)
         last = self._last_mask
         if last is not None and last[0] is mask and last[1:3] == (L, batch):
             # The model hands every block the same mask object within one evaluation (held here, so its id cannot
@@ -176,10 +191,25 @@ class AttentionRouter:
             return False, None
         return True, (bias[:, video:] if L > video else None)
 
+    def _traced_text_bias(self, mask: torch.Tensor, L: int, batch: int, video: int):
+        """_text_bias inside a model that torch.compile traces: the conversion only. The per-call cache keyed on the
+        mask object and the one-time check that the video part is zero are host-side (the check reads the tensor:
+        a sync and a graph break), so they are left out; the models that pass such masks (HunyuanVideo) build them
+        zero on the video tokens."""
+        bias = key_padding_bias(mask, L, batch)
+        if bias is None:
+            self._warn_once("mask_shape", f"attention mask of shape {tuple(mask.shape)} is not a key-padding mask "
+                            f"over the call's {L} keys; these calls run dense")
+            return False, None
+        return True, (bias[:, video:] if L > video else None)
+
     def __call__(self, func, *args, **kwargs):
+        compiling = is_compiling()
+        if compiling and not getattr(self.handler, "traceable", False):
+            return _route_untraced(self, func, *args, **kwargs)
         step, grid = self.step, self.grid
         if step is None or grid is None or len(args) < 3:
-            self.passed += 1
+            self._count_passed()
             return func(*args, **kwargs)
         q, k, v = (_unwrap(a) for a in args[:3])
         args = (q, k, v) + tuple(args[3:])
@@ -193,37 +223,48 @@ class AttentionRouter:
         if calls is not None:
             calls[0] += 1
             if calls[0] > 1:  # not the block's self-attention
-                self.passed += 1
+                self._count_passed()
                 return func(*args, **kwargs)
         L = q.shape[seq_axis]
         if k.shape[seq_axis] != L or L < grid.video_tokens or (heads is None and not skip_reshape):
             # cross-attention, a shorter sequence, or a call shape ComfyUI does not use
-            self.passed += 1
+            self._count_passed()
             return func(*args, **kwargs)
         text = L - grid.video_tokens
         if text and not self.layout.joint_text:
             self._warn_once("extra", f"self-attention over {L} tokens, but the latent has {grid.video_tokens}; "
                             "these calls run dense (does the workflow add reference tokens?)")
-            self.passed += 1
+            self._count_passed()
             return func(*args, **kwargs)
         text_bias = None
         if mask is not None:
             usable, text_bias = self._text_bias(mask, L, q.shape[0], grid.video_tokens)
             if not usable:
-                self.passed += 1
+                self._count_passed()
                 return func(*args, **kwargs)
         layer = self.layer_of(to)
         if layer is None or not (0 <= layer < self.signature.num_layers):
             self._warn_once("layer", f"attention call without a usable layer index ({layer}); it runs dense")
-            self.passed += 1
+            self._count_passed()
             return func(*args, **kwargs)
         H = q.shape[1] if skip_reshape else int(heads)
-        call = AttentionCall(q=q, k=k, v=v, layout=layout, heads=H, layer=layer, sigma=step.sigma,
-                             grid=self._call_grid(text), positive_rows=step.positive_rows,
+        # A traced call (torch.compile) reads no per-step value: the graph is recorded once and replayed every step
+        # (kernels/ops.py); the runner takes its per-step facts from tensors prepared outside the compiled model.
+        call = AttentionCall(q=q, k=k, v=v, layout=layout, heads=H, layer=layer,
+                             sigma=float("nan") if compiling else step.sigma, grid=self._call_grid(text),
+                             positive_rows=None if compiling else step.positive_rows,
                              dense=lambda: _as_layout(func(*args, **kwargs), layout, H), text_bias=text_bias)
         out = self.handler(call)
-        self.routed += 1
+        if not compiling:
+            self.routed += 1
         return _to_output_layout(out, layout, bool(kwargs.get("skip_output_reshape", False)), H)
+
+
+@torch.compiler.disable
+def _route_untraced(router: AttentionRouter, func, *args, **kwargs):
+    # A handler that torch.compile cannot trace (the calibrator: host-side statistics and vote counters) runs
+    # eagerly: a graph break at each attention call, but every step sees its own sigma and state.
+    return router(func, *args, **kwargs)
 
 
 def key_padding_bias(mask: torch.Tensor, L: int, batch: int) -> Optional[torch.Tensor]:
