@@ -169,14 +169,20 @@ def _like_q(q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _run(q, k, v, kv_indices, kv_counts, dense_heads, rep_slot, rep_heads, rep_rows, rep_src, skip_rows, meta,
-         layer, text_bias, scale):
+         layer, text_bias, scale, video_start):
     from . import runner as _runner  # the runner imports this module; its Triton bookkeeping is shared
 
     _RUNS[0] += 1
     m = meta[layer].tolist()  # CPU tensor: host facts, no device sync
-    route, R, T = m[_ROUTE], m[_REP], m[_FRAME]
+    route, R, T, vs = m[_ROUTE], m[_REP], m[_FRAME], video_start
     if route == ROUTE_DENSE:
-        return _like_q(q, dense_attention(q, k, v, scale=scale, text_bias=text_bias))
+        return _like_q(q, dense_attention(q, k, v, scale=scale, text_bias=text_bias, video_start=vs))
+    if kv_indices.device != q.device:
+        # The model's calls moved to another device than the step began on (weights streamed, a model split over
+        # GPUs): the eager runner rebuilds its tables there; the traced call can only copy them, per call.
+        kv_indices, kv_counts, dense_heads, rep_slot, rep_heads, rep_rows, rep_src, skip_rows = (
+            t.to(q.device) for t in (kv_indices, kv_counts, dense_heads, rep_slot, rep_heads, rep_rows, rep_src,
+                                     skip_rows))
     g = BlockGeometry(m[_TOKENS], m[_BLOCK_Q], m[_BLOCK_K])
     rep = None
     if R:
@@ -196,24 +202,25 @@ def _run(q, k, v, kv_indices, kv_counts, dense_heads, rep_slot, rep_heads, rep_r
                            if R else None)
         lay._triton_skip_rows = (dev, skip_rows)
         try:
-            return _like_q(q, ta.sparse_attention_triton(q, k, v, lay, scale=scale, text_bias=text_bias))
+            return _like_q(q, ta.sparse_attention_triton(q, k, v, lay, scale=scale, text_bias=text_bias,
+                                                         video_start=vs))
         except Exception as e:  # noqa: BLE001 - same policy as SparseRunner.__call__
             if isinstance(e, ValueError) and not type(e).__name__ == "TritonUnsupported":
                 raise
             _runner._TRITON_BROKEN[(str(q.device), q.dtype, q.shape[-1])] = True
             warnings.warn(f"calibatt: Triton sparse attention failed on {q.device} ({e}); using dense attention "
                           "for this shape from now on", RuntimeWarning)
-            return _like_q(q, dense_attention(q, k, v, scale=scale, text_bias=text_bias))
-    out = sparse_attention_reference(q, k, v, lay, scale=scale, text_bias=text_bias)
+            return _like_q(q, dense_attention(q, k, v, scale=scale, text_bias=text_bias, video_start=vs))
+    out = sparse_attention_reference(q, k, v, lay, scale=scale, text_bias=text_bias, video_start=vs)
     if route == ROUTE_MIXED:
         idx = torch.tensor([h for h, f in enumerate(m[META_FIXED:]) if f], dtype=torch.long, device=q.device)
-        out[:, idx] = dense_attention(q[:, idx], k[:, idx], v[:, idx], scale=scale,
-                                      text_bias=text_bias).to(out.dtype)
+        out[:, idx] = dense_attention(q[:, idx], k[:, idx], v[:, idx], scale=scale, text_bias=text_bias,
+                                      video_start=vs).to(out.dtype)
     return _like_q(q, out)
 
 
 def _fake(q, k, v, kv_indices, kv_counts, dense_heads, rep_slot, rep_heads, rep_rows, rep_src, skip_rows, meta,
-          layer, text_bias, scale):
+          layer, text_bias, scale, video_start):
     return torch.empty_like(q)
 
 
@@ -233,9 +240,10 @@ def _register():
                          kv_counts: torch.Tensor, dense_heads: torch.Tensor, rep_slot: torch.Tensor,
                          rep_heads: torch.Tensor, rep_rows: torch.Tensor, rep_src: torch.Tensor,
                          skip_rows: torch.Tensor, meta: torch.Tensor, layer: int,
-                         text_bias: Optional[torch.Tensor], scale: Optional[float]) -> torch.Tensor:
+                         text_bias: Optional[torch.Tensor], scale: Optional[float],
+                         video_start: int) -> torch.Tensor:
         return _run(q, k, v, kv_indices, kv_counts, dense_heads, rep_slot, rep_heads, rep_rows, rep_src, skip_rows,
-                    meta, layer, text_bias, scale)
+                    meta, layer, text_bias, scale, video_start)
 
     sparse_attention.register_fake(_fake)
     return getattr(getattr(torch.ops, ns), name)
@@ -245,10 +253,11 @@ sparse_attention_op = _register()
 
 
 def traced_sparse_attention(state: OpState, meta: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-    """The sparse attention of one call as a single op node in the graph being traced (shapes and layer index are
-    the only Python facts it reads)."""
+    """The sparse attention of one call as a single op node in the graph being traced (shapes, the layer index and
+    where the video starts are the only Python facts it reads)."""
     q, k, v = call.bhld()
     t = state.layers[call.layer]
     out = sparse_attention_op(q, k, v, t.kv_indices, t.kv_counts, t.dense_heads, t.rep_slot, t.rep_heads,
-                              t.rep_rows, t.rep_src, t.skip_rows, meta, call.layer, call.text_bias, call.scale)
+                              t.rep_rows, t.rep_src, t.skip_rows, meta, call.layer, call.text_bias, call.scale,
+                              call.video_start)
     return call.to_host_layout(out)

@@ -1,14 +1,16 @@
 """SparseRunner: given a bundle and an AttentionCall, run the right attention.
 
-Per step (not per call) it picks the sigma bucket, builds that bucket's skip lists on the call's device and
-decides, per layer, which heads run block-sparse and which run dense; per call it dispatches:
+Per step (not per call) it picks the sigma bucket, builds that bucket's skip lists on the call's device (letting
+go of the previous bucket's, so one bucket's tables are resident at a time) and decides, per layer, which heads run block-sparse and which run dense; per call it dispatches:
   - dense (kernels/dense.py, cuDNN first) where the step is in a dense window, or for a layer whose heads are all
     denser than the cutoff;
   - the Triton kernel on CUDA (float16/bfloat16, head_dim 16..128), the plain-PyTorch reference elsewhere;
   - a layer with some heads above the cutoff: on the Triton path those heads list every key block (exact dense in
     the same launch); on the reference path they are skipped and dense SDPA fills them in.
 No per-call host sync: the routing is computed from the bundle's host-side densities when the step begins.
-A call's text bias (a key-padding mask on the text keys, AttentionCall.text_bias) is applied on every path.
+A call's text bias (a key-padding mask on the text keys, AttentionCall.text_bias) is applied on every path, and
+every path takes the call's token order from its grid (text after or before the video: AttentionCall.video_start,
+passed to the kernels as an offset; q, k, v are never reordered).
 """
 
 from __future__ import annotations
@@ -72,20 +74,31 @@ class SparseRunner:
         self._dense_step = step_fraction is not None and (
             step_fraction < self.dense_first or step_fraction > 1.0 - self.dense_last - 1e-9)
         bucket = self.bundle.bucket_for_sigma(float(sigma))
-        key = (bucket, str(torch.device(device)))
-        if key != self._step_key:
-            self._skip = self.bundle.skip_lists(bucket, device)
-            self._routes = self._layer_routes(bucket, torch.device(device))
-            self._full_heads = {}
-            self._step_key = key
-            if sparse_attention_op is not None:
-                mixed = {l: r[1][0] for l, r in enumerate(self._routes) if r[0] == "mixed"}
-                self._op_state = build_op_state(self.bundle, bucket, self._skip,
-                                                self._densities[bucket] > self.dense_cutoff, mixed, device,
-                                                self._op_shared)
+        self._hold(bucket, device)
         if self._op_state is not None:
             self._op_meta = self._op_state.meta_dense if self._dense_step else self._op_state.meta
         return bucket
+
+    def _hold(self, bucket: int, device):
+        """Make `bucket`'s skip lists and layer routes on `device` the current ones."""
+        key = (bucket, str(torch.device(device)))
+        if key == self._step_key:
+            return
+        if self._step_key is not None:
+            # Only the current bucket's tables stay on the compute device: let go of the previous bucket's (or the
+            # previous device's) before building the next (a run's sigmas fall, so it seldom comes back to one).
+            self._skip = self._routes = self._op_state = None
+            self._full_heads = {}
+            self.bundle.release(*self._step_key)
+        self._skip = self.bundle.skip_lists(bucket, device)
+        self._routes = self._layer_routes(bucket, torch.device(device))
+        self._full_heads = {}
+        self._step_key = key
+        if sparse_attention_op is not None:
+            mixed = {l: r[1][0] for l, r in enumerate(self._routes) if r[0] == "mixed"}
+            self._op_state = build_op_state(self.bundle, bucket, self._skip,
+                                            self._densities[bucket] > self.dense_cutoff, mixed, device,
+                                            self._op_shared)
 
     def _layer_routes(self, bucket: int, device) -> list:
         """Per layer: ("sparse", None), ("dense", None) or ("mixed", (dense-head bool [H], dense-head index))."""
@@ -108,6 +121,11 @@ class SparseRunner:
             raise RuntimeError("call begin_step before asking for a route")
         return self._routes[layer][0]
 
+    @property
+    def held(self):
+        """(bucket, device) whose skip lists this runner holds, or None between sampling runs."""
+        return self._step_key
+
     def end(self):
         self._skip = None
         self._routes = None
@@ -129,15 +147,20 @@ class SparseRunner:
                 raise RuntimeError("calibatt: a compiled model called the sparse runner before begin_step; the "
                                    "APPLY_MODEL wrapper (nodes/comfy_glue.py) must run outside the compiled model")
             return traced_sparse_attention(self._op_state, self._op_meta, call)
-        if self._skip is None or self._step_key[1] != str(call.q.device):
+        if self._skip is None:
             self.begin_step(call.sigma, call.q.device)
+        elif self._step_key[1] != str(call.q.device):
+            # The model's calls moved to another device (weights offloaded and streamed, a model split over GPUs):
+            # the same bucket's tables on that device; this step's dense-window decision stands.
+            self._hold(self._step_key[0], call.q.device)
         if self._dense_step:
             return self._dense(call)
         kind, dense_heads = self._routes[call.layer]
         q, k, v = call.bhld()
         bias = call.text_bias
+        vs = call.video_start
         if kind == "dense":
-            return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias))
+            return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias, video_start=vs))
         layer = self._skip.layer(call.layer)
         out = None
         if self._triton_ok(q):
@@ -151,7 +174,7 @@ class SparseRunner:
                 layer, dense_heads = full, None
             try:
                 from .triton_attention import sparse_attention_triton
-                out = sparse_attention_triton(q, k, v, layer, scale=call.scale, text_bias=bias)
+                out = sparse_attention_triton(q, k, v, layer, scale=call.scale, text_bias=bias, video_start=vs)
             except Exception as e:  # noqa: BLE001 - see below
                 if isinstance(e, ValueError) and not type(e).__name__ == "TritonUnsupported":
                     raise  # bad input: the caller must see it
@@ -160,13 +183,14 @@ class SparseRunner:
                 _TRITON_BROKEN[(str(q.device), q.dtype, q.shape[-1])] = True
                 warnings.warn(f"calibatt: Triton sparse attention failed on {q.device} ({e}); using dense attention "
                               "for this shape from now on", RuntimeWarning)
-                return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias))
+                return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias,
+                                                           video_start=vs))
         if out is None:
-            out = sparse_attention_reference(q, k, v, layer, scale=call.scale, text_bias=bias)
+            out = sparse_attention_reference(q, k, v, layer, scale=call.scale, text_bias=bias, video_start=vs)
         if dense_heads is not None:
             idx = dense_heads[1]
             out[:, idx] = dense_attention(q[:, idx], k[:, idx], v[:, idx], scale=call.scale,
-                                          text_bias=bias).to(out.dtype)
+                                          text_bias=bias, video_start=vs).to(out.dtype)
         return call.to_host_layout(out)
 
     @staticmethod
@@ -179,4 +203,5 @@ class SparseRunner:
         if call.dense is not None:
             return call.dense()
         q, k, v = call.bhld()
-        return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=call.text_bias))
+        return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=call.text_bias,
+                                                   video_start=call.video_start))

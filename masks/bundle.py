@@ -228,9 +228,18 @@ class MaskBundle:
             self._cache.popitem(last=False)
         return sl
 
-    def release(self):
-        """Drop cached device skip lists (call when sampling ends)."""
-        self._cache.clear()
+    def release(self, bucket: Optional[int] = None, device=None):
+        """Drop cached device skip lists: all of them (sampling ended), or one bucket's on one device (its user
+        moved on to another bucket or device)."""
+        if bucket is None:
+            self._cache.clear()
+        else:
+            self._cache.pop((bucket, str(torch.device(device) if device is not None else torch.device("cpu"))),
+                            None)
+
+    def resident(self) -> list:
+        """(bucket, device) of every bucket whose skip lists this bundle holds built, oldest first."""
+        return list(self._cache)
 
     # ---- fit checks ---------------------------------------------------------------------------------------------
     def check_compatible(self, signature: Optional[ModelSignature] = None, grid: Optional[TokenGrid] = None):

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field
 from .errors import BundleError
 
 KNOWN_FAMILIES = ("wan21", "wan22", "mochi", "hunyuan", "ltxv", "tinywan", "generic")
-TEXT_POSITIONS = ("none", "end")
+# Where joint-attention text tokens sit in the self-attention sequence: "end" (after the video tokens: Mochi,
+# HunyuanVideo on ComfyUI 0.3.x) or "start" (before them: HunyuanVideo on ComfyUI 0.19+); "none" without text.
+TEXT_POSITIONS = ("none", "end", "start")
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,12 @@ class ModelSignature:
 class TokenGrid:
     """The self-attention token layout of one latent video.
 
-    Video tokens come first in frame-major order (index = t * height * width + h * width + w), then
-    `text_tokens` text tokens when the model uses joint attention (Mochi, HunyuanVideo): those always attend
-    to and are attended by everything, so masks cover the video part only.
+    Video tokens are in frame-major order (video index i = t * height * width + h * width + w). Joint-attention
+    models (Mochi, HunyuanVideo) add `text_tokens` text tokens, either after the video (text_position "end":
+    video token i at sequence index i, text token j at video_tokens + j) or before it ("start": text token j at j,
+    video token i at text_tokens + i). Text tokens always attend to and are attended by everything, so masks
+    cover the video part only and do not depend on where the text sits: a bundle made with one text position
+    serves calls with the other. Use `video_start` / `text_start` rather than assuming an order.
     """
 
     frames: int  # latent frames after patching
@@ -79,7 +84,7 @@ class TokenGrid:
     patch: tuple = (1, 2, 2)  # latent voxels per token (t, h, w)
     order: str = "thw"
     text_tokens: int = 0
-    text_position: str = "none"  # "none" or "end"
+    text_position: str = "none"  # "none", "end" (text after the video) or "start" (text before it)
     # Pixels per latent voxel (t, h, w); only used to phrase messages in pixels / frames.
     vae_stride: tuple = (4, 8, 8)
 
@@ -91,8 +96,8 @@ class TokenGrid:
             raise BundleError(f"text_position must be one of {TEXT_POSITIONS}", field="grid.text_position")
         if self.order != "thw":
             raise BundleError(f"only frame-major 'thw' token order is supported, got '{self.order}'", field="grid.order")
-        if (self.text_tokens > 0) != (self.text_position == "end"):
-            raise BundleError("text_tokens > 0 requires text_position 'end' (and 'none' requires 0)",
+        if (self.text_tokens > 0) != (self.text_position != "none"):
+            raise BundleError("text_tokens > 0 requires text_position 'end' or 'start' (and 'none' requires 0)",
                               field="grid.text_tokens")
 
     @property
@@ -107,12 +112,25 @@ class TokenGrid:
     def total_tokens(self) -> int:
         return self.video_tokens + self.text_tokens
 
+    @property
+    def video_start(self) -> int:
+        """Sequence index of the first video token (the text tokens come first with text_position "start")."""
+        return self.text_tokens if self.text_position == "start" else 0
+
+    @property
+    def text_start(self) -> int:
+        """Sequence index of the first text token (0 with text_position "start", else right after the video)."""
+        return 0 if self.text_position == "start" else self.video_tokens
+
     def describe(self) -> str:
         pt, ph, pw = self.patch
         st, sh, sw = self.vae_stride
         px_h, px_w = self.height * ph * sh, self.width * pw * sw
         frames_px = (self.frames * pt - 1) * st + 1
-        text = f" + {self.text_tokens} text tokens" if self.text_tokens else ""
+        text = ""
+        if self.text_tokens:
+            text = (f" + {self.text_tokens} text tokens"
+                    + (" (before the video)" if self.text_position == "start" else ""))
         return (f"{self.frames}x{self.height}x{self.width} tokens (about {px_w}x{px_h} px, "
                 f"{frames_px} frames){text}")
 
@@ -136,7 +154,9 @@ class TokenGrid:
     def mismatches(self, other: "TokenGrid", text: bool = True) -> list[str]:
         """Sentences for each way `other` (the latent in use) differs from self (what the bundle was made for).
         text=False compares the video part only: joint-attention models (Mochi, HunyuanVideo) carry a
-        prompt-dependent number of text tokens, which are always computed densely, so masks do not depend on it."""
+        prompt-dependent number of text tokens, which are always computed densely, so masks do not depend on it.
+        The text position ("end" / "start") is never compared, for the same reason: masks describe the video tokens
+        only, so a bundle calibrated with the text after the video fits calls with the text before it."""
         out = []
         if self.frames != other.frames:
             out.append(f"bundle was calibrated for {self.frames} latent frames; this video has {other.frames} "

@@ -1,14 +1,20 @@
 """ComfyUI side of the patch: read the model's facts, install the router on a clone, hook sampling start/steps.
 
 Installed pieces (all on the clone; the input model is never touched):
-- transformer_options["optimized_attention_override"]: the AttentionRouter (chained after any override that was
-  already there, so e.g. an attention-backend selector stays the dense fallback);
-- one "dit" block patch per transformer block that puts our layer index into transformer_options (ComfyUI
-  0.3.x has no block_index; newer versions have one and we read either);
+- transformer_options["optimized_attention_override"]: the AttentionRouter, wrapped in a _RouterOverride whose
+  dense fallback is the override that was already there (an attention-backend selector, another sparse
+  attention), else ComfyUI's `func` (the global backend);
+- one "dit" block patch per transformer block that puts our layer index and a per-block call counter into
+  transformer_options (ComfyUI 0.3.x has no block_index; where the host sets one, the router uses the host's
+  and checks ours against it) and shows the router the block's arguments (the RoPE table it reads the text
+  position from when a call carries no other layout fact);
 - an OUTER_SAMPLE wrapper: once per sampling run it reads the latent shape and the sigma schedule (one host
   copy), checks the bundle fits, and tears down afterwards;
-- an APPLY_MODEL wrapper: once per model evaluation it reads the current sigma (the only host sync per step) and
-  the CFG chunk layout, so attention calls themselves never sync.
+- an APPLY_MODEL wrapper: once per model evaluation it reads the current sigma (transformer_options["sigmas"],
+  which the sampler sets, else the timestep; the only host sync per step) and the CFG chunk layout, so attention
+  calls themselves never sync; and it puts the router first again in that evaluation's transformer_options when
+  a node applied later replaced or wrapped our override (see _front_override for why here and not in an
+  ON_PREPARE_STATE callback).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 from typing import Callable, Optional
 
 import comfy.patcher_extension as pe
+import torch
 
 from ..kernels.ops import op_runs
 from .model_info import FamilyLayout, extra_sequence_inputs
@@ -25,6 +32,7 @@ from .routing import CALLS_KEY, LAYER_KEY, AttentionRouter
 log = logging.getLogger("calibatt")
 
 WRAPPER_KEY = "calibatt"
+OVERRIDE_KEY = "optimized_attention_override"
 
 
 def describe_model(model) -> dict:
@@ -59,14 +67,17 @@ def block_keys(layout: FamilyLayout, cfg: dict):
 
 
 class _LayerTag:
-    """dit block patch: hand the block a transformer_options copy that carries our layer index, then run the
-    block (or the patch that was there before, so other block patches keep working)."""
+    """dit block patch: show the router the block's arguments, hand the block a transformer_options copy that
+    carries our layer index and call counter, then run the block (or the patch that was there before, so other
+    block patches keep working)."""
 
-    def __init__(self, layer: int, previous: Optional[Callable]):
+    def __init__(self, layer: int, previous: Optional[Callable], router: AttentionRouter):
         self.layer = layer
         self.previous = previous
+        self.router = router
 
     def __call__(self, args, extra):
+        self.router.note_block(args)
         args = dict(args)
         to = dict(args.get("transformer_options") or {})
         to[LAYER_KEY] = self.layer
@@ -80,19 +91,51 @@ class _LayerTag:
         return self
 
 
-class _ChainedOverride:
-    """Our router first; its dense fallback is the override that was installed before ours."""
+class _Guard:
+    """Set while one router handles an attention call; shared by every _RouterOverride made for that router."""
 
-    def __init__(self, router: AttentionRouter, previous: Callable):
+    __slots__ = ("active",)
+
+    def __init__(self):
+        self.active = False
+
+
+class _RouterOverride:
+    """The router as ComfyUI's `optimized_attention_override(func, *args, **kwargs)`. Its dense fallback is
+    `below`, the override that was installed before it (called as below(func, ...)), or ComfyUI's `func` (the
+    global attention backend) when there was none.
+
+    One router can sit twice in a chain: install() put it on the clone, a node applied later wrapped it (an override
+    that calls the one it replaced for the calls it declines), and the APPLY_MODEL wrapper put the router in front
+    again. A call that comes back to the router through that other override's fallback has already been routed, so
+    the shared guard sends it straight down instead of routing it a second time."""
+
+    def __init__(self, router: AttentionRouter, below: Optional[Callable], guard: _Guard):
         self.router = router
-        self.previous = previous
+        self.below = below
+        self.guard = guard
 
     def __call__(self, func, *args, **kwargs):
-        prev = self.previous
-        return self.router(lambda *a, **kw: prev(func, *a, **kw), *args, **kwargs)
+        below = self.below
+        if self.guard.active:
+            return func(*args, **kwargs) if below is None else below(func, *args, **kwargs)
+        self.guard.active = True
+        try:
+            if below is None:
+                return self.router(func, *args, **kwargs)
+            return self.router(lambda *a, **kw: below(func, *a, **kw), *args, **kwargs)
+        finally:
+            self.guard.active = False
 
+    # model_options are deep-copied on every clone; the copies must stay this object (see AttentionRouter).
     def __deepcopy__(self, memo):
         return self
+
+
+def _describe(override) -> str:
+    name = getattr(override, "__qualname__", None) or type(override).__qualname__
+    module = getattr(override, "__module__", None) or type(override).__module__
+    return f"{module}.{name}" if module else name
 
 
 def install(model, router: AttentionRouter, cfg: dict, *, on_begin: Callable = None, on_end: Callable = None):
@@ -100,20 +143,50 @@ def install(model, router: AttentionRouter, cfg: dict, *, on_begin: Callable = N
     run (raise there to stop before the first step); on_end() after it, also on errors and interrupts."""
     m = model.clone()
     to = m.model_options.setdefault("transformer_options", {})
-    previous = to.get("optimized_attention_override")
-    to["optimized_attention_override"] = router if previous is None else _ChainedOverride(router, previous)
+    guard = _Guard()
+    to[OVERRIDE_KEY] = _RouterOverride(router, to.get(OVERRIDE_KEY), guard)
 
     existing = to.get("patches_replace", {}).get("dit", {})
     for block_name, index, layer in block_keys(router.layout, cfg):
-        m.set_model_patch_replace(_LayerTag(layer, existing.get((block_name, index))), "dit", block_name, index)
+        m.set_model_patch_replace(_LayerTag(layer, existing.get((block_name, index)), router), "dit", block_name,
+                                  index)
 
     evaluations = [0]  # model evaluations of the current sampling run (for the summary line)
     warned = set()
+    front = [None]  # (override we were put in front of, our front object), reused while that override is the same
+    announced = [False]  # the "another override is installed" line, once per sampling run
+
+    def _front_override(to: dict):
+        """-> (transformer_options with our router first, the override below it or None).
+
+        A node applied after ours may replace the override (attention-backend selectors such as KJNodes' set theirs
+        without chaining) or wrap it (ComfyUI's Model Sparse Attention calls the one it wrapped for the calls it
+        declines, and re-installs itself on top every step). Here, once per model evaluation, the router is put
+        first again in this evaluation's own transformer_options, with whatever was on top as its fallback; the
+        override that node installed is kept, below ours. Why here and not in an ON_PREPARE_STATE callback:
+        - ComfyUI 0.3.64 and 0.19.3 call ON_PREPARE_STATE callbacks as (patcher, timestep), without the sampling
+          run's model_options; the transformer_options the attention calls read are a per-run copy made before
+          the first step, which such a callback cannot reach (the patcher's own model_options only affect the
+          next run).
+        - Newer ComfyUI passes the run's model_options, but two overrides that each re-install themselves on top
+          of that per-run dict every step wrap each other once per step: the chain grows without bound. This
+          evaluation's dict is built afresh by ComfyUI for every evaluation and dropped after it, so putting ours
+          first here never grows anything, and it runs after every ON_PREPARE_STATE callback of the step.
+        The dict is copied, not changed in place: callers of apply_model that pass none share a default dict."""
+        top = to.get(OVERRIDE_KEY)
+        if isinstance(top, _RouterOverride) and top.router is router:
+            return to, top.below
+        if front[0] is None or front[0][0] is not top:
+            front[0] = (top, _RouterOverride(router, top, guard))
+        to = dict(to)
+        to[OVERRIDE_KEY] = front[0][1]
+        return to, top
 
     def outer_sample(executor, *args, **kwargs):
         noise, sigmas = args[0], args[3]
         routed, passed, compiled = router.routed, router.passed, op_runs()
         evaluations[0] = 0
+        announced[0] = False
         try:
             # One host copy of the schedule per sampling run.
             grid = router.begin_sampling(tuple(noise.shape), sigmas.detach().float().cpu().tolist())
@@ -147,8 +220,26 @@ def install(model, router: AttentionRouter, cfg: dict, *, on_begin: Callable = N
                 log.warning("%s: the conditioning carries %s, which adds tokens to the video sequence; these model "
                             "evaluations run dense", router.name, ", ".join(extra))
             return executor(x, t, *args, **kwargs)
-        # The one host read of sigma per model evaluation; all rows of a batch share it.
-        router.begin_model_call(float(t.reshape(-1)[0]), (to or {}).get("cond_or_uncond"), x.shape[0], x.device)
+        if isinstance(to, dict):
+            ours, other = _front_override(to)
+            if ours is not to:
+                if len(args) > 3:
+                    args = args[:3] + (ours,) + args[4:]
+                else:
+                    kwargs["transformer_options"] = ours
+                to = ours
+            if other is not None and not announced[0]:
+                announced[0] = True
+                # Not silent: both patches stay active, and this says which one decides first.
+                log.info("%s: another attention override is installed (%s); this patch answers each attention call "
+                         "first, and the calls it does not route, and its dense steps, go to that override",
+                         router.name, _describe(other))
+        # The one host read of sigma per model evaluation; all rows of a batch share it. The sampler's own
+        # transformer_options["sigmas"] (set in both ComfyUI generations) where present, else the timestep.
+        to = to or {}
+        sigma = to.get("sigmas")
+        sigma = sigma if isinstance(sigma, torch.Tensor) and sigma.numel() else t
+        router.begin_model_call(float(sigma.reshape(-1)[0]), to.get("cond_or_uncond"), x.shape[0], x.device)
         try:
             return executor(x, t, *args, **kwargs)
         finally:

@@ -20,15 +20,23 @@ class FamilyLayout:
     patch: tuple  # latent voxels per token (t, h, w)
     vae_stride: tuple  # pixels per latent voxel (t, h, w)
     latent_channels: int
-    joint_text: bool  # text tokens follow the video tokens inside self-attention (always dense)
+    joint_text: bool  # text tokens share the self-attention sequence with the video (always computed densely)
     bhld: bool  # the model passes (B, H, L, D) with skip_reshape
+    # Where the text sits in self-attention when the family's code fixes it and hands the blocks nothing to read
+    # it from; None: the router establishes it from the host's data per sampling run (nodes/routing.py).
+    text_position: Optional[str] = None
 
 
 # Wan 2.1 and the Wan 2.2 A14B experts share one architecture; the 5B TI2V model has a 48-channel latent and a
 # 16x spatial VAE, which is what separates "wan22" here.
 _WAN21 = FamilyLayout("wan21", (1, 2, 2), (4, 8, 8), 16, False, False)
 _WAN22_5B = FamilyLayout("wan22", (1, 2, 2), (4, 16, 16), 48, False, False)
-_MOCHI = FamilyLayout("mochi", (1, 2, 2), (6, 8, 8), 12, True, True)
+# Mochi's AsymmetricAttention builds q = cat([video, text cropped to the valid tokens]) in every ComfyUI with Mochi
+# (0.3.64 and 0.19.3 carry the same file); its blocks get no mask, no img_slice and a RoPE table of the video
+# only, so nothing at run time says where the text sits, and its code is the source.
+_MOCHI = FamilyLayout("mochi", (1, 2, 2), (6, 8, 8), 12, True, True, "end")
+# HunyuanVideo's order changed between ComfyUI versions (text last up to early 2026, text first since): read per
+# sampling run from img_slice, the padding mask or the RoPE table.
 _HUNYUAN = FamilyLayout("hunyuan", (1, 2, 2), (4, 8, 8), 16, True, True)
 _LTXV = FamilyLayout("ltxv", (1, 1, 1), (8, 32, 32), 128, False, False)
 
@@ -114,7 +122,7 @@ def video_grid_for_check(model_grid: TokenGrid, bundle_grid: TokenGrid) -> Token
 
 def extra_sequence_inputs(layout: FamilyLayout, conds: dict) -> list:
     """Names of the model inputs present in `conds` (one model evaluation's conditioning) that put tokens into
-    self-attention beyond the video latent and the trailing text: HunyuanVideo's reference latent (I2V "custom"
+    self-attention beyond the video latent and the text: HunyuanVideo's reference latent (I2V "custom"
     guidance) is prepended to the video tokens, so a bundle for the video grid does not describe those calls."""
     if layout.family == "hunyuan":
         return [name for name in ("ref_latent",) if conds.get(name) is not None]

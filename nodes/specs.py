@@ -102,10 +102,15 @@ def _schedulers():
     return list(comfy.samplers.KSampler.SCHEDULERS)
 
 
+# The options as first published; later presets are appended after them, never inserted, so the list the UI shows
+# keeps its order from release to release (a saved workflow stores the chosen name).
+_PRESETS_FIRST = ("quality", "balanced", "fast", "custom")
+
+
 def _presets():
     from ..calibration.settings import EPS_PRESETS
 
-    return list(EPS_PRESETS) + ["custom"]
+    return list(_PRESETS_FIRST) + [p for p in EPS_PRESETS if p not in _PRESETS_FIRST]
 
 
 LOAD = NodeSpec(
@@ -157,7 +162,8 @@ CALIBRATE = NodeSpec(
         In("seed", "INT", "Noise seed of the first prompt (prompt i uses seed + i).", default=0, min=0,
            max=0xffffffffffffffff, seed=True),
         In("preset", "COMBO", "Threshold schedule eps(t): quality keeps more attention mass, fast less; custom "
-           "uses eps_A / eps_C / eps_k.", options=_presets, default="balanced"),
+           "uses eps_A / eps_C / eps_k; distilled is for few-step distilled models (LightX2V-style 4 steps).",
+           options=_presets, default="balanced"),
         In("eps_A", "FLOAT", "custom preset: mass kept at the last steps.", default=0.84, min=0.01, max=1.0,
            step=0.001),
         In("eps_C", "FLOAT", "custom preset: mass kept at the first step.", default=0.99, min=0.01, max=1.0,

@@ -70,6 +70,10 @@ NODE_CLASS_MAPPINGS = {"CalibAttTestFamilyConditioning": CalibAttTestFamilyCondi
 HUNYUAN_CONFIG = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=64, hidden_size=256,
                       mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=256,
                       patch_size=[1, 2, 2], qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False)
+# HunyuanVideoParams fields newer ComfyUI (0.19+) adds for HunyuanVideo 1.5, at the values its detection gives a
+# HunyuanVideo T2V checkpoint (no cond_type_embedding, no vision_in keys). Each version's class takes only the
+# fields it declares (hunyuan_params).
+HUNYUAN_NEWER_FIELDS = dict(use_cond_type_embedding=False, vision_in_dim=None, meanflow_sum=False)
 LTXV_CONFIG = dict(in_channels=128, cross_attention_dim=256, attention_head_dim=8, num_attention_heads=32,
                    caption_channels=4096, num_layers=2)
 # Mochi's block asserts an x-MLP of exactly 1536 * 8 = 12288 hidden units, hence mlp_ratio_x = 12288 / 256.
@@ -115,12 +119,30 @@ def random_state_dict(module: torch.nn.Module, seed: int = 0, dtype=torch.float1
     return out
 
 
+def hunyuan_params() -> dict:
+    """The tiny HunyuanVideo config in the fields of this ComfyUI's HunyuanVideoParams (0.3.64 has 16, 0.19.3 19);
+    a field the builder has no value for fails here by name rather than inside ComfyUI's constructor."""
+    import dataclasses
+
+    import_comfy()
+    from comfy.ldm.hunyuan_video.model import HunyuanVideoParams
+
+    known = {**HUNYUAN_CONFIG, **HUNYUAN_NEWER_FIELDS}
+    names = [f.name for f in dataclasses.fields(HunyuanVideoParams)]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise AssertionError(f"this ComfyUI's HunyuanVideoParams has fields the tiny builder has no value for: "
+                             f"{', '.join(unknown)}; add their HunyuanVideo T2V values (what model_detection sets "
+                             f"for a checkpoint without the matching keys) to HUNYUAN_NEWER_FIELDS")
+    return {n: known[n] for n in names}
+
+
 def tiny_hunyuan_state_dict(seed: int = 0) -> dict:
     import_comfy()
     import comfy.ops
     from comfy.ldm.hunyuan_video.model import HunyuanVideo
 
-    m = HunyuanVideo(operations=comfy.ops.disable_weight_init, device="meta", **HUNYUAN_CONFIG)
+    m = HunyuanVideo(operations=comfy.ops.disable_weight_init, device="meta", **hunyuan_params())
     return random_state_dict(m, seed)
 
 

@@ -121,7 +121,7 @@ class ComfyServer:
     """One headless ComfyUI with its own base directory (models/, custom_nodes/, output/ under `base`)."""
 
     def __init__(self, comfy_path: str, base: Path, env_extra: dict | None = None, python: str | None = None,
-                 args_extra: tuple = ()):
+                 extra_args: list | None = None):
         import requests  # ComfyUI's venv has it; the import lives here so collecting the tests never needs it
 
         self.requests = requests
@@ -131,7 +131,7 @@ class ComfyServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.python = python or sys.executable
         self.env_extra = dict(env_extra or {})
-        self.args_extra = list(args_extra)  # more main.py options, e.g. an attention backend
+        self.extra_args = list(extra_args or [])  # more main.py flags, e.g. a global attention backend
         self.proc = None
         self.log_path = self.base / "comfyui.log"
 
@@ -154,7 +154,7 @@ class ComfyServer:
         env.setdefault("OMP_NUM_THREADS", "2")
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-               "--disable-auto-launch"] + self.args_extra
+               "--disable-auto-launch"] + self.extra_args
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_path, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.time() + timeout

@@ -77,6 +77,37 @@ def test_check_compatible_names_the_mismatch():
         b.check_compatible(b.signature, g)
 
 
+def test_text_position_start_and_end_geometry():
+    end = TokenGrid(frames=3, height=6, width=8, text_tokens=7, text_position="end")
+    start = TokenGrid(frames=3, height=6, width=8, text_tokens=7, text_position="start")
+    none = TokenGrid(frames=3, height=6, width=8)
+    assert (end.video_start, end.text_start, end.total_tokens) == (0, 144, 151)
+    assert (start.video_start, start.text_start, start.total_tokens) == (7, 0, 151)
+    assert (none.video_start, none.text_start, none.total_tokens) == (0, 144, 144)
+    assert TokenGrid.from_dict(start.to_dict()) == start
+    assert "before the video" in start.describe() and "before" not in end.describe()
+    for pos in ("start", "end"):
+        with pytest.raises(BundleError, match="text_tokens > 0 requires text_position"):
+            TokenGrid(frames=3, height=6, width=8, text_tokens=0, text_position=pos)
+    with pytest.raises(BundleError, match="text_position must be one of"):
+        TokenGrid(frames=3, height=6, width=8, text_tokens=7, text_position="middle")
+
+
+@pytest.mark.parametrize("made, used", [("end", "start"), ("start", "end")])
+def test_bundle_fits_calls_with_the_text_on_the_other_side(tmp_path, made, used):
+    # Masks cover the video tokens only, so where the text sits is no part of the fit.
+    grid = TokenGrid(frames=3, height=6, width=8, text_tokens=9, text_position=made)
+    b = load_bundle(save_bundle(make_bundle(grid=grid), tmp_path / "t.safetensors"))
+    assert b.grid == grid
+    call = TokenGrid(frames=3, height=6, width=8, text_tokens=9, text_position=used)
+    b.check_compatible(b.signature, call)
+    assert b.grid.mismatches(call) == [] and b.grid.mismatches(call, text=False) == []
+    longer = TokenGrid(frames=3, height=6, width=8, text_tokens=20, text_position=used)
+    assert b.grid.mismatches(longer, text=False) == []
+    with pytest.raises(BundleError, match="3 latent frames; this video has 4"):
+        b.check_compatible(b.signature, TokenGrid(frames=4, height=6, width=8, text_tokens=9, text_position=used))
+
+
 def test_save_is_atomic(tmp_path, monkeypatch):
     b = make_bundle()
     target = tmp_path / "keep.safetensors"

@@ -24,7 +24,9 @@ def test_eps_schedule_presets_and_overrides():
         assert all(a >= b for a, b in zip(vals, vals[1:]))
         assert vals[-1] == pytest.approx(A + (C - A) * math.exp(-k * 49 / 50))
     assert EPS_PRESETS["quality"][0] > EPS_PRESETS["balanced"][0] > EPS_PRESETS["fast"][0]
-    s = CalibrationSettings(A=0.763, C=0.863, k=5.64)  # the paper's 4-step distilled schedule
+    assert EPS_PRESETS["distilled"] == (0.763, 0.863, 5.64)  # the paper's 4-step distilled schedule
+    assert CalibrationSettings(preset="distilled").eps_params() == (0.763, 0.863, 5.64)
+    s = CalibrationSettings(A=0.763, C=0.863, k=5.64)
     assert s.eps(0, 4) == pytest.approx(0.863)
     assert s.eps(2, 4) == pytest.approx(0.763 + 0.1 * math.exp(-5.64 * 0.5))
     assert CalibrationSettings.from_dict(s.to_dict()) == s

@@ -33,6 +33,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 H, D = 3, 16
 WAN = {"image_model": "wan2.1", "model_type": "t2v", "dim": H * D, "num_heads": H, "num_layers": 3, "in_dim": 16}
 MOCHI = {"image_model": "mochi_preview", "num_layers": 3, "num_heads": H, "dim": H * D, "depth": 3}
+# HunyuanVideo as ComfyUI 0.19 runs it: text before the video; which side the text is on is read from img_slice
+HUNYUAN = {"image_model": "hunyuan_video", "num_layers": 3, "num_heads": H, "dim": H * D, "depth": 2,
+           "patch_size": (1, 2, 2)}
 # Wan: patch (1, 2, 2) -> 3 x 6 x 8 = 144 video tokens; Mochi: patch (1, 2, 2) as well
 LATENT = (2, 16, 3, 12, 16)
 SIGMAS = [1.0, 0.8, 0.6, 0.4, 0.2, 0.0]  # 5 steps
@@ -61,10 +64,11 @@ attention = wrap_attn(comfy_attention)
 
 
 class Block(torch.nn.Module):
-    def __init__(self, index: int, dim: int, skip_reshape: bool):
+    def __init__(self, index: int, dim: int, skip_reshape: bool, img_slice):
         super().__init__()
         self.index = index
         self.skip_reshape = skip_reshape
+        self.img_slice = img_slice
         self.qkv = torch.nn.Linear(dim, 3 * dim)
         self.ctx = torch.nn.Linear(dim, 2 * dim)
         self.out = torch.nn.Linear(dim, dim)
@@ -73,6 +77,8 @@ class Block(torch.nn.Module):
         to = dict(transformer_options)  # our per-block "dit" patch does this (nodes/comfy_glue.py _LayerTag)
         to[LAYER_KEY] = self.index
         to[CALLS_KEY] = [0]
+        if self.img_slice is not None:  # what ComfyUI 0.19's HunyuanVideo single blocks put there
+            to["img_slice"] = list(self.img_slice)
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         if self.skip_reshape:  # (B, H, L, D), as Wan/Hunyuan in newer ComfyUI pass it
             B, L, _ = q.shape
@@ -87,9 +93,9 @@ class Block(torch.nn.Module):
 
 
 class TinyModel(torch.nn.Module):
-    def __init__(self, layers=3, skip_reshape=False):
+    def __init__(self, layers=3, skip_reshape=False, img_slice=None):
         super().__init__()
-        self.blocks = torch.nn.ModuleList(Block(i, H * D, skip_reshape) for i in range(layers))
+        self.blocks = torch.nn.ModuleList(Block(i, H * D, skip_reshape, img_slice) for i in range(layers))
 
     def forward(self, x, context, mask=None, transformer_options={}):  # noqa: B006 - ComfyUI's signature
         for b in self.blocks:
@@ -160,6 +166,7 @@ class CountingBackend:
 
 
 def inputs(cfg, batch, device="cpu", dtype=torch.float32, seed=0):
+    """(x, context, key-padding mask or None); text tokens after the video, or before it for HUNYUAN."""
     grid = mi.grid_from_latent(mi.family_layout(cfg), LATENT)
     joint = mi.family_layout(cfg).joint_text
     L = grid.video_tokens + (TEXT if joint else 0)
@@ -170,9 +177,24 @@ def inputs(cfg, batch, device="cpu", dtype=torch.float32, seed=0):
     if joint:
         # a key-padding mask over the joint sequence, zero on the video keys, the last two text keys padded
         mask = torch.zeros(batch, 1, 1, L)
-        mask[..., -2:] = -torch.finfo(torch.bfloat16).max
+        if text_first(cfg):
+            mask[..., TEXT - 2:TEXT] = -torch.finfo(torch.bfloat16).max
+        else:
+            mask[..., -2:] = -torch.finfo(torch.bfloat16).max
         mask = mask.to(device, dtype)
     return x, context, mask
+
+
+def text_first(cfg):
+    return cfg is HUNYUAN
+
+
+def img_slice(cfg):
+    """[text, L) for the text-first model: the video part of its joint sequence."""
+    if not text_first(cfg):
+        return None
+    video = mi.grid_from_latent(mi.family_layout(cfg), LATENT).video_tokens
+    return (TEXT, TEXT + video)
 
 
 def sample(router, model, compiled, x, context, mask, runs=2, device="cpu"):
@@ -207,14 +229,14 @@ def fresh_dynamo(monkeypatch):
 
 
 @pytest.mark.parametrize("guard_filter", [False, True], ids=["comfyui-0.3", "comfyui-0.19-guard-filter"])
-@pytest.mark.parametrize("cfg,skip_reshape", [(WAN, False), (WAN, True), (MOCHI, False)],
-                         ids=["wan-bld", "wan-bhld", "mochi-joint-text-mask"])
+@pytest.mark.parametrize("cfg,skip_reshape", [(WAN, False), (WAN, True), (MOCHI, False), (HUNYUAN, True)],
+                         ids=["wan-bld", "wan-bhld", "mochi-text-last-mask", "hunyuan-text-first-mask-img_slice"])
 def test_compiled_model_matches_eager_with_one_graph_for_every_step_and_bucket(cfg, skip_reshape, guard_filter):
     bundle = make_bundle(cfg)
     # layer 0 sparse, layer 1 mixed (head 2 dense), layer 2 dense; the first step is a dense step
     router = make_router(cfg, bundle, dense_first=0.2, dense_cutoff=CUTOFF)
     torch.manual_seed(0)
-    model = TinyModel(skip_reshape=skip_reshape).eval()
+    model = TinyModel(skip_reshape=skip_reshape, img_slice=img_slice(cfg)).eval()
     backend = CountingBackend()
     compiled = torch.compile(model, backend=backend, fullgraph=True,
                              options={"guard_filter_fn": comfyui_guard_filter} if guard_filter else None)
@@ -294,7 +316,7 @@ def test_op_passes_opcheck():
     for layer in range(3):
         t = st.layers[layer]
         args = (q, k, v, t.kv_indices, t.kv_counts, t.dense_heads, t.rep_slot, t.rep_heads, t.rep_rows, t.rep_src,
-                t.skip_rows, meta, layer, bias, None)
+                t.skip_rows, meta, layer, bias, None, 0)
         torch.library.opcheck(ops.sparse_attention_op, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
         out = ops.sparse_attention_op(*args)
@@ -379,7 +401,7 @@ def test_op_triton_branch_matches_the_eager_runner(monkeypatch):
             st, t = traced._op_state, traced._op_state.layers[layer]
             out = ops.sparse_attention_op(qh, kh, vh, t.kv_indices, t.kv_counts, t.dense_heads, t.rep_slot,
                                           t.rep_heads, t.rep_rows, t.rep_src, t.skip_rows, traced._op_meta,
-                                          layer, bias, None)
+                                          layer, bias, None, 0)
             assert out.stride() == torch.empty_like(qh).stride()
             torch.testing.assert_close(call.to_host_layout(out), want, rtol=0, atol=0)
     assert not runner_module._TRITON_BROKEN
@@ -407,3 +429,34 @@ def test_compiled_model_on_cuda_runs_the_triton_kernels(backend):
     assert worst < 2e-2, worst
     assert len(counting.graphs) == 1 and counters["graph_break"] == {}
     assert not runner_module._TRITON_BROKEN
+
+
+def test_text_position_without_a_traceable_fact_runs_dense_in_a_compiled_model(caplog):
+    """HunyuanVideo's double blocks carry no img_slice: eager routing reads the text position off the padding mask
+    (or the RoPE table), data a traced call cannot read without a graph break. Compiled, those calls run dense
+    (ComfyUI's own attention, traced as usual), with one warning; no graph break, no recompile."""
+    bundle = make_bundle(HUNYUAN)
+    router = make_router(HUNYUAN, bundle, dense_cutoff=CUTOFF)
+    torch.manual_seed(0)
+    model = TinyModel(skip_reshape=True).eval()  # no img_slice
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend, fullgraph=True,
+                             options={"guard_filter_fn": comfyui_guard_filter})
+    x, context, mask = inputs(HUNYUAN, 2)
+    to = {"optimized_attention_override": router}
+    runs0 = ops.op_runs()
+    router.begin_sampling(LATENT, SIGMAS)
+    with caplog.at_level("WARNING", logger="calibatt"):
+        for s in SIGMAS[:-1]:
+            router.begin_model_call(s, [0, 1], 2, "cpu")
+            with torch.inference_mode():
+                got = compiled(x, context, mask, transformer_options=to)
+            router.end_model_call()
+            with torch.inference_mode():  # the unpatched model: ComfyUI's attention everywhere
+                want = model(x, context, mask, transformer_options={})
+            assert rel(got, want) < 1e-6
+    router.end_sampling()
+    router.handler.end()
+    assert ops.op_runs() == runs0
+    assert len(backend.graphs) == 1 and counters["graph_break"] == {}
+    assert sum("only read from ComfyUI's img_slice" in r.getMessage() for r in caplog.records) == 1

@@ -73,3 +73,61 @@ def test_outputs_per_route(layout):
     # the sparse layers really differ from dense: the routing is visible in the result
     assert not torch.allclose(sparse, dense, atol=1e-3)
     runner.end()
+
+
+def _two_bucket_bundle():
+    """Two sigma buckets (sigma 1.0 -> bucket 0, 0.5 -> bucket 1) with different masks."""
+    gen = torch.Generator().manual_seed(3)
+    grid = TokenGrid(frames=2, height=6, width=8)
+    g = BlockGeometry(grid.video_tokens, 16, 16)
+    L, H = 2, 2
+    lists = [SkipLists.from_block_mask(torch.rand(L, H, g.nq, g.nk, generator=gen) < 0.3, g) for _ in range(2)]
+    sig = ModelSignature("wan21", L, H, 16, 16 * H)
+    return MaskBundle.from_skip_lists(sig, grid, lists, [1.0, 0.5], [0, 1]), grid, lists
+
+
+def test_only_the_current_buckets_skip_lists_stay_resident():
+    """A bucket change lets go of the previous bucket's tables (the runner's and the bundle's cached copy), so one
+    bucket's skip lists are held on the compute device at a time; the end of sampling releases that one too."""
+    bundle, grid, lists = _two_bucket_bundle()
+    runner = SparseRunner(bundle, dense_cutoff=1.0)
+    assert runner.begin_step(1.0, "cpu") == 0
+    assert runner.held == (0, "cpu") and bundle.resident() == [(0, "cpu")]
+    first = runner._skip
+    assert runner.begin_step(0.9, "cpu") == 0 and runner._skip is first  # same bucket: nothing rebuilt
+    assert runner.begin_step(0.5, "cpu") == 1
+    assert runner.held == (1, "cpu") and bundle.resident() == [(1, "cpu")]
+    assert torch.equal(runner._skip.layer(1).block_mask(), lists[1].layer(1).block_mask())
+    runner.end()
+    assert runner.held is None and bundle.resident() == []
+
+
+def test_calls_on_another_device_remake_the_skip_lists_there():
+    """A model whose calls move between devices (partial loading, a model split over GPUs) gets the current bucket's
+    tables rebuilt on the call's device and the old device's released; the step's dense-window decision stands.
+    Two devices on a CPU-only machine: "cpu" and "meta" (shapes and dtypes only, no data), which every op here
+    supports; the output on meta shows the call ran against tables on its own device."""
+    bundle, grid, lists = _two_bucket_bundle()
+    runner = SparseRunner(bundle, dense_cutoff=1.0)
+    runner.begin_step(0.5, "cpu", step_fraction=0.5)
+    B, H, N, D = 1, 2, grid.video_tokens, 16
+    q = torch.randn(B, H, N, D, device="meta")
+    out = runner(AttentionCall(q, q, q, "bhld", H, 1, 0.5, grid))
+    assert out.device.type == "meta" and out.shape == q.shape
+    assert runner.held == (1, "meta") and bundle.resident() == [(1, "meta")]
+    assert runner._skip.layer(1).kv_indices.device.type == "meta"
+    assert runner.route(1) == "sparse"
+    # Back on the CPU: rebuilt there, numerically the reference for that bucket.
+    gen = torch.Generator().manual_seed(4)
+    qc, kc, vc = (torch.randn(B, H, N, D, generator=gen) for _ in range(3))
+    out = runner(AttentionCall(qc, kc, vc, "bhld", H, 1, 0.5, grid))
+    assert runner.held == (1, "cpu") and bundle.resident() == [(1, "cpu")]
+    torch.testing.assert_close(out, sparse_attention_reference(qc, kc, vc, lists[1].layer(1)), rtol=1e-5, atol=1e-5)
+    # A dense window set by begin_step survives the device change.
+    dense_runner = SparseRunner(bundle, dense_first=1.0)
+    dense_runner.begin_step(0.5, "cpu", step_fraction=0.0)
+    dense_runner(AttentionCall(q, q, q, "bhld", H, 1, 0.5, grid))
+    out = dense_runner(AttentionCall(qc, kc, vc, "bhld", H, 1, 0.5, grid))
+    torch.testing.assert_close(out, dense_attention(qc, kc, vc), rtol=1e-5, atol=1e-5)
+    runner.end()
+    dense_runner.end()

@@ -61,7 +61,7 @@ def comfy():
     save_file(H.tiny_wan_state_dict(), str(base / "models/diffusion_models/tiny_wan.safetensors"))
     save_bundle(_bundle(), base / "models/sparse_attention/banded.safetensors")
     server = H.ComfyServer(COMFY, base, env_extra={"TORCH_LOGS": "recompiles,graph_breaks"},
-                           args_extra=("--use-pytorch-cross-attention",))
+                           extra_args=["--use-pytorch-cross-attention"])
     server.start()
     yield server
     server.stop()

@@ -10,7 +10,9 @@ Routing is checked three ways: a bundle that keeps every block matches the unpat
 the output by a bounded amount (so calls really went through the sparse path); the per-run summary line
 ("N self-attention calls routed over E model evaluations") shows every self-attention call of every evaluation
 was routed, none passed through. In-process, with the dense cutoff at 1, the all-keep bundle also runs the
-block-sparse path itself (text keys, HunyuanVideo's padding mask, Mochi's cropped text) and must match dense.
+block-sparse path itself (text keys, HunyuanVideo's padding mask, Mochi's cropped text) and must match dense, and
+each routed HunyuanVideo call of a banded bundle must equal the sparse reference with the masks on the tokens that
+really are the video (ComfyUI 0.3.x puts the text after the video, 0.19+ before it: run the module on both).
 """
 
 from __future__ import annotations
@@ -293,7 +295,7 @@ def test_mochi_routes_cropped_text_and_matches_dense(mochi):
     out, seen = {}, {}
     for kind in ("full", "band"):
         patched = patch_model_attention(mochi, F.kind_bundle(sig, grid, kind, BLOCK))
-        router = patched.model_options["transformer_options"]["optimized_attention_override"]
+        router = patched.model_options["transformer_options"]["optimized_attention_override"].router
         calls = seen[kind] = []
         handler = router.handler
 
@@ -371,6 +373,158 @@ def test_all_keep_bundle_through_the_sparse_kernel_path_matches_dense(case):
     assert rel(out[1], out[0]) < 1e-4, rel(out[1], out[0])
 
 
+# ------------------------------------------------- HunyuanVideo: the masks land on the true video tokens, in-process
+def _video_ids(grid) -> torch.Tensor:
+    """(V, 3) integer (t, h, w) of each video token in frame-major order: HunyuanVideo's RoPE ids of the video."""
+    t, h, w = torch.meshgrid(torch.arange(grid.frames), torch.arange(grid.height), torch.arange(grid.width),
+                             indexing="ij")
+    return torch.stack([t, h, w], -1).reshape(-1, 3).float()
+
+
+def _true_video_start(ids: torch.Tensor, video_ids: torch.Tensor) -> int:
+    """Where the video sits in a joint sequence, from the ids the model fed its RoPE embedder: RoPE rotates query
+    and key row i by the position in ids row i, so the V rows carrying the video tokens' (t, h, w), in order, are
+    the video, and every other row must be a text row (id 0). Read off the model's own input, not from anything
+    the router looks at, and whatever the ComfyUI version."""
+    ids = ids[0].float().cpu()
+    L, V = ids.shape[0], video_ids.shape[0]
+    starts = [o for o in range(L - V + 1) if torch.equal(ids[o:o + V], video_ids)]
+    assert len(starts) == 1, starts
+    o = starts[0]
+    assert not torch.cat([ids[:o], ids[o + V:]]).any()
+    return o
+
+
+@pytest.mark.parametrize("padded, cfg", [(0, 3.0), (HUNYUAN_PADDED, 1.0)], ids=["unpadded", "padded"])
+def test_hunyuan_sparse_attention_is_the_reference_on_the_true_video_tokens(hunyuan_sd, padded, cfg):
+    """Patch Model Attention with the banded bundle (not all-keep: the placement matters), real HunyuanVideo model
+    code sampling in-process. Every routed call's output must equal the engine's sparse reference computed on that
+    call's q/k/v with the masks on the tokens that really are the video (found from the RoPE ids the model used,
+    see _true_video_start) and, with a padded prompt, the padding mask's text part as the text bias. Placing the
+    masks on the wrong tokens (what routing assumed before newer ComfyUI put the text first) must fail the check,
+    so this test would have caught that."""
+    F.import_comfy()
+    import comfy.sample
+    from calibatt.kernels.reference import sparse_attention_reference
+    from calibatt.nodes.actions import patch_model_attention
+
+    model = F.load_model(hunyuan_sd)
+    latent_shape = [1, 16, 3, 8, 16]
+    sig, _, grid = F.model_facts(model, latent_shape=latent_shape)
+    V = grid.video_tokens
+    bundle = F.kind_bundle(sig, grid, "band", BLOCK)
+    patched = patch_model_attention(model, bundle)
+    to = patched.model_options["transformer_options"]
+    router = to["optimized_attention_override"]
+
+    # What the routed calls received and returned, and the RoPE ids of the evaluation they belong to.
+    ids_seen, records, current = [], [], [None]
+    hook = patched.model.diffusion_model.pe_embedder.register_forward_hook(
+        lambda module, inputs, output: ids_seen.append(inputs[0].detach().clone()))
+    handler = router.handler
+
+    def mark(call):
+        current[0].update(layer=call.layer, sigma=call.sigma, position=call.grid.text_position)
+        return handler(call)
+
+    router.handler = mark
+
+    def spy(func, *args, **kwargs):
+        current[0] = rec = {}
+        out = router(func, *args, **kwargs)
+        if rec:
+            rec.update(qkv=[a.detach().clone() for a in args[:3]], mask=kwargs.get("mask"), out=out.clone(),
+                       ids=ids_seen[-1])
+            records.append(rec)
+        return out
+
+    to["optimized_attention_override"] = spy
+    pos, neg = _prompt(64, TEXT - padded, 768, 1), _prompt(64, TEXT - padded, 768, 2)
+    if not padded:  # ComfyUI's text encoders drop an all-ones mask: an unpadded prompt carries none
+        for c in (pos, neg):
+            del c[0][1]["attention_mask"]
+    latent = torch.zeros(latent_shape)
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(1))
+    try:
+        comfy.sample.sample(patched, noise, STEPS, cfg, "euler", "simple", pos, neg, latent, seed=1,
+                            disable_pbar=True)
+    finally:
+        hook.remove()
+
+    evaluations = STEPS  # cfg 3: positive and negative batched into one evaluation per step; cfg 1: positive only
+    assert len(records) == evaluations * sig.num_layers == router.routed, (len(records), router.routed)
+    video_ids = _video_ids(grid)
+    errors, wrong = [], []
+    for rec in records:
+        q, k, v = rec["qkv"]  # (B, H, L, D): HunyuanVideo's attention passes skip_reshape
+        L = q.shape[2]
+        assert L - V == TEXT
+        o = _true_video_start(rec["ids"], video_ids)
+        assert rec["position"] == ("start" if o else "end")
+        mask = rec["mask"].reshape(-1, L).float() if padded else None
+        if padded:  # the padded text keys, and only they, carry the mask
+            text = [i for i in range(L) if not o <= i < o + V]
+            assert int((mask[:, text] != 0).sum()) == padded and not mask[:, o:o + V].any()
+        else:
+            assert rec["mask"] is None
+        skip = bundle.skip_lists(bundle.bucket_for_sigma(rec["sigma"])).layer(rec["layer"])
+
+        def reference(start):
+            """The sparse reference with the masks on tokens [start, start + V): video moved first (the
+            reference's own order), the rest as text with the mask's entries there as its bias, moved back."""
+            order = torch.tensor(list(range(start, start + V)) + [i for i in range(L) if not start <= i < start + V])
+            tb = None if mask is None else mask[:, order[V:]]
+            ref = sparse_attention_reference(*(t[:, :, order] for t in (q, k, v)), skip, text_bias=tb)
+            ref = ref[:, :, torch.argsort(order)]
+            return ref.transpose(1, 2).reshape(rec["out"].shape)  # ComfyUI's (B, L, H*D) output
+
+        errors.append(rel(rec["out"], reference(o)))
+        wrong.append(rel(rec["out"], reference(TEXT if o == 0 else 0)))
+    assert max(errors) < 1e-5, errors
+    assert min(wrong) > 1e-3, wrong  # the check sees masks on the wrong tokens
+
+
+def test_block_patches_already_there_stay_chained(hunyuan_sd):
+    """A "dit" block patch another node installed before ours keeps running (ours wraps it, then hands it the
+    block), on every block of every evaluation, and the text position is still read from the host: the output is
+    bit-identical to the same patch without the other one, and every self-attention call is routed."""
+    F.import_comfy()
+    import comfy.sample
+    from calibatt.nodes.actions import patch_model_attention
+    from calibatt.nodes.comfy_glue import block_keys, describe_model
+
+    model = F.load_model(hunyuan_sd)
+    latent_shape = [1, 16, 3, 8, 16]
+    sig, layout, grid = F.model_facts(model, latent_shape=latent_shape)
+    bundle = F.kind_bundle(sig, grid, "band", BLOCK)
+    seen = []
+
+    def other_patch(name, index):
+        def patch(args, extra):
+            seen.append((name, index, "pe" in args))
+            return extra["original_block"](args)
+        return patch
+
+    other = model.clone()
+    for name, index, _ in block_keys(layout, describe_model(model)):
+        other.set_model_patch_replace(other_patch(name, index), "dit", name, index)
+    pos, neg = _prompt(64, TEXT, 768, 1), _prompt(64, TEXT, 768, 2)
+    for c in (pos, neg):
+        del c[0][1]["attention_mask"]
+    latent = torch.zeros(latent_shape)
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for key, base in (("alone", model), ("chained", other)):
+        patched = patch_model_attention(base, bundle)
+        router = patched.model_options["transformer_options"]["optimized_attention_override"]
+        out[key] = comfy.sample.sample(patched, noise, STEPS, 3.0, "euler", "simple", pos, neg, latent, seed=1,
+                                       disable_pbar=True)
+        assert router.routed == STEPS * sig.num_layers, (key, router.routed)
+    assert sorted(set(seen)) == [("double_block", 0, True), ("single_block", 0, True)]
+    assert len(seen) == STEPS * sig.num_layers
+    assert torch.equal(out["alone"], out["chained"])
+
+
 def test_hunyuan_reference_latent_runs_dense(caplog):
     """HunyuanVideo I2V with "custom" guidance prepends the reference image's tokens to the video tokens; a bundle
     for the video grid does not describe those calls, so such evaluations run dense (with a warning) instead of
@@ -390,7 +544,7 @@ def test_hunyuan_reference_latent_runs_dense(caplog):
     latent = torch.zeros(1, 16, 3, 8, 16)
     noise = torch.randn(latent.shape, generator=g)
     patched = patch_model_attention(model, F.kind_bundle(sig, grid, "band", BLOCK))
-    router = patched.model_options["transformer_options"]["optimized_attention_override"]
+    router = patched.model_options["transformer_options"]["optimized_attention_override"].router
     with caplog.at_level(logging.INFO, logger="calibatt"):
         out = [comfy.sample.sample(m, noise, STEPS, 1.0, "euler", "simple", pos, neg, latent, seed=1,
                                    disable_pbar=True) for m in (model, patched)]

@@ -43,3 +43,15 @@ def test_v1_inputs_keep_the_widget_order_workflows_rely_on():
     assert specs.widget_count(cal) == sum(1 for i in cal.inputs if i.is_widget) + 1  # + seed control
     assert {s.node_id for s in specs.ALL} == {"CalibrateSparseAttention", "LoadMaskBundle", "PatchModelAttention",
                                               "MaskBundlePreview"}
+
+
+def test_preset_options_only_grow_at_the_end():
+    """The Calibrate node's preset list as first published stays in place; later presets (the few-step distilled
+    schedule) come after it, and every preset of the engine is offered."""
+    from calibatt.calibration.settings import EPS_PRESETS
+
+    preset = next(i for i in specs.CALIBRATE.inputs if i.name == "preset")
+    options = preset.choices()
+    assert options[:4] == ["quality", "balanced", "fast", "custom"]
+    assert "distilled" in options[4:] and set(options) == set(EPS_PRESETS) | {"custom"}
+    assert len(options) == len(set(options))
