@@ -1,7 +1,8 @@
 """SparseRunner: given a bundle and an AttentionCall, run the right attention.
 
-Per step (not per call) it picks the sigma bucket, builds that bucket's skip lists on the call's device (letting
-go of the previous bucket's, so one bucket's tables are resident at a time) and decides, per layer, which heads run block-sparse and which run dense; per call it dispatches:
+Per step (not per call) it picks the sigma bucket, puts that bucket's packed masks on the call's device
+(kernels/bucket_tables.py: each layer's skip-list table is built right before its call, into one reused buffer) and
+decides, per layer, which heads run block-sparse and which run dense; per call it dispatches:
   - dense (kernels/dense.py, cuDNN first) where the step is in a dense window, or for a layer whose heads are all
     denser than the cutoff;
   - the Triton kernel on CUDA (float16/bfloat16, head_dim 16..128), the plain-PyTorch reference elsewhere;
@@ -21,10 +22,11 @@ from typing import Optional
 import torch
 
 from ..masks.bundle import MaskBundle
-from ..masks.transfer import to_device_async
+from ..masks.transfer import canonical_device, to_device_async
+from .bucket_tables import BucketTables
 from .call import AttentionCall
 from .dense import dense_attention
-from .ops import build_op_state, is_compiling, sparse_attention_op, traced_sparse_attention
+from .ops import is_compiling, runner_handle, sparse_attention_op, traced_sparse_attention
 from .reference import sparse_attention_reference
 
 # Key-block density above which the dense path (cuDNN) is at least as fast as our Triton kernel for that head.
@@ -59,14 +61,11 @@ class SparseRunner:
         self.dense_last = dense_last
         self.dense_cutoff = dense_cutoff
         self._step_key = None
-        self._skip = None
+        self._tables: Optional[BucketTables] = None
         self._routes = None
-        self._full_heads: dict = {}
         self._dense_step = False
-        self._op_state = None  # what a compiled model's traced calls read (kernels/ops.py)
-        self._op_meta = None
-        self._op_shared: dict = {}
         self._densities = bundle.entry_densities()  # [buckets, L, H] host-side, computed once
+        self._handle = runner_handle(self)  # what a compiled model's op finds this runner by (kernels/ops.py)
 
     def begin_step(self, sigma: float, device, step_fraction: Optional[float] = None):
         """Call once per denoising step with the host-side sigma and, when known, the position in the schedule
@@ -75,30 +74,22 @@ class SparseRunner:
             step_fraction < self.dense_first or step_fraction > 1.0 - self.dense_last - 1e-9)
         bucket = self.bundle.bucket_for_sigma(float(sigma))
         self._hold(bucket, device)
-        if self._op_state is not None:
-            self._op_meta = self._op_state.meta_dense if self._dense_step else self._op_state.meta
         return bucket
 
     def _hold(self, bucket: int, device):
-        """Make `bucket`'s skip lists and layer routes on `device` the current ones."""
-        key = (bucket, str(torch.device(device)))
+        """Make `bucket`'s tables and layer routes on `device` the current ones. The last bucket's (or the last
+        device's) device state is dropped before the next is made: one bucket is held at a time."""
+        device = canonical_device(device)  # "cuda" and the calls' "cuda:0" must not look like two devices
+        key = (bucket, str(device))
         if key == self._step_key:
             return
-        if self._step_key is not None:
-            # Only the current bucket's tables stay on the compute device: let go of the previous bucket's (or the
-            # previous device's) before building the next (a run's sigmas fall, so it seldom comes back to one).
-            self._skip = self._routes = self._op_state = None
-            self._full_heads = {}
-            self.bundle.release(*self._step_key)
-        self._skip = self.bundle.skip_lists(bucket, device)
-        self._routes = self._layer_routes(bucket, torch.device(device))
-        self._full_heads = {}
+        self._tables = None
+        self._routes = self._layer_routes(bucket, device)
+        above = self._densities[bucket] > self.dense_cutoff
+        mixed = above.any(-1) & ~above.all(-1)
+        self._tables = BucketTables(self.bundle, bucket, device, full_heads=above & mixed[:, None],
+                                    layers=[l for l, r in enumerate(self._routes) if r[0] != "dense"])
         self._step_key = key
-        if sparse_attention_op is not None:
-            mixed = {l: r[1][0] for l, r in enumerate(self._routes) if r[0] == "mixed"}
-            self._op_state = build_op_state(self.bundle, bucket, self._skip,
-                                            self._densities[bucket] > self.dense_cutoff, mixed, device,
-                                            self._op_shared)
 
     def _layer_routes(self, bucket: int, device) -> list:
         """Per layer: ("sparse", None), ("dense", None) or ("mixed", (dense-head bool [H], dense-head index))."""
@@ -123,16 +114,20 @@ class SparseRunner:
 
     @property
     def held(self):
-        """(bucket, device) whose skip lists this runner holds, or None between sampling runs."""
+        """(bucket, device) whose tables this runner holds, or None between sampling runs."""
         return self._step_key
 
+    def held_bytes(self) -> int:
+        """Bytes of the device tensors the runner keeps for the current bucket: its packed masks, the table buffer
+        (or tables), per-layer repetition and routing tables. 0 before begin_step and after end()."""
+        if self._tables is None:
+            return 0
+        return self._tables.held_bytes([t for _, heads in self._routes if heads is not None for t in heads])
+
     def end(self):
-        self._skip = None
+        self._tables = None
         self._routes = None
-        self._full_heads = {}
         self._step_key = None
-        self._op_state = None
-        self._op_meta = None
         self.bundle.release()
 
     @property
@@ -142,12 +137,9 @@ class SparseRunner:
 
     def __call__(self, call: AttentionCall) -> torch.Tensor:
         if is_compiling():
-            # Traced once, replayed every step: read only the tensors begin_step prepared (kernels/ops.py).
-            if self._op_state is None:
-                raise RuntimeError("calibatt: a compiled model called the sparse runner before begin_step; the "
-                                   "APPLY_MODEL wrapper (nodes/comfy_glue.py) must run outside the compiled model")
-            return traced_sparse_attention(self._op_state, self._op_meta, call)
-        if self._skip is None:
+            # Traced once, replayed every step: one op node, which calls this runner when it runs (kernels/ops.py).
+            return traced_sparse_attention(self._handle, call)
+        if self._tables is None:
             self.begin_step(call.sigma, call.q.device)
         elif self._step_key[1] != str(call.q.device):
             # The model's calls moved to another device (weights offloaded and streamed, a model split over GPUs):
@@ -161,17 +153,13 @@ class SparseRunner:
         vs = call.video_start
         if kind == "dense":
             return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias, video_start=vs))
-        layer = self._skip.layer(call.layer)
         out = None
         if self._triton_ok(q):
-            if dense_heads is not None:
-                # A mixed layer: its dense heads list every key block, so one launch computes them exactly. Our
-                # kernel is within a few % of cuDNN on full rows, and this saves gathering those heads' q/k/v, a
-                # second launch and the scatter back (which cost more than the attention at small sizes).
-                full = self._full_heads.get(call.layer)
-                if full is None:
-                    full = self._full_heads[call.layer] = layer.with_full_heads(dense_heads[0])
-                layer, dense_heads = full, None
+            # A mixed layer: its dense heads list every key block, so one launch computes them exactly. Our kernel is
+            # within a few % of cuDNN on full rows, and this saves gathering those heads' q/k/v, a second launch and
+            # the scatter back (which cost more than the attention at small sizes).
+            layer = self._tables.layer(call.layer, full=dense_heads is not None)
+            dense_heads = None
             try:
                 from .triton_attention import sparse_attention_triton
                 out = sparse_attention_triton(q, k, v, layer, scale=call.scale, text_bias=bias, video_start=vs)
@@ -186,6 +174,7 @@ class SparseRunner:
                 return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias,
                                                            video_start=vs))
         if out is None:
+            layer = self._tables.layer(call.layer)
             out = sparse_attention_reference(q, k, v, layer, scale=call.scale, text_bias=bias, video_start=vs)
         if dense_heads is not None:
             idx = dense_heads[1]

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from ..masks.skiplists import LayerSkipList
+from ..masks.transfer import to_device_async
 from .layouts import from_bhld, to_bhld, token_spans
 from .text_bias import as_text_bias
 
@@ -395,35 +396,38 @@ def _ensure_allocator():
 class _RepPrep:
     heads: torch.Tensor  # [R] int32 head index of each repetitive head
     rows: torch.Tensor  # [R, F*K] int32 anchor row indices
-    src: torch.Tensor  # [R, F*T] int64 index into the anchor rows
+    row_anchor: torch.Tensor  # [R, 1, T, 1] int64 anchor slot of every in-frame position (broadcast index)
+    frames: int  # F
     covered: int  # F*T rows that the broadcast writes
 
 
 def _prepare_repetition(skip: LayerSkipList, device) -> Optional[_RepPrep]:
-    """Anchor-row tables of a layer; cached on the skip-list object (built once per bucket, not per call).
-    Reading head_slot syncs once when the plan lives on the GPU; that happens when a bucket is first used."""
+    """Anchor-row tables of a layer; cached on the skip-list object (built once per bucket, not per call). Which
+    heads repeat is read from the plan's host copy (LayerRepetition.host) when it has one, so no host sync; a plan
+    that only lives on a GPU is read back once. Tables go up through pinned memory (no host stall)."""
     rep = skip.repetition
     if rep is None:
         return None
     cache = getattr(skip, "_triton_rep", None)
     if cache is not None and cache[0] == str(device):
         return cache[1]
-    slots = rep.head_slot.cpu()
+    plan = rep.on_host()
+    slots = plan.head_slot
     heads = [h for h in range(slots.numel()) if int(slots[h]) >= 0]
     if not heads:
         prep = None
     else:
-        T = rep.frame_tokens
+        T = plan.frame_tokens
         frames = skip.geometry.num_tokens // T
         sl = torch.tensor([int(slots[h]) for h in heads], dtype=torch.long)
-        anchors = rep.anchors.cpu()[sl]  # [R, K]
+        anchors = plan.anchors[sl]  # [R, K]
         Kn = anchors.shape[1]
         base = torch.arange(frames)[:, None] * T
         rows = (base[None] + anchors[:, None, :]).reshape(len(heads), frames * Kn)
-        src = (torch.arange(frames)[:, None] * Kn)[None] + rep.row_anchor.cpu()[sl][:, None, :]
-        src = src.reshape(len(heads), frames * T)
-        prep = _RepPrep(torch.tensor(heads, dtype=torch.int32, device=device), rows.to(torch.int32).to(device),
-                        src.to(device), frames * T)
+        row_anchor = plan.row_anchor[sl].long()[:, None, :, None].contiguous()  # [R, 1, T, 1]
+        prep = _RepPrep(to_device_async(torch.tensor(heads, dtype=torch.int32), device),
+                        to_device_async(rows.to(torch.int32), device), to_device_async(row_anchor, device),
+                        frames, frames * T)
     skip._triton_rep = (str(device), prep)
     return prep
 
@@ -565,8 +569,11 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
             rep.rows.stride(0), stb, H, R, N, Nv, vs, ts, 0, FK, qk_scale,
             HEAD_DIM=D, BLOCK_M=dm, BLOCK_N=dense_cfg.block_n, GATHER=True, DESC_MODE=mode,
             STAGES=dense_cfg.stages, HAS_BIAS=tb is not None, num_warps=dense_cfg.num_warps)
-        # Broadcast: each head's F*T video rows take their anchor's output (gather on the GPU, no host sync).
+        # Broadcast: each head's F*T video rows take their anchor's output (gather on the GPU, no host sync),
+        # frame by frame: the per-frame anchor slot is broadcast over frames (an expanded index, no F*T table).
         # Heads in skip_heads get this too; the caller overwrites them afterwards.
-        bcast = torch.gather(a_out, 2, rep.src[None, :, :, None].expand(B, R, rep.covered, D))
-        out[:, rep.heads.long(), vs:vs + rep.covered] = bcast
+        F_, T_ = rep.frames, rep.row_anchor.shape[2]
+        a5 = a_out.view(B, R, F_, FK // F_, D)
+        bcast = torch.gather(a5, 3, rep.row_anchor[None].expand(B, R, F_, T_, D))
+        out[:, rep.heads.long(), vs:vs + rep.covered] = bcast.view(B, R, rep.covered, D)
     return from_bhld(out, layout)

@@ -17,18 +17,18 @@ import torch
 from ..version import __version__
 from .errors import BundleError
 from .geometry import ModelSignature, TokenGrid
-from .packing import pack_bits, row_counts, unpack_bits
+from .packing import pack_bits, row_counts
 from .sigmas import SigmaBuckets, validate_sigmas
-from .skiplists import BlockGeometry, LayerSkipList, RepetitionPlan, SkipLists, mask_to_table
+from .skiplists import BlockGeometry, LayerSkipList, RepetitionPlan, SkipLists, packed_to_table
 from .transfer import to_device_async
 
 FORMAT = "calibatt-mask-bundle"
 FORMAT_VERSION = 1
 
 
-# Elements (head x query block x key block) unpacked at once when building a bucket's skip lists (~128 MB of
-# argsort indices at most).
-_BUILD_ELEMENTS = 1 << 24
+# Elements (head x query block x key block) unpacked at once when skip_lists() builds a whole bucket: the prefix-sum
+# compaction holds ~15 bytes per element (mask, positions, scatter indices), so ~120 MB at most.
+_BUILD_ELEMENTS = 1 << 23
 
 
 @dataclass
@@ -48,7 +48,6 @@ class MaskBundle:
     path: Optional[str] = None
     _cache: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)
     _max_counts: Optional[torch.Tensor] = field(default=None, repr=False, compare=False)
-    _layer_widths: Optional[list] = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         validate_sigmas(self.calibrated_sigmas, self.step_bucket, self.num_buckets, self.path)
@@ -154,15 +153,6 @@ class MaskBundle:
         """[U] int32: longest row of each distinct mask (sizes padded tables without a device sync)."""
         return self._mask_counts()[0]
 
-    def layer_widths(self) -> list:
-        """Per layer, the longest row over every bucket and head: the width of that layer's kv_indices in every
-        bucket. One width for all buckets keeps the tables' shapes fixed from step to step, which a compiled model
-        needs (kernels/ops.py: a shape change would recompile it, or with ComfyUI's guard filter run stale code);
-        the kernels walk the counts, so the padding costs memory only."""
-        if self._layer_widths is None:
-            self._layer_widths = self.max_counts()[self.entry_mask.long()].amax(dim=(0, 2)).tolist()
-        return self._layer_widths
-
     def entry_densities(self) -> torch.Tensor:
         """[B, L, H] float64 fraction of key blocks computed, repetitive heads at their anchor share."""
         g = self.geometry
@@ -195,37 +185,55 @@ class MaskBundle:
         idx = torch.tensor(used, dtype=torch.long)
         return RepetitionPlan(self.grid.frame_tokens, slot, self.rep_anchors[idx], self.rep_row_anchor[idx])
 
+    def bucket_masks(self, bucket: int, layers=None) -> torch.Tensor:
+        """[len(layers), H, nq, ceil(nk/8)] uint8 on the CPU: the packed masks of one bucket (every layer by default),
+        what the runner keeps on the device to build each layer's table when it runs (kernels/bucket_tables.py)."""
+        self._check_bucket(bucket)
+        ids = self.entry_mask[bucket].long()
+        if layers is not None:
+            ids = ids[torch.as_tensor(list(layers), dtype=torch.long)]
+        return self.packed_masks[ids.reshape(-1)].view(ids.shape[0], self.num_heads, *self.packed_masks.shape[1:])
+
+    def layer_widths(self, bucket: int) -> list:
+        """Per layer, the longest row of any head (key blocks): the width of that layer's padded table, known on the
+        host so that building a table needs no device sync."""
+        self._check_bucket(bucket)
+        return self.max_counts()[self.entry_mask[bucket].long()].amax(-1).tolist()
+
+    def _check_bucket(self, bucket: int):
+        if not (0 <= bucket < self.num_buckets):
+            raise BundleError(f"bucket {bucket} out of range [0, {self.num_buckets})", path=self.path, field="bucket")
+
     def skip_lists(self, bucket: int, device=None) -> SkipLists:
-        """SkipLists of one bucket on `device`, built there (unpacking on the GPU is cheap); the last two are cached."""
+        """SkipLists of one bucket on `device`: every layer's padded table, built there from the packed masks. The
+        last one is cached. For inspection, tests and tools; the sparse runner keeps a bucket packed and builds one
+        layer's table per call instead (kernels/bucket_tables.py), which holds a small fraction of the memory."""
         device = torch.device(device) if device is not None else torch.device("cpu")
         key = (bucket, str(device))
         hit = self._cache.get(key)
         if hit is not None:
-            self._cache.move_to_end(key)
             return hit
-        if not (0 <= bucket < self.num_buckets):
-            raise BundleError(f"bucket {bucket} out of range [0, {self.num_buckets})", path=self.path, field="bucket")
+        self._check_bucket(bucket)
         g = self.geometry
         rep = self.repetition_plan(bucket)
         ids = self.entry_mask[bucket].long()  # [L, H]
-        widths = self.layer_widths()  # per layer, host-side: no device sync
+        widths = self.layer_widths(bucket)  # host-side: no device sync
         # Several layers per unpack / table build: a build per layer costs ~10 small launches each, which at small
         # sizes (the tiny models: 6 layers, 2 ms per step) rivals the step's attention. The chunk bounds the
-        # transient memory (the stable argsort holds int64 indices for every (head, query block, key block)).
+        # transient memory of the compaction.
         per = max(1, _BUILD_ELEMENTS // max(1, self.num_heads * g.nq * g.nk))
         layers = []
         for l0 in range(0, self.num_layers, per):
             l1 = min(self.num_layers, l0 + per)
             bits = to_device_async(self.packed_masks[ids[l0:l1].reshape(-1)], device)
-            mask = unpack_bits(bits, g.nk).view(l1 - l0, self.num_heads, g.nq, g.nk)
-            table, counts = mask_to_table(mask, width=int(max(widths[l0:l1])))
+            bits = bits.view(l1 - l0, self.num_heads, g.nq, -1)
+            table, counts = packed_to_table(bits, g.nk, width=int(max(widths[l0:l1])))
             for i, l in enumerate(range(l0, l1)):
                 lrep = rep.for_layer(l) if rep is not None else None
                 layers.append(LayerSkipList(g, table[i], counts[i], lrep.to(device) if lrep is not None else None))
         sl = SkipLists(g, layers, rep)
+        self._cache.clear()
         self._cache[key] = sl
-        while len(self._cache) > 2:
-            self._cache.popitem(last=False)
         return sl
 
     def release(self, bucket: Optional[int] = None, device=None):

@@ -17,6 +17,8 @@ import torch
 
 from .errors import BundleError
 from .geometry import num_blocks
+from .packing import unpack_bits
+from .transfer import to_device_async
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,31 @@ class LayerRepetition:
     head_slot: torch.Tensor  # [H] int32
     anchors: torch.Tensor  # [R, K] int64, anchor positions inside a frame
     row_anchor: torch.Tensor  # [R, frame_tokens] int64, anchor slot (0..K-1) of every in-frame position
+    # The same plan on the CPU when this one was copied to a device from there: kernels read which heads are
+    # repetitive from it instead of reading the device copy back (a host sync).
+    host: Optional["LayerRepetition"] = field(default=None, repr=False, compare=False)
 
     def to(self, device) -> "LayerRepetition":
-        return LayerRepetition(self.frame_tokens, self.head_slot.to(device), self.anchors.to(device),
-                               self.row_anchor.to(device))
+        device = torch.device(device)
+        if device.type == "cpu" and self.head_slot.device.type == "cpu":
+            return self
+        host = self.host if self.host is not None else (self if self.head_slot.device.type == "cpu" else None)
+        return LayerRepetition(self.frame_tokens, to_device_async(self.head_slot, device),
+                               to_device_async(self.anchors, device), to_device_async(self.row_anchor, device), host)
+
+    def on_host(self) -> "LayerRepetition":
+        """This plan on the CPU: the kept host copy, else a copy (a host sync when this one is on a GPU)."""
+        if self.host is not None:
+            return self.host
+        if self.head_slot.device.type == "cpu":
+            return self
+        return LayerRepetition(self.frame_tokens, self.head_slot.cpu(), self.anchors.cpu(), self.row_anchor.cpu())
+
+    def without_heads(self, heads: torch.Tensor) -> "LayerRepetition":
+        """A CPU copy in which the heads marked in `heads` ([H] bool, CPU) are not repetitive."""
+        plan = self.on_host()
+        slot = torch.where(heads.to(torch.bool), torch.full_like(plan.head_slot, -1), plan.head_slot)
+        return LayerRepetition(plan.frame_tokens, slot, plan.anchors, plan.row_anchor)
 
     @property
     def num_repetitive(self) -> int:
@@ -180,22 +203,47 @@ def _table_to_mask(kv_indices: torch.Tensor, kv_counts: torch.Tensor, nk: int) -
     return mask[..., :nk]
 
 
+def index_dtype(nk: int) -> torch.dtype:
+    """Key-block index type of the tables: int16 while every index fits (nk <= 32767: 4 M tokens at 128-token
+    blocks), else int32. The kernel widens each index as it loads it."""
+    return torch.int16 if nk <= torch.iinfo(torch.int16).max else torch.int32
+
+
 def mask_to_table(mask: torch.Tensor, width: Optional[int] = None):
     """[..., nq, nk] bool -> (kv_indices [..., nq, W], kv_counts [..., nq] int32).
 
     W = `width` when the caller knows the longest row (no device sync), else the max count.
     """
-    nk = mask.shape[-1]
     counts = mask.sum(-1, dtype=torch.int32)
     W = max(1, int(width) if width is not None else (int(counts.max()) if counts.numel() else 1))
-    # Stable sort puts the kept blocks first, in ascending key-block order.
-    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True)[..., :W]
-    pos = torch.arange(W, device=mask.device)
-    last = torch.clamp(counts.long() - 1, min=0)[..., None]
-    take = torch.minimum(pos.expand(*counts.shape, W), last)
-    table = order.gather(-1, take)
-    dtype = torch.int16 if nk <= torch.iinfo(torch.int16).max else torch.int32
-    return table.to(dtype), counts
+    return _compact(mask, counts, W), counts
+
+
+def packed_to_table(packed: torch.Tensor, nk: int, width: int, full: Optional[torch.Tensor] = None):
+    """mask_to_table from bit-packed masks ([..., nq, ceil(nk/8)] uint8, packing.pack_bits) on their device.
+
+    full: optional bool over the leading dims but the last two (e.g. [H] for one layer's heads): those rows list
+    every key block. width must be at least the longest row (the bundle knows it from its per-mask counts)."""
+    mask = unpack_bits(packed, nk)
+    if full is not None:
+        mask = mask | full.to(torch.bool)[..., None, None]
+    counts = mask.sum(-1, dtype=torch.int32)
+    return _compact(mask, counts, max(1, int(width))), counts
+
+
+def _compact(mask: torch.Tensor, counts: torch.Tensor, W: int) -> torch.Tensor:
+    """Kept key blocks of each row, ascending, padded to W by repeating the last: a prefix sum gives each kept
+    block its column (no sort), a scatter puts it there, a gather pads. Columns past W (a width below the longest
+    row) and the unkept blocks land in a spill column that is cut off."""
+    nk = mask.shape[-1]
+    dtype = index_dtype(nk)
+    pos = mask.cumsum(-1, dtype=torch.int32) - 1
+    pos = torch.where(mask, pos.clamp_max(W), W).long()
+    table = torch.zeros(*mask.shape[:-1], W + 1, dtype=dtype, device=mask.device)
+    cols = torch.arange(nk, dtype=dtype, device=mask.device)
+    table.scatter_(-1, pos, cols.expand(mask.shape))
+    take = torch.minimum(torch.arange(W, device=mask.device), (counts.long() - 1).clamp(min=0)[..., None])
+    return table.gather(-1, take)
 
 
 @dataclass

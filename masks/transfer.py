@@ -18,3 +18,12 @@ def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     if device.type != "cuda" or t.device.type != "cpu":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def canonical_device(device) -> torch.device:
+    """`device` with its index: "cuda" is the current CUDA device, so that it compares equal to a tensor's device
+    (torch.device("cuda") != torch.device("cuda:0"))."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device

@@ -11,7 +11,7 @@ import os
 from ..kernels.runner import SparseRunner, quality_cutoff
 from ..masks import load_bundle
 from ..masks.bundle import MaskBundle
-from . import paths
+from . import hub_source, paths
 from .comfy_glue import describe_model, install
 from .model_info import UnsupportedModel, family_layout, signature_from_config, video_grid_for_check
 from .preview import preview_images
@@ -21,23 +21,30 @@ log = logging.getLogger("calibatt")
 
 
 # ---------------------------------------------------------------------------------------------- Load Mask Bundle
-def load_mask_bundle(bundle_name: str):
-    """-> (MaskBundle, summary). A bad file raises the loader's BundleError (file, field, fix).
-
-    A hub reference (repository + file, downloaded into models/sparse_attention/) will resolve to a path here,
-    before the same load_bundle call."""
+def load_mask_bundle(bundle_name: str, hub_reference: str = ""):
+    """-> (MaskBundle, summary). A hub reference (when set) or a catalog entry is downloaded and verified first
+    (HubError says what went wrong and what to do); a bad file raises the loader's BundleError (file, field, fix)."""
+    if (hub_reference and hub_reference.strip()) or hub_source.is_catalog_label(bundle_name):
+        return hub_source.load(bundle_name, hub_reference)
     path = paths.bundle_path(bundle_name)
     bundle = load_bundle(path)
     return bundle, bundle.summary()
 
 
-def bundle_file_fingerprint(bundle_name: str) -> str:
+def bundle_file_fingerprint(bundle_name: str, hub_reference: str = "") -> str:
     """Changes when the file is rewritten (e.g. re-calibrated under the same name), so ComfyUI reloads it."""
+    if (hub_reference and hub_reference.strip()) or hub_source.is_catalog_label(bundle_name):
+        return hub_source.fingerprint(bundle_name, hub_reference)
     try:
         st = os.stat(paths.bundle_path(bundle_name))
         return f"{st.st_mtime_ns}:{st.st_size}"
     except OSError:
         return bundle_name
+
+
+def validate_load_inputs(bundle_name, hub_reference: str = ""):
+    """True, or the message ComfyUI shows when the prompt is queued."""
+    return hub_source.validate(bundle_name, hub_reference)
 
 
 # ----------------------------------------------------------------------------------------- Patch Model Attention
@@ -74,4 +81,5 @@ def preview_bundle(bundle: MaskBundle):
     return preview_images(bundle)
 
 
-__all__ = ["load_mask_bundle", "bundle_file_fingerprint", "patch_model_attention", "preview_bundle"]
+__all__ = ["load_mask_bundle", "bundle_file_fingerprint", "validate_load_inputs", "patch_model_attention",
+           "preview_bundle"]

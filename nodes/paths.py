@@ -13,6 +13,9 @@ EXTENSION = ".safetensors"
 
 def register():
     folder_paths.add_model_folder_path(FOLDER, os.path.join(folder_paths.models_dir, FOLDER), is_default=True)
+    # Only bundle files in ComfyUI's listings of the folder (the model library too): downloads under hub/ leave
+    # huggingface_hub's .metadata / .lock records beside them.
+    folder_paths.folder_names_and_paths[FOLDER][1].add(EXTENSION)
 
 
 def list_bundles() -> list:

@@ -85,9 +85,9 @@ def input_types_v1(spec: NodeSpec) -> dict:
 
 
 def _bundles():
-    from . import paths
+    from . import hub_source, paths
 
-    return paths.list_bundles()
+    return paths.list_bundles() + hub_source.catalog_labels()
 
 
 def _samplers():
@@ -115,10 +115,15 @@ def _presets():
 
 LOAD = NodeSpec(
     "LoadMaskBundle", "Load Mask Bundle",
-    "Load a calibrated sparse-attention mask bundle from models/sparse_attention/.",
+    "Load a calibrated sparse-attention mask bundle from models/sparse_attention/, from a catalog entry, or by "
+    "hub reference (downloaded once into models/sparse_attention/hub/, verified, then loaded offline).",
     inputs=(
-        # A hub reference (download by repository / file name) is planned as a second, optional input here.
-        In("bundle_name", "COMBO", "Mask bundle file in models/sparse_attention/.", options=_bundles),
+        In("bundle_name", "COMBO", "Mask bundle file in models/sparse_attention/, or a catalog entry "
+           "(catalog/<model family>/...: downloaded when first used).", options=_bundles),
+        In("hub_reference", "STRING", "Optional: hf://owner/repo/file.safetensors[@revision][#sha256=<hex>] or an "
+           "https:// link. When set it wins over bundle_name: the file is downloaded into "
+           "models/sparse_attention/hub/ (private repos: HF_TOKEN or hf auth login) and checked before use.",
+           optional=True, default=""),
     ),
     outputs=(Out("bundle", BUNDLE, "The mask bundle, for Patch Model Attention."),
              Out("summary", "STRING", "Model, video size, steps, density of the bundle.")),

@@ -31,12 +31,16 @@ def declare(spec: NodeSpec):
 
 @declare(specs.LOAD)
 class LoadMaskBundle(_Base):
-    def run(self, bundle_name):
-        return actions.load_mask_bundle(bundle_name)
+    def run(self, bundle_name, hub_reference=""):
+        return actions.load_mask_bundle(bundle_name, hub_reference)
 
     @classmethod
-    def IS_CHANGED(cls, bundle_name):
-        return actions.bundle_file_fingerprint(bundle_name)
+    def IS_CHANGED(cls, bundle_name, hub_reference=""):
+        return actions.bundle_file_fingerprint(bundle_name, hub_reference)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, bundle_name, hub_reference=""):
+        return actions.validate_load_inputs(bundle_name, hub_reference)
 
 
 @declare(specs.PATCH)

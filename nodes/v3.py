@@ -45,12 +45,16 @@ class LoadMaskBundle(io.ComfyNode):
         return schema(specs.LOAD)
 
     @classmethod
-    def fingerprint_inputs(cls, bundle_name):
-        return actions.bundle_file_fingerprint(bundle_name)
+    def fingerprint_inputs(cls, bundle_name, hub_reference=""):
+        return actions.bundle_file_fingerprint(bundle_name, hub_reference)
 
     @classmethod
-    def execute(cls, bundle_name) -> io.NodeOutput:
-        return io.NodeOutput(*actions.load_mask_bundle(bundle_name))
+    def validate_inputs(cls, bundle_name, hub_reference=""):
+        return actions.validate_load_inputs(bundle_name, hub_reference)
+
+    @classmethod
+    def execute(cls, bundle_name, hub_reference="") -> io.NodeOutput:
+        return io.NodeOutput(*actions.load_mask_bundle(bundle_name, hub_reference))
 
 
 class PatchModelAttention(io.ComfyNode):

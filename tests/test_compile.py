@@ -10,6 +10,7 @@ with every guard under transformer_options dropped, which is what TorchCompileMo
 with eager at every step is the check that nothing per-step was baked in.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -23,7 +24,6 @@ from calibatt.kernels import ops
 from calibatt.kernels.call import AttentionCall
 from calibatt.kernels.runner import SparseRunner
 from calibatt.masks import BlockGeometry, MaskBundle, RepetitionPlan, SkipLists
-from calibatt.masks import bundle as bundle_module
 from calibatt.nodes import model_info as mi
 from calibatt.nodes.routing import CALLS_KEY, LAYER_KEY, AttentionRouter
 from helpers_core import comfy_attention, rel
@@ -218,10 +218,7 @@ def sample(router, model, compiled, x, context, mask, runs=2, device="cpu"):
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo(monkeypatch):
-    # One layer per skip-list build, as at real model sizes (tables of several layers built together share the
-    # widest layer's width, which would hide a width that changes between buckets).
-    monkeypatch.setattr(bundle_module, "_BUILD_ELEMENTS", 1)
+def fresh_dynamo():
     torch._dynamo.reset()
     counters.clear()
     yield
@@ -241,7 +238,7 @@ def test_compiled_model_matches_eager_with_one_graph_for_every_step_and_bucket(c
     compiled = torch.compile(model, backend=backend, fullgraph=True,
                              options={"guard_filter_fn": comfyui_guard_filter} if guard_filter else None)
     x, context, mask = inputs(cfg, 2)
-    runs0, calls = ops.op_runs(), []
+    runs0 = ops.op_runs()
     worst = sample(router, model, compiled, x, context, mask)
 
     # the routes this bundle gives really occur, and change between buckets (else the test would not cover them)
@@ -276,52 +273,44 @@ def test_explain_reports_no_graph_break_and_the_op_in_the_graph():
     assert str(ex.graphs[0].graph).count("calibatt.sparse_attention") == 3
 
 
-def test_op_tensors_keep_their_shapes_and_sharing_in_every_bucket_and_step():
-    """Guards aside (ComfyUI 0.19 drops them), a change would run stale compiled code: every tensor the op reads
-    must have the same shape, dtype and device in every bucket and in dense steps, and two inputs may be one tensor
-    object in one step only if they are in every step (dynamo passes a tensor seen twice as one graph input)."""
-    bundle = make_bundle(WAN)
-    runner = SparseRunner(bundle, dense_first=0.2, dense_cutoff=CUTOFF)
-    seen = set()
-    for i, s in enumerate(SIGMAS[:-1]):
-        runner.begin_step(s, "cpu", i / (len(SIGMAS) - 1))
-        st = runner._op_state
-        sig = tuple((f, tuple(getattr(t, f).shape), getattr(t, f).dtype, getattr(t, f).device.type)
-                    for t in st.layers for f in ops.OpLayer.__dataclass_fields__)
-        ids = [id(getattr(t, f)) for t in st.layers for f in ops.OpLayer.__dataclass_fields__]
-        sharing = tuple(tuple(j for j, other in enumerate(ids) if other == i) for i in ids)
-        seen.add(sig + ((tuple(runner._op_meta.shape), runner._op_meta.device.type), sharing))
-        # the per-step facts really change: every layer dense in the dense step, then the bucket's routes
-        codes = {"sparse": ops.ROUTE_SPARSE, "mixed": ops.ROUTE_MIXED, "dense": ops.ROUTE_DENSE}
-        want = [ops.ROUTE_DENSE] * 3 if i == 0 else [codes[r] for r in ROUTES[bundle.bucket_for_sigma(s)]]
-        assert runner._op_meta[:, 0].tolist() == want
-    runner.end()
-    assert len(seen) == 1
-    assert bundle.layer_widths() == [max(int(bundle.max_counts()[bundle.entry_mask[b, l].long()].max())
-                                         for b in range(bundle.num_buckets)) for l in range(3)]
-
-
 def test_op_passes_opcheck():
-    """torch.library.opcheck: schema, fake (meta) implementation against the real one, and the op under
-    aot_autograd's dispatch with dynamic shapes."""
+    """torch.library.opcheck: schema, the fake (meta) implementation against the real one (shape, dtype, memory
+    order), and the op under aot_autograd's dispatch with dynamic shapes."""
     bundle = make_bundle(MOCHI)
     runner = SparseRunner(bundle, dense_cutoff=CUTOFF)
-    runner.begin_step(SIGMAS[3], "cpu")  # bucket 2: repetitive heads in layers 0 and 1
-    st, meta = runner._op_state, runner._op_meta
+    runner.begin_step(SIGMAS[3], "cpu")  # bucket 2: repetitive heads in layers 0 and 1, layer 1 and 2 mixed
     x, _, mask = inputs(MOCHI, 2)
     gen = torch.Generator().manual_seed(3)
     N = x.shape[1]
-    q, k, v = (torch.randn(2, N, H, D, generator=gen).transpose(1, 2) for _ in range(3))
+    q, k, v = (torch.randn(2, N, H, D, generator=gen).transpose(1, 2) for _ in range(3))  # a (B, L, H*D) call
     bias = mask[:, 0, 0, -TEXT:].float()
     for layer in range(3):
-        t = st.layers[layer]
-        args = (q, k, v, t.kv_indices, t.kv_counts, t.dense_heads, t.rep_slot, t.rep_heads, t.rep_rows, t.rep_src,
-                t.skip_rows, meta, layer, bias, None, 0)
+        args = (q, k, v, runner._handle, layer, bias, None, 0)
         torch.library.opcheck(ops.sparse_attention_op, args,
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
         out = ops.sparse_attention_op(*args)
         assert out.stride() == torch.empty_like(q).stride()
+        grid = dataclasses.replace(bundle.grid, text_tokens=TEXT, text_position="end")
+        want = runner(AttentionCall(q=q, k=k, v=v, layout="bhld", heads=H, layer=layer, sigma=SIGMAS[3], grid=grid,
+                                    text_bias=bias))
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
     runner.end()
+
+
+def test_a_repatched_model_finds_its_new_runner_under_the_guard_filter():
+    """ComfyUI 0.19 drops the guards on transformer_options, so a model compiled with one patch and then run with
+    another (Patch Model Attention with another bundle or quality, same shapes) reuses the graph: the op must reach
+    the new runner (its handle is a tensor input, fetched from the router at every call), not the first one."""
+    model = TinyModel().eval()
+    backend = CountingBackend()
+    compiled = torch.compile(model, backend=backend, options={"guard_filter_fn": comfyui_guard_filter})
+    x, context, mask = inputs(WAN, 2)
+    first = make_router(WAN, make_bundle(WAN, seed=0), dense_cutoff=CUTOFF)
+    sample(first, model, compiled, x, context, mask, runs=1)
+    second = make_router(WAN, make_bundle(WAN, seed=1), dense_cutoff=1.0)  # other masks, every head sparse
+    worst = sample(second, model, compiled, x, context, mask, runs=1)
+    assert worst < 1e-5, worst
+    assert len(backend.graphs) == 1  # the same graph served both patches
 
 
 def test_eager_calls_do_not_go_through_the_op():
@@ -370,10 +359,10 @@ def test_a_handler_that_cannot_be_traced_runs_eagerly_at_every_step():
 
 
 @pytest.mark.slow
-def test_op_triton_branch_matches_the_eager_runner(monkeypatch):
-    """The op's Triton branch (CUDA only in production: seeded repetition tables, full-head rows of mixed layers,
-    the output's memory order), run here by Triton's interpreter in float16, against the eager runner's own Triton
-    path with its lazily built tables: the same kernels must get the same inputs."""
+def test_op_on_the_triton_path_matches_the_eager_runner(monkeypatch):
+    """The op's run on the Triton path (CUDA only in production), here by Triton's interpreter in float16: the
+    mixed layer of bucket 2 (a dense head listing every key block, a repetitive head, a padded text bias), through
+    the op and straight through the runner, bit-identical, and the result in the memory order the fake promises."""
     from triton_interp import interpreted_kernels
 
     from calibatt.kernels import runner as runner_module
@@ -382,40 +371,32 @@ def test_op_triton_branch_matches_the_eager_runner(monkeypatch):
     monkeypatch.setattr(runner_module.SparseRunner, "_triton_ok",
                         staticmethod(lambda q: q.dtype == torch.float16 and q.shape[-1] in (16, 32, 64, 128)))
     bundle = make_bundle(MOCHI)
-    eager, traced = SparseRunner(bundle, dense_cutoff=CUTOFF), SparseRunner(bundle, dense_cutoff=CUTOFF)
+    runner = SparseRunner(bundle, dense_cutoff=CUTOFF)
+    runner.begin_step(SIGMAS[3], "cpu")
+    assert runner.route(1) == "mixed"
+    grid = dataclasses.replace(bundle.grid, text_tokens=TEXT, text_position="end")
     gen = torch.Generator().manual_seed(4)
-    grid = mi.grid_from_latent(mi.family_layout(MOCHI), LATENT)
-    N = grid.video_tokens + TEXT
     bias = torch.zeros(2, TEXT)
     bias[1, -3:] = -1e4  # padded keys of the second prompt
-    for sigma in (SIGMAS[3],):  # bucket 2: repetitive heads in the sparse and the mixed layer
-        for r in (eager, traced):
-            r.begin_step(sigma, "cpu")
-        x = torch.randn(2, N, 3 * H * D, generator=gen).to(torch.float16)
-        q, k, v = x.chunk(3, dim=-1)  # (B, L, H*D) views with a row stride of 3*H*D, as a fused qkv gives
-        for layer in range(3):
-            call = AttentionCall(q=q, k=k, v=v, layout="bld", heads=H, layer=layer, sigma=sigma,
-                                 grid=grid, text_bias=bias)
-            want = eager(call)
-            qh, kh, vh = call.bhld()
-            st, t = traced._op_state, traced._op_state.layers[layer]
-            out = ops.sparse_attention_op(qh, kh, vh, t.kv_indices, t.kv_counts, t.dense_heads, t.rep_slot,
-                                          t.rep_heads, t.rep_rows, t.rep_src, t.skip_rows, traced._op_meta,
-                                          layer, bias, None, 0)
-            assert out.stride() == torch.empty_like(qh).stride()
-            torch.testing.assert_close(call.to_host_layout(out), want, rtol=0, atol=0)
+    x = torch.randn(2, grid.video_tokens + TEXT, 3 * H * D, generator=gen).to(torch.float16)
+    q, k, v = x.chunk(3, dim=-1)  # (B, L, H*D) views with a row stride of 3*H*D, as a fused qkv gives
+    call = AttentionCall(q=q, k=k, v=v, layout="bld", heads=H, layer=1, sigma=SIGMAS[3], grid=grid, text_bias=bias)
+    want = runner(call)
+    qh, kh, vh = call.bhld()
+    out = ops.sparse_attention_op(qh, kh, vh, runner._handle, 1, bias, None, 0)
+    assert out.stride() == torch.empty_like(qh).stride()
+    torch.testing.assert_close(call.to_host_layout(out), want, rtol=0, atol=0)
     assert not runner_module._TRITON_BROKEN
-    for r in (eager, traced):
-        r.end()
+    runner.end()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
 @pytest.mark.parametrize("backend", ["inductor", "cudagraphs"])
 def test_compiled_model_on_cuda_runs_the_triton_kernels(backend):
-    """bf16 on a GPU: the op dispatches to the Triton kernels inside inductor's code (or the cudagraphs backend,
-    which must not replay a capture across buckets: the op's CPU meta input keeps it from capturing); one graph,
-    equal to eager at every step within bf16 rounding of the surrounding layers."""
+    """bf16 on a GPU: the op runs the Triton kernels inside inductor's code (or the cudagraphs backend, which must
+    not replay a capture across buckets: the op's CPU handle input keeps it from capturing); one graph, equal to
+    eager at every step within bf16 rounding of the surrounding layers."""
     from calibatt.kernels import runner as runner_module
 
     bundle = make_bundle(MOCHI)

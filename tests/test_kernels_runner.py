@@ -87,19 +87,21 @@ def _two_bucket_bundle():
 
 
 def test_only_the_current_buckets_skip_lists_stay_resident():
-    """A bucket change lets go of the previous bucket's tables (the runner's and the bundle's cached copy), so one
-    bucket's skip lists are held on the compute device at a time; the end of sampling releases that one too."""
+    """A bucket change lets go of the previous bucket's tables, so one bucket's are held on the compute device at a
+    time (the runner builds its own per-call tables from the bucket's packed masks; the bundle caches nothing for
+    it); the end of sampling releases that one too."""
     bundle, grid, lists = _two_bucket_bundle()
     runner = SparseRunner(bundle, dense_cutoff=1.0)
     assert runner.begin_step(1.0, "cpu") == 0
-    assert runner.held == (0, "cpu") and bundle.resident() == [(0, "cpu")]
-    first = runner._skip
-    assert runner.begin_step(0.9, "cpu") == 0 and runner._skip is first  # same bucket: nothing rebuilt
+    assert runner.held == (0, "cpu") and runner.held_bytes() > 0
+    first = runner._tables
+    assert runner.begin_step(0.9, "cpu") == 0 and runner._tables is first  # same bucket: nothing rebuilt
     assert runner.begin_step(0.5, "cpu") == 1
-    assert runner.held == (1, "cpu") and bundle.resident() == [(1, "cpu")]
-    assert torch.equal(runner._skip.layer(1).block_mask(), lists[1].layer(1).block_mask())
+    assert runner.held == (1, "cpu") and runner._tables is not first
+    assert torch.equal(runner._tables.layer(1).block_mask(), lists[1].layer(1).block_mask())
+    assert bundle.resident() == []
     runner.end()
-    assert runner.held is None and bundle.resident() == []
+    assert runner.held is None and runner.held_bytes() == 0 and bundle.resident() == []
 
 
 def test_calls_on_another_device_remake_the_skip_lists_there():
@@ -114,14 +116,14 @@ def test_calls_on_another_device_remake_the_skip_lists_there():
     q = torch.randn(B, H, N, D, device="meta")
     out = runner(AttentionCall(q, q, q, "bhld", H, 1, 0.5, grid))
     assert out.device.type == "meta" and out.shape == q.shape
-    assert runner.held == (1, "meta") and bundle.resident() == [(1, "meta")]
-    assert runner._skip.layer(1).kv_indices.device.type == "meta"
+    assert runner.held == (1, "meta")
+    assert runner._tables.layer(1).kv_indices.device.type == "meta"
     assert runner.route(1) == "sparse"
     # Back on the CPU: rebuilt there, numerically the reference for that bucket.
     gen = torch.Generator().manual_seed(4)
     qc, kc, vc = (torch.randn(B, H, N, D, generator=gen) for _ in range(3))
     out = runner(AttentionCall(qc, kc, vc, "bhld", H, 1, 0.5, grid))
-    assert runner.held == (1, "cpu") and bundle.resident() == [(1, "cpu")]
+    assert runner.held == (1, "cpu") and runner._tables.layer(1).kv_indices.device.type == "cpu"
     torch.testing.assert_close(out, sparse_attention_reference(qc, kc, vc, lists[1].layer(1)), rtol=1e-5, atol=1e-5)
     # A dense window set by begin_step survives the device change.
     dense_runner = SparseRunner(bundle, dense_first=1.0)

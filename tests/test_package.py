@@ -9,7 +9,7 @@ import sys
 import calibatt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENGINE = ("masks", "kernels", "calibration")
+ENGINE = ("masks", "kernels", "calibration", "hub")
 
 
 def test_imports_without_comfyui_and_exposes_engine():

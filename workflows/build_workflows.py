@@ -17,7 +17,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import _pkg  # noqa: E402
 
 _pkg.load_package()
+from calibatt.hub.reference import parse  # noqa: E402
 from calibatt.nodes import specs  # noqa: E402
+
+# The bundle the hub example loads. REPLACE-ME is the project's Hub account (as in pyproject.toml): set it, pin the
+# published commit and add #sha256=... (python -m hub card prints the pinned reference) when the bundle is uploaded.
+HUB_EXAMPLE = "hf://REPLACE-ME/calibatt-bundles/wan21_t2v_1.3B_832x480x81.safetensors@main"
 
 PROMPTS = "\n".join([
     "A golden retriever runs along a beach at sunset, waves rolling in, slow motion.",
@@ -143,15 +148,23 @@ def wan21_calibrate():
     return g.dump()
 
 
-def wan21_sparse():
+def hub_model_entry(reference: str) -> dict:
+    """The node's properties.models entry for a hub bundle: ComfyUI's frontend checks `name` against the files of
+    `directory` when the workflow opens and offers to download `url` for a missing one."""
+    ref = parse(reference)
+    entry = {"name": str(ref.relpath()), "url": ref.web_url(), "directory": "sparse_attention"}
+    if ref.sha256:
+        entry.update(hash=ref.sha256, hash_type="sha256")
+    return entry
+
+
+def _wan21_sparse(note: str, load_values: dict, models=None):
     g = Graph()
-    g.note((0, -320), "## Wan 2.1 T2V 1.3B with calibrated sparse attention\n\n"
-           "*Load Mask Bundle* reads `models/sparse_attention/`; the bundle must match the model, resolution and "
-           "length (calibrate one with the *Wan 2.1 T2V calibrate* workflow). Bypass *Patch Model Attention* "
-           "(Ctrl+B) to compare with dense attention. Raise *dense_last_percent* if fine detail suffers, e.g. "
-           "with few-step LoRAs.")
+    g.note((0, -320), note)
     model = _wan_loaders(g, "wan2.1_t2v_1.3B_fp16.safetensors")
-    bundle = _ours(g, specs.LOAD, (0, 160), {"bundle_name": "wan21_t2v_1.3B_832x480x81.safetensors"}, size=(360, 80))
+    bundle = _ours(g, specs.LOAD, (0, 160), load_values, size=(360, 110))
+    if models:
+        bundle["properties"]["models"] = models
     patch = _ours(g, specs.PATCH, (760, 0), {"dense_first_percent": 0.0, "dense_last_percent": 0.0},
                   size=(340, 130))
     g.link(model, 0, patch, "model")
@@ -172,6 +185,28 @@ def wan21_sparse():
     return g.dump()
 
 
+def wan21_sparse():
+    return _wan21_sparse(
+        "## Wan 2.1 T2V 1.3B with calibrated sparse attention\n\n"
+        "*Load Mask Bundle* reads `models/sparse_attention/`; the bundle must match the model, resolution and "
+        "length (calibrate one with the *Wan 2.1 T2V calibrate* workflow). Bypass *Patch Model Attention* "
+        "(Ctrl+B) to compare with dense attention. Raise *dense_last_percent* if fine detail suffers, e.g. "
+        "with few-step LoRAs.",
+        {"bundle_name": "wan21_t2v_1.3B_832x480x81.safetensors"})
+
+
+def wan21_sparse_hub():
+    ref = parse(HUB_EXAMPLE)
+    return _wan21_sparse(
+        "## Wan 2.1 T2V 1.3B with a bundle from the hub\n\n"
+        "*Load Mask Bundle* downloads the bundle named in *hub_reference* into "
+        f"`models/sparse_attention/{ref.relpath()}` on the first run, checks it, and loads it from there "
+        "afterwards (also offline). Paste another reference (`hf://owner/repo/file.safetensors@revision"
+        "#sha256=...`, from a bundle's card or `python -m hub list`) to use another bundle; it must match the "
+        "model, resolution and length. Private repositories need HF_TOKEN or `hf auth login`.",
+        {"bundle_name": str(ref.relpath()), "hub_reference": HUB_EXAMPLE}, models=[hub_model_entry(HUB_EXAMPLE)])
+
+
 def wan22_two_experts():
     g = Graph()
     g.note((0, -360), "## Wan 2.2 T2V A14B (two experts) with sparse attention\n\n"
@@ -182,9 +217,9 @@ def wan22_two_experts():
     hi = _wan_loaders(g, "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", 0, 0)
     lo = _wan_loaders(g, "wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors", 0, 420)
     b_hi = _ours(g, specs.LOAD, (0, 160), {"bundle_name": "wan22_t2v_high_noise_1280x720x81.safetensors"},
-                 size=(380, 80))
+                 size=(380, 110))
     b_lo = _ours(g, specs.LOAD, (0, 580), {"bundle_name": "wan22_t2v_low_noise_1280x720x81.safetensors"},
-                 size=(380, 80))
+                 size=(380, 110))
     p_hi = _ours(g, specs.PATCH, (760, 0), {}, size=(340, 130))
     p_lo = _ours(g, specs.PATCH, (760, 420), {}, size=(340, 130))
     for m, b, p in ((hi, b_hi, p_hi), (lo, b_lo, p_lo)):
@@ -216,6 +251,7 @@ def wan22_two_experts():
 WORKFLOWS = {
     "wan21_t2v_calibrate": wan21_calibrate,
     "wan21_t2v_sparse": wan21_sparse,
+    "wan21_t2v_sparse_hub": wan21_sparse_hub,
     "wan22_t2v_two_experts_sparse": wan22_two_experts,
 }
 
