@@ -201,7 +201,8 @@ class AttentionRouter:
 
     def _warn_once(self, key, msg):
         if is_compiling():
-            _COMPILE_HELPERS["warn"](self.name, key, msg)
+            if "warn" in _COMPILE_HELPERS:
+                _COMPILE_HELPERS["warn"](self.name, key, msg)
             return
         if key not in self._warned:
             self._warned.add(key)
@@ -326,7 +327,9 @@ class AttentionRouter:
     def __call__(self, func, *args, **kwargs):
         compiling = is_compiling()
         if compiling and not getattr(self.handler, "traceable", False):
-            return _COMPILE_HELPERS["untraced"](self, func, *args, **kwargs)
+            untraced = _COMPILE_HELPERS.get("untraced")
+            # (missing only if this model is traced before any sampling run began: nothing is routed then anyway)
+            return untraced(self, func, *args, **kwargs) if untraced is not None else func(*args, **kwargs)
         step, grid = self.step, self.grid
         if step is None or grid is None or len(args) < 3:
             self._count_passed()
@@ -382,8 +385,8 @@ class AttentionRouter:
             self._count_passed()
             return func(*args, **kwargs)
         H = q.shape[1] if skip_reshape else int(heads)
-        # A traced call (torch.compile) reads no per-step value: the graph is recorded once and replayed every step
-        # (kernels/ops.py); the runner takes its per-step facts from tensors prepared outside the compiled model.
+        # A traced call (torch.compile) reads no per-step value: the graph is recorded once and replayed every step;
+        # the runner's op reads the step's state when it runs (kernels/ops.py).
         call = AttentionCall(q=q, k=k, v=v, layout=layout, heads=H, layer=layer,
                              sigma=float("nan") if compiling else step.sigma, grid=self._call_grid(text, position),
                              positive_rows=None if compiling else step.positive_rows,

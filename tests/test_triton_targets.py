@@ -1,4 +1,5 @@
-"""Our Triton kernels compile for sm80, sm86, sm89, sm90 and sm120 on a machine without a GPU or driver.
+"""Our Triton kernels (attention, statistics, table builder) compile for sm80, sm86, sm89, sm90 and sm120 on a
+machine without a GPU or driver.
 
 tests/triton_offline_compile.py (two worker processes, one per core) runs the real host functions on CPU tensors
 with each target's tile configuration and hands every kernel launch, specialised by Triton's own binder, to
@@ -25,8 +26,9 @@ TARGETS = (80, 86, 89, 90, 120)
 # per Compute Capability" (8.0: 163 KB, 8.6 / 8.9 / 12.0: 99 KB, 9.0: 227 KB).
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024, 120: 99 * 1024}
 # Launches per target: attention (video kernel) in both cases; text rows and anchor rows in the second; the two
-# statistics passes in the first. Hopper's attention twice: host and in-kernel TMA descriptors.
-KERNELS = {"_sparse_video_fwd": 2, "_dense_rows_fwd": 2, "_row_lse": 1, "_block_mass": 1}
+# statistics passes and the skip-list table builder in the first. Hopper's attention twice: host and in-kernel TMA descriptors.
+KERNELS = {"_sparse_video_fwd": 2, "_dense_rows_fwd": 2, "_row_lse": 1, "_block_mass": 1,
+           "_packed_rows_to_table": 1}
 TWICE_ON_HOPPER = ("_sparse_video_fwd", "_dense_rows_fwd")
 
 

@@ -6,8 +6,8 @@ sets for the CPU, must be unset when @triton.jit decorates the kernels):
     python tests/triton_offline_compile.py 80 90 ...   ->  one JSON line per compiled launch
 
 How: the real host functions (kernels/triton_attention.py sparse_attention_triton, kernels/triton_stats.py
-block_energy_triton) run on CPU tensors with the target's tile configuration, which `_pick_tiles` chooses from the
-capability we report for the target (torch.cuda.get_device_capability is answered with it, as on such a GPU).
+block_energy_triton, kernels/triton_tables.py packed_to_table_triton) run on CPU tensors with the target's tile
+configuration, which `_pick_tiles` chooses from the capability we report for the target (torch.cuda.get_device_capability is answered with it, as on such a GPU).
 Each kernel launch is recorded instead of run; Triton's own argument binder then specialises the recorded
 arguments for the target (pointer dtypes, 16-byte alignment, constexprs, TMA descriptor types), and
 triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)) runs every stage: TTIR, TTGIR, LLVM IR, PTX, and
@@ -114,6 +114,7 @@ def compile_target(cc: int):
 
     import calibatt.kernels.triton_attention as ta
     import calibatt.kernels.triton_stats as ts
+    import calibatt.kernels.triton_tables as tt
     from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists
 
     target = GPUTarget("cuda", cc, 32)
@@ -126,7 +127,7 @@ def compile_target(cc: int):
 
     ta.pick_tiles = ts.pick_tiles = tiles
     launches = []
-    kernels = [ta._sparse_video_fwd, ta._dense_rows_fwd, ts._row_lse, ts._block_mass]
+    kernels = [ta._sparse_video_fwd, ta._dense_rows_fwd, ts._row_lse, ts._block_mass, tt._packed_rows_to_table]
     for kern in kernels:
         kern.run = (lambda kern: lambda *args, grid, warmup, **kwargs: launches.append((kern, args, kwargs)))(kern)
 
@@ -157,10 +158,16 @@ def compile_target(cc: int):
             ta.sparse_attention_triton(q, k, v, layer, text_bias=tb)
             if stats and min_pairs in (None, 0):  # the statistics kernels take host descriptors only (mode 2)
                 ts.block_energy_triton(q, k, g, text_bias=tb)
+                # the per-call table builder (kernels/bucket_tables.py) at Wan 720p's 591 key blocks, with the
+                # full-head flags of a mixed layer
+                nk, nq = 591, 4
+                packed = torch.randint(0, 256, (2, nq, (nk + 7) // 8), generator=gen, dtype=torch.uint8)
+                tt.packed_to_table_triton(packed, nk, torch.empty(2, nq, nk, dtype=torch.int16),
+                                          torch.empty(2, nq, dtype=torch.int32), torch.tensor([0, 1]))
             for kern, args, kwargs in launches:
                 t0 = time.time()
-                label = f"{kern.fn.__name__} [{name}" + (f", DESC_MODE {kwargs.get('DESC_MODE')}]" if min_pairs
-                                                          is not None else "]")
+                mode = kwargs.get("DESC_MODE") if min_pairs is not None else None
+                label = f"{kern.fn.__name__} [{name}" + (f", DESC_MODE {mode}]" if mode is not None else "]")
                 try:
                     compiled, refusal = _compile(kern, target, args, kwargs)
                 except Exception as e:  # noqa: BLE001 - reported per launch
