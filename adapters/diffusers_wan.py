@@ -2,13 +2,41 @@
 
 Installs a processor on every block's self-attention (`attn1`); cross-attention (`attn2`) is left as it is. The
 processor repeats diffusers' WanAttnProcessor math (projections, RMS norm, 3D RoPE, output projection; written
-against diffusers 0.42.1) and hands the attention itself to a handler through an AttentionCall:
+against diffusers 0.42.1) and hands the attention itself to a handler through an AttentionCall. Three context
+managers install it: `patch_dense(transformer)` (the unpatched math through the same hook, for timing),
+`patch_sparse(transformer, bundle)` (SparseRunner on the bundle's skip lists) and
+`patch_calibrate(transformer, calibrator)` (Calibrator.observe: dense output plus statistics).
 
-    with patch_dense(transformer):                      # the unpatched math, through the same hook (timed)
-    with patch_sparse(transformer, bundle):             # SparseRunner on the bundle's skip lists
-    with patch_calibrate(transformer, calibrator):          # Calibrator.observe: dense output + statistics
+Each context manager restores the exact original processor objects on exit, also after an exception.
 
-The context manager restores the exact original processor objects on exit, also after an exception.
+Example: calibrate on one prompt, then sample sparse. It runs as written on the shipped tiny diffusers Wan
+(tinywan/, imported as `calibatt` like the tests and the demo do; tests/test_adapter_diffusers_wan.py executes it):
+
+    import torch
+    from calibatt.adapters.diffusers_wan import patch_calibrate, patch_sparse, wan_grid, wan_signature
+    from calibatt.calibration import CalibrationSettings, Calibrator
+    from calibatt.tinywan.model import load_tinywan
+
+    model = load_tinywan()                      # a diffusers WanTransformer3DModel and its caption encoder
+    transformer = model.transformer
+    latent = torch.randn(1, 3, 4, 32, 32)       # (B, C, F, H, W); the tiny model works on RGB pixels
+    context = model.text(["a blue circle moving left over a purple checkerboard"])
+    sigmas = [1.0, 0.75, 0.5]                   # the sampler's schedule, noisiest first
+    calibrator = Calibrator(wan_signature(transformer), wan_grid(transformer, latent.shape),
+                            CalibrationSettings(block_q=64, block_k=64))
+    with patch_calibrate(transformer, calibrator) as hook, torch.no_grad():
+        calibrator.begin_prompt(sample_sigmas=sigmas)
+        for sigma in sigmas:
+            hook.begin_step(sigma)              # a sampling loop says each step's sigma (see "Sigma" below)
+            transformer(latent, torch.tensor([sigma * 1000.0]), context)
+        calibrator.end_prompt()
+    bundle = calibrator.finish()                # a MaskBundle: masks.save_bundle writes it for either host
+    calibrator.close()
+    with patch_sparse(transformer, bundle), torch.no_grad():
+        sparse = transformer(latent, torch.tensor([600.0]), context).sample
+
+`wan_signature` comes from the same builder (masks/signatures.py) as the signature ComfyUI's nodes read off the
+same checkpoint, so a bundle calibrated here patches that model in ComfyUI, and the reverse.
 
 Sigma: the hook must know the current sigma once per step (a host float; never read per attention call). Either
 the sampling loop says it (`hook.begin_step(sigma, step_fraction, positive_rows)` before the model call), or, for
@@ -30,6 +58,7 @@ import torch
 
 from ..kernels.call import AttentionCall
 from ..masks.bundle import MaskBundle
+from ..masks import signatures
 from ..masks.geometry import ModelSignature, TokenGrid
 
 DIFFUSERS_TESTED = "0.42.1"
@@ -44,13 +73,25 @@ def _diffusers_wan():
     return transformer_wan
 
 
-def wan_signature(transformer, family: str = "wan21") -> ModelSignature:
-    """The bundle signature of a diffusers Wan transformer, from its config."""
-    c = transformer.config
-    heads, hd = int(c.num_attention_heads), int(c.attention_head_dim)
-    return ModelSignature(family=family, num_layers=int(c.num_layers), num_heads=heads, head_dim=hd,
-                          dim=heads * hd, extra={"in_channels": int(c.in_channels),
-                                                 "patch": "x".join(str(int(p)) for p in c.patch_size)})
+def wan_signature(transformer) -> ModelSignature:
+    """The bundle signature of a diffusers Wan transformer (the same one ComfyUI's nodes read off the same
+    checkpoint: masks/signatures.py)."""
+    return wan_signature_from_config(transformer.config)
+
+
+def wan_signature_from_config(config) -> ModelSignature:
+    """wan_signature from a WanTransformer3DModel config (the model's `.config`, or its config.json as a dict)."""
+    c = config if isinstance(config, dict) else dict(config)
+    missing = [k for k in ("num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "patch_size")
+               if c.get(k) is None]
+    if missing:
+        raise ValueError(f"not a WanTransformer3DModel config: {', '.join(missing)} missing")
+    return signatures.wan(num_layers=c["num_layers"], num_heads=c["num_attention_heads"],
+                          head_dim=c["attention_head_dim"], in_channels=c["in_channels"],
+                          # WanTransformer3DModel's own rule: no out_channels means the input's.
+                          out_channels=c.get("out_channels") or c["in_channels"], patch=tuple(c["patch_size"]),
+                          # image_dim builds the CLIP image projection (Wan 2.1 I2V / FLF2V).
+                          image_embedding=c.get("image_dim") is not None)
 
 
 def wan_grid(transformer, latent_shape: Sequence[int], vae_stride=(4, 8, 8)) -> TokenGrid:
@@ -167,11 +208,11 @@ class WanAttentionHook:
     """
 
     def __init__(self, transformer, handler: Optional[Callable] = None, *, signature: Optional[ModelSignature] = None,
-                 family: str = "wan21", vae_stride=(4, 8, 8), timestep_scale: float = 1000.0,
+                 vae_stride=(4, 8, 8), timestep_scale: float = 1000.0,
                  timer: Optional[AttentionTimer] = None, check_grid: Optional[Callable] = None):
         self.transformer = transformer
         self.handler = handler
-        self.signature = signature if signature is not None else wan_signature(transformer, family)
+        self.signature = signature if signature is not None else wan_signature(transformer)
         self.vae_stride = tuple(vae_stride)
         self.timestep_scale = float(timestep_scale)
         self.timer = timer

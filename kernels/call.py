@@ -56,8 +56,3 @@ class AttentionCall:
     def text_bias_for(self, rows: Optional[Sequence[int]]) -> Optional[torch.Tensor]:
         """The text bias of these batch rows (None = all rows), e.g. the positive rows the statistics use."""
         return select_rows(self.text_bias, rows)
-
-    def positive_index(self) -> Optional[torch.Tensor]:
-        if self.positive_rows is None:
-            return None
-        return torch.as_tensor(list(self.positive_rows), dtype=torch.long, device=self.q.device)

@@ -81,11 +81,3 @@ def sparse_attention_reference(q, k, v, skip: LayerSkipList, *, layout: str = "b
                    + rep.row_anchor[slot].to(qh.device)[None, :]).reshape(-1)  # [F*T]
             out[:, h, vs:vs + frames * T] = a_out[:, src]
     return from_bhld(out.to(qh.dtype), layout)
-
-
-def dense_attention_reference(q, k, v, block_mask_tokens=None, *, scale=None) -> torch.Tensor:
-    """(B, H, L, D) dense attention with an optional [H, Lq, Lk] boolean token mask, in float64 (tests)."""
-    D = q.shape[-1]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    return _attend(q.double(), k.double(), v.double(), scale,
-                   None if block_mask_tokens is None else block_mask_tokens[None])

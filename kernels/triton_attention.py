@@ -399,6 +399,7 @@ class _RepPrep:
     row_anchor: torch.Tensor  # [R, 1, T, 1] int64 anchor slot of every in-frame position (broadcast index)
     frames: int  # F
     covered: int  # F*T rows that the broadcast writes
+    head_list: tuple = ()  # the repetitive heads, on the host (the skip-row table is made there)
 
 
 def _prepare_repetition(skip: LayerSkipList, device) -> Optional[_RepPrep]:
@@ -427,7 +428,7 @@ def _prepare_repetition(skip: LayerSkipList, device) -> Optional[_RepPrep]:
         row_anchor = plan.row_anchor[sl].long()[:, None, :, None].contiguous()  # [R, 1, T, 1]
         prep = _RepPrep(to_device_async(torch.tensor(heads, dtype=torch.int32), device),
                         to_device_async(rows.to(torch.int32), device), to_device_async(row_anchor, device),
-                        frames, frames * T)
+                        frames, frames * T, tuple(heads))
     skip._triton_rep = (str(device), prep)
     return prep
 
@@ -439,9 +440,14 @@ def _skip_rows(skip: LayerSkipList, rep: Optional[_RepPrep], H: int, device) -> 
     cache = getattr(skip, "_triton_skip_rows", None)
     if cache is not None and cache[0] == str(device):
         return cache[1]
-    rows = torch.zeros(H, dtype=torch.int32, device=device)  # built on the device: a host copy would sync
-    if rep is not None:
-        rows[rep.heads.long()] = rep.covered
+    if rep is None:
+        rows = torch.zeros(H, dtype=torch.int32, device=device)  # a fill on the device: no host copy
+    else:
+        # Made on the host and sent through pinned memory: an index_put of a Python scalar on the device copies
+        # that scalar from pageable memory, which makes the host wait for the GPU queue.
+        host = torch.zeros(H, dtype=torch.int32)
+        host[list(rep.head_list)] = rep.covered
+        rows = to_device_async(host, device)
     skip._triton_skip_rows = (str(device), rows)
     return rows
 

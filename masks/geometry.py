@@ -21,14 +21,16 @@ TEXT_POSITIONS = ("none", "end", "start")
 
 @dataclass(frozen=True)
 class ModelSignature:
-    """The shape facts that identify a checkpoint family; a bundle only fits models with the same signature."""
+    """The shape facts that identify a checkpoint family; a bundle only fits models with the same signature.
+    Hosts make them through the family builders in masks/signatures.py, so every host makes the same one."""
 
     family: str
     num_layers: int
     num_heads: int
     head_dim: int
     dim: int
-    # Anything else that separates checkpoints of one family (e.g. in_channels for I2V vs T2V, the Wan 2.2 expert).
+    # Anything else that separates checkpoints of one family (e.g. in_channels for I2V vs T2V); each family's
+    # fields are fixed by its builder in masks/signatures.py, which every host calls.
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -36,14 +38,18 @@ class ModelSignature:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSignature":
-        return cls(
+        """A stored signature (bundle file, calibration statistics), read as today's builders would make it for
+        the same model (masks/signatures.py `current`), so files written by older versions still fit."""
+        from .signatures import current  # signatures builds on this class
+
+        return current(cls(
             family=str(d["family"]),
             num_layers=int(d["num_layers"]),
             num_heads=int(d["num_heads"]),
             head_dim=int(d["head_dim"]),
             dim=int(d["dim"]),
             extra=dict(d.get("extra", {})),
-        )
+        ))
 
     def fingerprint(self) -> str:
         blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()

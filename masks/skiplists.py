@@ -120,11 +120,6 @@ class RepetitionPlan:
         if used.numel() and int(used.max()) >= R:
             raise BundleError(f"head_slot refers to plan {int(used.max())} of {R}", field="repetition.head_slot")
 
-    @classmethod
-    def empty(cls, num_layers: int, num_heads: int, frame_tokens: int, k: int = 1) -> "RepetitionPlan":
-        return cls(frame_tokens, torch.full((num_layers, num_heads), -1, dtype=torch.int32),
-                   torch.zeros(0, k, dtype=torch.int64), torch.zeros(0, frame_tokens, dtype=torch.int64))
-
     def for_layer(self, layer: int) -> Optional[LayerRepetition]:
         slots = self.head_slot[layer]
         used = slots >= 0

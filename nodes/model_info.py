@@ -8,9 +8,10 @@ None, and the patch node then leaves the model alone with a warning.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
+from ..masks import signatures
 from ..masks.geometry import ModelSignature, TokenGrid
 
 
@@ -57,7 +58,10 @@ def family_layout(cfg: dict) -> FamilyLayout:
         if model_type not in WAN_SPARSE_TYPES:
             raise UnsupportedModel(f"Wan variant '{model_type}' adds tokens or blocks beyond the video latent; "
                                    f"supported Wan variants: {', '.join(WAN_SPARSE_TYPES)}")
-        return _WAN22_5B if int(cfg.get("out_dim", 16)) == 48 else _WAN21
+        layout = _WAN22_5B if signatures.wan_family(_wan_out_channels(cfg)) == "wan22" else _WAN21
+        patch = tuple(int(p) for p in cfg.get("patch_size", layout.patch))
+        # ComfyUI's detection fixes 1x2x2; a file's metadata config may set another, which the model then uses.
+        return layout if patch == layout.patch else replace(layout, patch=patch)
     if image_model == "mochi_preview":
         return _MOCHI
     if image_model == "hunyuan_video":
@@ -75,23 +79,34 @@ def family_layout(cfg: dict) -> FamilyLayout:
                            f"(supported: Wan 2.1/2.2, Mochi, HunyuanVideo, LTX-Video)")
 
 
+def _wan_out_channels(cfg: dict) -> int:
+    return int(cfg.get("out_dim", 16))
+
+
 def signature_from_config(cfg: dict) -> ModelSignature:
     """cfg: ComfyUI's detected unet_config, with 'num_layers', 'num_heads' and 'dim' filled in from the loaded
-    diffusion model where the config leaves them implicit (see comfy_glue.describe_model)."""
+    diffusion model where the config leaves them implicit (see comfy_glue.describe_model). The signature comes from
+    the family's builder in masks/signatures.py, which the diffusers adapter calls too, so bundles move between
+    the hosts."""
     layout = family_layout(cfg)
     layers, heads, dim = int(cfg["num_layers"]), int(cfg["num_heads"]), int(cfg["dim"])
     if heads <= 0 or dim % heads:
         raise UnsupportedModel(f"hidden size {dim} is not a multiple of {heads} heads")
-    extra = {}
+    shape = {"num_layers": layers, "num_heads": heads, "head_dim": dim // heads}
     if layout.family in ("wan21", "wan22"):
-        extra["in_channels"] = int(cfg.get("in_dim", layout.latent_channels))
-        extra["model_type"] = str(cfg.get("model_type", "t2v"))
-    elif layout.family == "hunyuan":
-        extra["in_channels"] = int(cfg.get("in_channels", 16))
-        extra["double_blocks"] = int(cfg.get("depth", 0))
-    elif "in_channels" in cfg:
-        extra["in_channels"] = int(cfg["in_channels"])
-    return ModelSignature(layout.family, layers, heads, dim // heads, dim, extra)
+        model_type = str(cfg.get("model_type", "t2v"))
+        # ComfyUI's detection says "i2v" / "camera" exactly when the file has the CLIP image projection (img_emb),
+        # "camera" / "camera_2.2" when it has the camera-control adapter.
+        return signatures.wan(**shape, in_channels=int(cfg.get("in_dim", layout.latent_channels)),
+                              out_channels=_wan_out_channels(cfg), patch=layout.patch,
+                              image_embedding=model_type in ("i2v", "camera"),
+                              camera_control=model_type in ("camera", "camera_2.2"))
+    if layout.family == "hunyuan":
+        return signatures.hunyuan_video(**shape, in_channels=int(cfg.get("in_channels", 16)),
+                                        double_blocks=int(cfg.get("depth", 0)))
+    if layout.family == "mochi":
+        return signatures.mochi(**shape, in_channels=int(cfg.get("in_channels", layout.latent_channels)))
+    return signatures.ltxv(**shape)
 
 
 def grid_from_latent(layout: FamilyLayout, latent_shape, text_tokens: int = 0) -> TokenGrid:

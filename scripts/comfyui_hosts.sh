@@ -10,12 +10,13 @@
 #   tree's requirements are a superset of the older ones' except for the frontend packages, which only the browser
 #   serves: those an older tree pins differently are installed into that tree's own folder (see below). Rebuilt only
 #   when a requirements file or this script changes.
-# gguf is for the test that loads a model through ComfyUI-GGUF (its node code is a fixture outside the repository).
+# gguf is for the test that loads a model through ComfyUI-GGUF (its node code is a fixture outside the repository);
+# diffusers for the test that moves bundles between the diffusers adapter and ComfyUI (test_nodes_comfyui_cross_host).
 # Prints the tree folders, one per line, oldest version first.
 set -euo pipefail
 shared=$1 trees=$2 venv=$3
 torch_pins="torch==2.14.1 torchvision==0.29.1"
-test_tools="pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.15 requests gguf==0.19.0"
+test_tools="pytest==9.2.0 pytest-timeout==2.4.0 hypothesis==6.170.15 requests gguf==0.19.0 diffusers==0.42.1"
 
 shopt -s nullglob
 [ -d "$shared/comfyui" ] || exit 0

@@ -2,6 +2,8 @@
 bit-identical to the unpatched model, processors come back exactly, bundles are validated, and calibrate + patch
 runs end to end."""
 
+import textwrap
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ pytest.importorskip("diffusers", reason="the diffusers adapter is optional; inst
 from calibatt.adapters import diffusers_wan as A  # noqa: E402
 from calibatt.calibration import CalibrationSettings  # noqa: E402
 from calibatt.kernels.runner import SparseRunner  # noqa: E402
-from calibatt.masks import BlockGeometry, BundleError, MaskBundle, SkipLists  # noqa: E402
+from calibatt.masks import BlockGeometry, BundleError, MaskBundle, ModelSignature, SkipLists  # noqa: E402
 from calibatt.tinywan import data, evaluate, pipeline  # noqa: E402
 from calibatt.tinywan.model import load_tinywan  # noqa: E402
 
@@ -36,12 +38,12 @@ def _forward(model, x, t, ctx):
         return model.transformer(x, t, ctx, return_dict=False)[0]
 
 
-def _full_bundle(model, grid, density_mask=None):
+def _full_bundle(model, grid, density_mask=None, signature=None):
     g = BlockGeometry(grid.video_tokens, 64, 64)
     L, H = model.cfg.layers, model.cfg.dim_heads
     mask = torch.ones(L, H, g.nq, g.nk, dtype=torch.bool) if density_mask is None else density_mask
     sl = SkipLists.from_block_mask(mask, g)
-    return MaskBundle.from_skip_lists(model.signature(), grid, [sl], [1.0], [0])
+    return MaskBundle.from_skip_lists(signature or model.signature(), grid, [sl], [1.0], [0])
 
 
 def test_dense_path_is_bit_identical_and_restores_processors(model):
@@ -100,8 +102,15 @@ def test_bundle_mismatches_are_refused(model):
         with A.patch_sparse(model.transformer, bundle, **KW):
             _forward(model, longer, t, ctx)
     assert type(model.transformer.blocks[0].attn1.processor).__name__ == "WanAttnProcessor"
-    with pytest.raises(BundleError, match="model family"):
-        A.patch_sparse(model.transformer, bundle)  # default family wan21: not the tiny model's bundle
+    # A bundle for a Wan of another architecture (16 latent channels, 1x2x2 patches: a real Wan T2V's input) is
+    # refused when patching, before anything runs, naming each differing field.
+    sig = model.signature()
+    other = ModelSignature(sig.family, sig.num_layers, sig.num_heads, sig.head_dim, sig.dim,
+                           dict(sig.extra, in_channels=16, patch="1x2x2"))
+    with pytest.raises(BundleError, match="in_channels=16; this model has in_channels=3") as e:
+        A.patch_sparse(model.transformer, _full_bundle(model, grid, signature=other))
+    assert "patch=1x2x2; this model has patch=2x2x2" in str(e.value)
+    assert type(model.transformer.blocks[0].attn1.processor).__name__ == "WanAttnProcessor"
 
 
 def test_calibrate_then_sparse_end_to_end(model):
@@ -120,3 +129,31 @@ def test_calibrate_then_sparse_end_to_end(model):
     p = evaluate.psnr(dense[0], sparse[0])
     assert 10 < p < 200
     assert 0 < evaluate.sampled_density(bundle, 3) <= 1
+
+
+def _docstring_example() -> str:
+    """The indented code block of the adapter module's docstring that starts with `import torch`."""
+    doc = A.__doc__
+    lines = []
+    for line in doc[doc.index("    import torch\n"):].splitlines():
+        if line.strip() and not line.startswith("    "):
+            break
+        lines.append(line)
+    return textwrap.dedent("\n".join(lines))
+
+
+def test_docstring_example_runs_as_written():
+    code = _docstring_example()
+    assert "patch_calibrate" in code and "patch_sparse" in code and "load_tinywan()" in code
+    ns: dict = {}
+    exec(compile(code, "adapters/diffusers_wan.py docstring", "exec"), ns)  # noqa: S102 (our own docstring)
+    transformer, bundle, sparse, latent = ns["transformer"], ns["bundle"], ns["sparse"], ns["latent"]
+    # It calibrated the tiny model at its 2 x 16 x 16-token grid, for each of the three sigmas, and sampled sparse.
+    assert bundle.signature == A.wan_signature(transformer)
+    assert (bundle.grid.frames, bundle.grid.height, bundle.grid.width) == (2, 16, 16)
+    assert bundle.calibrated_sigmas == pytest.approx([1.0, 0.75, 0.5])
+    assert 0 < bundle.density <= 1
+    assert sparse.shape == latent.shape and torch.isfinite(sparse).all()
+    # The context managers put the original processors back.
+    assert all(type(b.attn1.processor).__name__ == "WanAttnProcessor" for b in transformer.blocks)
+    assert not transformer._forward_pre_hooks

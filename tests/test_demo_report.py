@@ -39,7 +39,8 @@ def test_demo_report_at_reduced_size(tmp_path, capsys):
     assert on_disk["device"].startswith("cpu")
     assert set(on_disk["held_out_prompts"]).isdisjoint(on_disk["calibration_prompts"])
     bundle = load_bundle(tmp_path / "tinywan_bundle.safetensors")
-    assert bundle.grid.frames == 2 and bundle.signature.family == "tinywan"
+    assert bundle.grid.frames == 2 and bundle.signature.family == "wan21"
+    assert bundle.signature.extra["in_channels"] == 3 and bundle.signature.extra["patch"] == "2x2x2"
     png = tmp_path / "comparison.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     assert "dB PSNR" in capsys.readouterr().out

@@ -18,14 +18,16 @@ from comfyui_harness import COMFY
 
 pytestmark = H.NEEDS_COMFYUI
 
-from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid, load_bundle, save_bundle
+from calibatt.masks import BlockGeometry, MaskBundle, SkipLists, TokenGrid, load_bundle, save_bundle, signatures
 
 REPO = Path(__file__).resolve().parents[1]
 W, HGT, LEN = 128, 64, 9  # latent [1, 16, 3, 8, 16] -> 3 x 4 x 8 = 96 tokens
 STEPS = 4
 BLOCK = 16
 GRID = TokenGrid(frames=3, height=4, width=8)
-SIGNATURE = ModelSignature("wan21", 2, 2, 128, 256, {"in_channels": 16, "model_type": "t2v"})
+# What the nodes read off the tiny Wan 2.1 T2V checkpoint (tests/comfyui_harness.tiny_wan_state_dict).
+SIGNATURE = signatures.wan(num_layers=2, num_heads=2, head_dim=128, in_channels=16, out_channels=16, patch=(1, 2, 2),
+                           image_embedding=False)
 NODE_IDS = {"CalibrateSparseAttention": "Calibrate Sparse Attention", "LoadMaskBundle": "Load Mask Bundle",
             "PatchModelAttention": "Patch Model Attention", "MaskBundlePreview": "Mask Bundle Preview"}
 
@@ -269,7 +271,8 @@ def test_bundle_for_another_video_size_fails_at_sampling_start(comfy, calibrated
 
 
 def test_bundle_for_another_model_fails_at_patch(comfy):
-    other = ModelSignature("wan21", 3, 2, 128, 256, {"in_channels": 16, "model_type": "t2v"})
+    other = signatures.wan(num_layers=3, num_heads=2, head_dim=128, in_channels=16, out_channels=16, patch=(1, 2, 2),
+                           image_embedding=False)
     save_bundle(_dense_bundle(signature=other), comfy.base / "models" / "sparse_attention" / "three_layers.safetensors")
     p = _graph()
     p["load"] = {"class_type": "LoadMaskBundle", "inputs": {"bundle_name": "three_layers.safetensors"}}

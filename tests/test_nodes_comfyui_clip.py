@@ -17,14 +17,15 @@ from comfyui_harness import COMFY
 pytestmark = H.NEEDS_COMFYUI
 
 import comfyui_clip as C  # noqa: E402
-from calibatt.masks import ModelSignature, TokenGrid, load_bundle  # noqa: E402
+from calibatt.masks import TokenGrid, load_bundle, signatures  # noqa: E402
 
 # The tiny size of tests/test_nodes_comfyui.py: latent [1, 16, 3, 8, 16] -> 3 x 4 x 8 = 96 tokens, blocks of 16.
 W, HGT, LEN = 128, 64, 9
 STEPS = 4
 BLOCK = 16
 GRID = TokenGrid(frames=3, height=4, width=8)
-SIGNATURE = ModelSignature("wan21", 2, 2, 128, 256, {"in_channels": 16, "model_type": "t2v"})
+SIGNATURE = signatures.wan(num_layers=2, num_heads=2, head_dim=128, in_channels=16, out_channels=16, patch=(1, 2, 2),
+                           image_embedding=False)
 
 PROMPT_A = "a red fox running through fresh snow, morning light"
 PROMPT_B = "a rainy city street at night with neon reflections"

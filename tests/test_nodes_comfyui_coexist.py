@@ -22,7 +22,7 @@ from comfyui_harness import COMFY
 
 pytestmark = H.NEEDS_COMFYUI
 
-from calibatt.masks import ModelSignature, TokenGrid, save_bundle  # noqa: E402
+from calibatt.masks import TokenGrid, save_bundle, signatures  # noqa: E402
 
 W, HGT, LEN = 128, 64, 9  # latent [1, 16, 3, 8, 16] -> 3 x 4 x 8 = 96 tokens
 TOKENS = 96
@@ -31,7 +31,8 @@ STEPS = 4
 DENSE_FIRST = 50.0  # our first 2 of 4 steps run on the dense fallback, the last 2 sparse
 CACHE_STEPS = 8
 GRID = TokenGrid(frames=3, height=4, width=8)
-SIGNATURE = ModelSignature("wan21", LAYERS, 2, 128, 256, {"in_channels": 16, "model_type": "t2v"})
+SIGNATURE = signatures.wan(num_layers=LAYERS, num_heads=2, head_dim=128, in_channels=16, out_channels=16,
+                           patch=(1, 2, 2), image_embedding=False)
 GLOBAL_BACKEND = "attention_split"  # what --use-split-cross-attention makes ComfyUI hand every override as func
 BUNDLE = "tiny_band.safetensors"
 

@@ -24,7 +24,7 @@ import comfyui_harness as H
 pytestmark = H.NEEDS_COMFYUI
 
 import comfyui_wan_variants as V  # noqa: E402
-from calibatt.masks import ModelSignature, load_bundle, save_bundle  # noqa: E402
+from calibatt.masks import load_bundle, save_bundle, signatures  # noqa: E402
 
 STEPS = 3
 BLOCK = 16
@@ -68,9 +68,10 @@ def test_tiny_checkpoints_detect_as_the_intended_variants(state_dicts, facts):
     assert model.model.image_to_video and model.model.diffusion_model.img_emb is not None
     assert type(F.load_model(state_dicts["wan22_ti2v"]).model).__name__ == "WAN22"
 
-    expect = {"wan21_i2v": ("wan21", {"in_channels": 36, "model_type": "i2v"}, (4, 8, 8)),
-              "wan22_i2v": ("wan21", {"in_channels": 36, "model_type": "t2v"}, (4, 8, 8)),
-              "wan22_ti2v": ("wan22", {"in_channels": 48, "model_type": "t2v"}, (4, 16, 16))}
+    fixed = {"patch": "1x2x2", "camera_control": False}
+    expect = {"wan21_i2v": ("wan21", {"in_channels": 36, "image_embedding": True, **fixed}, (4, 8, 8)),
+              "wan22_i2v": ("wan21", {"in_channels": 36, "image_embedding": False, **fixed}, (4, 8, 8)),
+              "wan22_ti2v": ("wan22", {"in_channels": 48, "image_embedding": False, **fixed}, (4, 16, 16))}
     for variant, (family, extra, stride) in expect.items():
         sig, layout, grid = facts[variant]
         assert (sig.family, sig.num_layers, sig.num_heads, sig.head_dim, sig.dim) == (family, 2, 2, 128, 256)
@@ -80,7 +81,8 @@ def test_tiny_checkpoints_detect_as_the_intended_variants(state_dicts, facts):
 
 
 # --------------------------------------------------------------------------------------------- the server
-T2V_SIGNATURE = ModelSignature("wan21", 2, 2, 128, 256, {"in_channels": 16, "model_type": "t2v"})
+T2V_SIGNATURE = signatures.wan(num_layers=2, num_heads=2, head_dim=128, in_channels=16, out_channels=16,
+                               patch=(1, 2, 2), image_embedding=False)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +223,7 @@ def _execution_error(entry: dict) -> dict:
 
 @pytest.mark.parametrize("variant, sentences", [
     ("wan21_i2v", ["bundle was calibrated for in_channels=16; this model has in_channels=36",
-                   "bundle was calibrated for model_type=t2v; this model has model_type=i2v"]),
+                   "bundle was calibrated for image_embedding=False; this model has image_embedding=True"]),
     ("wan22_i2v", ["bundle was calibrated for in_channels=16; this model has in_channels=36"]),
     ("wan22_ti2v", ["bundle was calibrated for model family 'wan21'; this model is 'wan22'",
                     "bundle was calibrated for in_channels=16; this model has in_channels=48"]),

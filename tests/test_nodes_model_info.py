@@ -21,7 +21,7 @@ LTXV = {"image_model": "ltxv", "num_layers": 28, "attention_head_dim": 64, "num_
 def test_wan21_signature_and_720p_grid():
     sig = mi.signature_from_config(WAN14B)
     assert (sig.family, sig.num_layers, sig.num_heads, sig.head_dim, sig.dim) == ("wan21", 40, 40, 128, 5120)
-    assert sig.extra == {"in_channels": 16, "model_type": "t2v"}
+    assert sig.extra == {"in_channels": 16, "patch": "1x2x2", "image_embedding": False, "camera_control": False}
     layout = mi.family_layout(WAN14B)
     shape = mi.latent_shape_for(layout, 1280, 720, 81)
     assert shape == [1, 16, 21, 90, 160]
@@ -31,8 +31,9 @@ def test_wan21_signature_and_720p_grid():
 
 def test_i2v_and_t2v_signatures_differ():
     t2v, i2v = mi.signature_from_config(WAN14B), mi.signature_from_config(WAN_I2V)
-    assert t2v.mismatches(i2v) == ["bundle was calibrated for in_channels=16; this model has in_channels=36",
-                                   "bundle was calibrated for model_type=t2v; this model has model_type=i2v"]
+    assert t2v.mismatches(i2v) == [
+        "bundle was calibrated for image_embedding=False; this model has image_embedding=True",
+        "bundle was calibrated for in_channels=16; this model has in_channels=36"]
 
 
 def test_wan22_5b_uses_its_vae():
@@ -95,7 +96,10 @@ WAN22_I2V_A14B = dict(WAN14B, in_dim=36)
 def test_wan22_i2v_a14b_differs_from_t2v_by_its_input_channels():
     sig = mi.signature_from_config(WAN22_I2V_A14B)
     assert (sig.family, sig.num_layers, sig.num_heads) == ("wan21", 40, 40)
-    assert sig.extra == {"in_channels": 36, "model_type": "t2v"}
+    assert sig.extra == {"in_channels": 36, "patch": "1x2x2", "image_embedding": False, "camera_control": False}
+    # Wan 2.1 I2V has the same shape and input channels; its CLIP image projection tells them apart.
+    assert mi.signature_from_config(WAN_I2V).mismatches(sig) == [
+        "bundle was calibrated for image_embedding=True; this model has image_embedding=False"]
     # A T2V expert's bundle does not fit the I2V expert: the input channels alone tell them apart.
     assert mi.signature_from_config(WAN14B).mismatches(sig) == [
         "bundle was calibrated for in_channels=16; this model has in_channels=36"]

@@ -9,7 +9,6 @@ import sys
 import calibatt
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENGINE = ("masks", "kernels", "calibration", "hub")
 
 
 def test_imports_without_comfyui_and_exposes_engine():
@@ -39,19 +38,139 @@ def test_loads_from_any_folder_name(tmp_path):
     assert out.stdout.strip() == calibatt.__version__
 
 
+# The ComfyUI side of the package: nodes/ and the root __init__ (which imports nodes/ only inside ComfyUI).
+COMFYUI_SIDE = "nodes"
+# Folders of the repository that are not part of the package (the package never imports them).
+TOOL_FOLDERS = {"tests", "bench", "demo", "scripts", "workflows"}
+# ComfyUI's top-level modules and packages (what its main.py puts on sys.path).
+COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_api_nodes", "comfy_config", "comfy_execution", "comfy_extras",
+                   "folder_paths", "nodes", "server", "execution", "node_helpers", "latent_preview", "main",
+                   "comfyui_version", "cuda_malloc", "protocol", "api_server", "middleware", "app"}
+
+
+def _visible_dirs(root: pathlib.Path):
+    return sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "__")))
+
+
+def package_folders(root: pathlib.Path) -> list:
+    """Every folder of the package below `root`: those with an __init__.py, found from the tree (so a new one is
+    covered without editing this test), recursively."""
+    out = []
+    for d in _visible_dirs(root):
+        if (d / "__init__.py").is_file():
+            out.append(d)
+            out += package_folders(d)
+    return out
+
+
+def engine_modules(root: pathlib.Path) -> list:
+    """The package's modules outside its ComfyUI side: root-level modules but the root __init__, and every package
+    folder's modules but nodes/'s."""
+    mods = [f for f in sorted(root.glob("*.py")) if f.name != "__init__.py"]
+    for d in package_folders(root):
+        if d.relative_to(root).parts[0] != COMFYUI_SIDE:
+            mods += sorted(d.glob("*.py"))
+    return mods
+
+
+def comfyui_imports(path: pathlib.Path, root: pathlib.Path) -> list:
+    """Sentences for every import in `path` (a module of the package rooted at `root`) that reaches ComfyUI or the
+    package's ComfyUI side: absolute imports of ComfyUI's modules, relative imports resolved against the module's
+    package (`from ..nodes import x` in masks/ resolves to nodes), and constant-string __import__ /
+    importlib.import_module calls."""
+    package = list(path.relative_to(root).parent.parts)  # __package__ of a module and of an __init__ alike
+    where = path.relative_to(root)
+    out = []
+
+    def absolute(name: str, line: int):
+        parts = name.split(".")
+        if parts[0] in COMFYUI_MODULES or parts[:2] == ["calibatt", COMFYUI_SIDE]:
+            out.append(f"{where}:{line}: imports {name}")
+
+    def relative(level: int, module, names, line: int):
+        if level - 1 > len(package):
+            out.append(f"{where}:{line}: relative import beyond the package (level {level})")
+            return
+        base = package[:len(package) - (level - 1)]
+        targets = [base + module.split(".")] if module else [base + [n] for n in names]
+        for t in targets:
+            if t[0] == COMFYUI_SIDE:
+                out.append(f"{where}:{line}: imports {'.' * level}{module or ''} "
+                           f"(resolves to {'.'.join(t)}, the ComfyUI side)")
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                absolute(a.name, node.lineno)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                absolute(node.module or "", node.lineno)
+            else:
+                relative(node.level, node.module, [a.name for a in node.names], node.lineno)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            if name in ("__import__", "import_module"):
+                target = node.args[0].value
+                if target.startswith("."):
+                    level = len(target) - len(target.lstrip("."))
+                    relative(level, target.lstrip(".") or None, [], node.lineno)
+                else:
+                    absolute(target, node.lineno)
+    return out
+
+
 def test_engine_never_imports_comfyui():
-    for pkg in ENGINE:
-        for f in (ROOT / pkg).rglob("*.py"):
-            tree = ast.parse(f.read_text())
-            for node in ast.walk(tree):
-                names = []
-                if isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                    names = [node.module]
-                for n in names:
-                    top = n.split(".")[0]
-                    assert top not in ("comfy", "folder_paths", "comfy_api", "nodes", "server"), f"{f}: {n}"
+    mods = engine_modules(ROOT)
+    covered = {m.relative_to(ROOT).parts[0] for m in mods if len(m.relative_to(ROOT).parts) > 1}
+    assert {"masks", "kernels", "calibration", "adapters", "tinywan"} <= covered, covered
+    problems = [p for f in mods for p in comfyui_imports(f, ROOT)]
+    assert not problems, "\n".join(problems)
+
+
+def test_every_folder_with_python_is_a_package_folder_or_a_tool():
+    """A new folder of Python code without an __init__.py would escape the import check above."""
+    for d in _visible_dirs(ROOT):
+        if d.name not in TOOL_FOLDERS and any(d.rglob("*.py")):
+            assert (d / "__init__.py").is_file(), (
+                f"{d.name}/ holds Python code but no __init__.py: make it a package folder (then the import "
+                f"check covers it) or, if the package never imports it, add it to TOOL_FOLDERS")
+
+
+def test_the_import_check_catches_planted_violations(tmp_path):
+    """The checker on a temporary package: each planted violation is reported, allowed imports are not."""
+    files = {
+        "__init__.py": "from .nodes import registry\n",  # the root __init__ may
+        "version.py": "__version__ = '0'\n",
+        "nodes/__init__.py": "",
+        "nodes/glue.py": "import comfy.model_management\nimport folder_paths\n",  # the ComfyUI side may
+        "masks/__init__.py": "from .geometry import TokenGrid\n",
+        "masks/geometry.py": "from ..kernels import call\nfrom . import errors\nimport torch\n",
+        "masks/bad_relative.py": "from ..nodes import model_info\n",
+        "masks/bad_relative_name.py": "from .. import nodes\n",
+        "masks/bad_absolute.py": "from comfy import model_management\n",
+        "masks/deep/__init__.py": "from ...nodes.routing import AttentionRouter\n",
+        "masks/beyond.py": "from ...outside import x\n",
+        "kernels/__init__.py": "",
+        "kernels/call.py": "import importlib\nm = importlib.import_module('comfy.ops')\n",
+        # A folder nobody listed anywhere: covered because it is a package folder.
+        "newengine/__init__.py": "",
+        "newengine/thing.py": "def f():\n    import comfy_api.latest\n",
+        "root_bad.py": "from .nodes import specs\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    found = {p.split(":")[0]: p for f in engine_modules(tmp_path) for p in comfyui_imports(f, tmp_path)}
+    assert sorted(found) == sorted(["masks/bad_relative.py", "masks/bad_relative_name.py", "masks/bad_absolute.py",
+                                    "masks/deep/__init__.py", "masks/beyond.py", "kernels/call.py",
+                                    "newengine/thing.py", "root_bad.py"]), found
+    assert "imports ..nodes (resolves to nodes, the ComfyUI side)" in found["masks/bad_relative.py"]
+    assert "imports .. (resolves to nodes, the ComfyUI side)" in found["masks/bad_relative_name.py"]
+    assert "resolves to nodes.routing" in found["masks/deep/__init__.py"]
+    assert "beyond the package" in found["masks/beyond.py"]
+    assert "comfy.ops" in found["kernels/call.py"] and "comfy_api.latest" in found["newengine/thing.py"]
 
 
 def test_no_pickle_anywhere():

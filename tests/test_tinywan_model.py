@@ -21,7 +21,8 @@ def test_shipped_weights_load_and_checksum_matches():
     assert M.WEIGHTS_FILE.stat().st_size <= 20 * 1024 * 1024
     m = M.load_tinywan()
     sig = m.signature()
-    assert (sig.family, sig.num_layers, sig.num_heads, sig.head_dim) == ("tinywan", 6, 4, 32)
+    assert (sig.family, sig.num_layers, sig.num_heads, sig.head_dim) == ("wan21", 6, 4, 32)
+    assert sig.extra == {"in_channels": 3, "patch": "2x2x2", "image_embedding": False, "camera_control": False}
     assert all(torch.isfinite(p).all() for p in m.parameters())
     meta = M.file_metadata()
     assert "train" in meta and '"steps"' in meta["train"]

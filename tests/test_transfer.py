@@ -4,6 +4,7 @@ unpack_bits: same values, and the copies that must not stall the host really are
 import pytest
 import torch
 
+from calibatt.masks import packing
 from calibatt.masks.packing import pack_bits, unpack_bits
 from calibatt.masks.transfer import to_device_async
 
@@ -15,11 +16,20 @@ def test_cpu_target_keeps_values():
 
 
 def test_unpack_round_trip_after_the_constant_is_cached():
+    key = (id(packing._SHIFTS), "cpu")
+    packing._DEVICE_COPIES.pop(key, None)
     gen = torch.Generator().manual_seed(0)
+    m = torch.rand(2, 4, 5, generator=gen) < 0.5
+    assert torch.equal(unpack_bits(pack_bits(m), 5), m)  # first call: copies the constant
+    cached = packing._DEVICE_COPIES[key]
+    assert torch.equal(cached, packing._SHIFTS)
+    copies = len(packing._DEVICE_COPIES)
     for nk in (5, 8, 13):
         m = torch.rand(2, 4, nk, generator=gen) < 0.5
         assert torch.equal(unpack_bits(pack_bits(m), nk), m)
-        assert torch.equal(unpack_bits(pack_bits(m), nk), m)  # second call: the cached per-device constant
+    # Later calls used that one copy: no new entry, the same tensor object.
+    assert len(packing._DEVICE_COPIES) == copies and packing._DEVICE_COPIES[key] is cached
+    assert packing._on(packing._SHIFTS, "cpu") is cached
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pinned, asynchronous copies)")

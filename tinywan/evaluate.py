@@ -13,7 +13,7 @@ from ..adapters import diffusers_wan as adapter
 from ..calibration import Calibrator, CalibrationSettings
 from . import pipeline
 
-HOOK_KW = {"family": "tinywan", "vae_stride": (1, 1, 1)}
+HOOK_KW = {"vae_stride": (1, 1, 1)}  # pixel space: the "VAE" is the identity
 
 
 def _on_step(hook, batch: int, guidance: float):

@@ -68,7 +68,8 @@ def build_transformer(cfg: TinyWanConfig):
 
 
 class TinyWan(nn.Module):
-    """Transformer + caption encoder. `signature()` is what mask bundles are keyed on."""
+    """Transformer + caption encoder. `signature()` is what mask bundles are keyed on: a Wan 2.1 architecture
+    ("wan21", 3 input channels, 2x2x2 patches), the signature any host reads off this transformer."""
 
     def __init__(self, cfg: TinyWanConfig):
         super().__init__()
@@ -78,7 +79,7 @@ class TinyWan(nn.Module):
 
     def signature(self) -> ModelSignature:
         from ..adapters.diffusers_wan import wan_signature
-        return wan_signature(self.transformer, family="tinywan")
+        return wan_signature(self.transformer)
 
     def state_for_file(self, dtype=torch.float32) -> dict:
         return {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
