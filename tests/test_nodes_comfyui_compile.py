@@ -68,7 +68,7 @@ def comfy():
     H.remove_base_dir(base)
 
 
-def _prompt(backend: str) -> dict:
+def _prompt(backend: str, seed: int) -> dict:
     p = {
         "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors",
                                                         "weight_dtype": "default"}},
@@ -91,7 +91,7 @@ def _prompt(backend: str) -> dict:
     for name, model in (("eager", "patch"), ("unpatched", "unet"), ("after", "compile_after"),
                         ("first", "patch_compiled")):
         p[f"ks_{name}"] = {"class_type": "KSampler", "inputs": {
-            "model": [model, 0], "seed": 3, "steps": STEPS, "cfg": 3.0, "sampler_name": "euler",
+            "model": [model, 0], "seed": seed, "steps": STEPS, "cfg": 3.0, "sampler_name": "euler",
             "scheduler": "simple", "positive": ["cond", 0], "negative": ["neg", 0], "latent_image": ["latent", 0],
             "denoise": 1.0}}
         p[f"save_{name}"] = {"class_type": "SaveLatent", "inputs": {"samples": [f"ks_{name}", 0],
@@ -110,9 +110,10 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def _run(comfy, backend, timeout):
+def _run(comfy, backend, timeout, seed):
+    # Each test its own seed: ComfyUI would reuse the cached outputs of an identical uncompiled sampler.
     start = len(comfy.log_path.read_text(errors="replace"))
-    entry = comfy.run(_prompt(backend), timeout=timeout)
+    entry = comfy.run(_prompt(backend, seed), timeout=timeout)
     err = H.status_error(entry)
     assert err is None, err + "\n" + comfy.log_tail()
     log = comfy.log_path.read_text(errors="replace")[start:]
@@ -129,17 +130,21 @@ def _check(comfy, entry, log):
     assert len(routed) == 3 and all(int(n) == 2 * int(e) and int(e) == STEPS for n, e in routed), routed
     compiled = [int(n) for n in re.findall(r"(\d+) of the routed calls ran inside a compiled model", log)]
     assert compiled == [2 * STEPS, 2 * STEPS], compiled
-    # No graph break and no recompile anywhere in the run: one trace serves every step, bucket and dense step.
+    # No graph break and no recompile in the run: one trace serves every step, bucket and dense step. (The one
+    # exception: the first sampler of a later test meets the graph the earlier test compiled with another backend,
+    # which dynamo recompiles for the new backend, reason BACKEND_MATCH.)
     assert "Graph break" not in log, log[log.index("Graph break") - 2000:][:6000]
-    assert "Recompiling function" not in log, log[log.index("Recompiling function"):][:6000]
+    reasons = re.findall(r"\[__recompiles\]\s+- \d+/\d+: (.*)", log)
+    assert "Recompiling function" not in log or (reasons and all("BACKEND_MATCH" in r for r in reasons)), \
+        log[log.index("Recompiling function"):][:6000]
 
 
 def test_torch_compile_model_cudagraphs_backend_matches_eager_patch(comfy):
-    entry, log = _run(comfy, "cudagraphs", 600)
+    entry, log = _run(comfy, "cudagraphs", 600, seed=3)
     _check(comfy, entry, log)
 
 
 @pytest.mark.slow
 def test_torch_compile_model_inductor_backend_matches_eager_patch(comfy):
-    entry, log = _run(comfy, "inductor", 900)
+    entry, log = _run(comfy, "inductor", 900, seed=4)
     _check(comfy, entry, log)
