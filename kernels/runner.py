@@ -26,6 +26,7 @@ from ..masks.transfer import canonical_device, to_device_async
 from .bucket_tables import BucketTables
 from .call import AttentionCall
 from .dense import dense_attention
+from .ops import is_compiling, runner_handle, sparse_attention_op, traced_sparse_attention
 from .reference import sparse_attention_reference
 
 # Key-block density above which the dense path (cuDNN) is at least as fast as our Triton kernel for that head.
@@ -64,6 +65,7 @@ class SparseRunner:
         self._routes = None
         self._dense_step = False
         self._densities = bundle.entry_densities()  # [buckets, L, H] host-side, computed once
+        self._handle = runner_handle(self)  # what a compiled model's op finds this runner by (kernels/ops.py)
 
     def begin_step(self, sigma: float, device, step_fraction: Optional[float] = None):
         """Call once per denoising step with the host-side sigma and, when known, the position in the schedule
@@ -128,7 +130,15 @@ class SparseRunner:
         self._step_key = None
         self.bundle.release()
 
+    @property
+    def traceable(self) -> bool:
+        """Whether a compiled model can trace calls into this runner (AttentionRouter asks): the custom op exists."""
+        return sparse_attention_op is not None
+
     def __call__(self, call: AttentionCall) -> torch.Tensor:
+        if is_compiling():
+            # Traced once, replayed every step: one op node, which calls this runner when it runs (kernels/ops.py).
+            return traced_sparse_attention(self._handle, call)
         if self._tables is None:
             self.begin_step(call.sigma, call.q.device)
         elif self._step_key[1] != str(call.q.device):

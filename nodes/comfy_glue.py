@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import comfy.patcher_extension as pe
 import torch
 
+from ..kernels.ops import op_runs
 from .model_info import FamilyLayout, extra_sequence_inputs
 from .routing import CALLS_KEY, LAYER_KEY, AttentionRouter
 
@@ -183,7 +184,7 @@ def install(model, router: AttentionRouter, cfg: dict, *, on_begin: Callable = N
 
     def outer_sample(executor, *args, **kwargs):
         noise, sigmas = args[0], args[3]
-        routed, passed = router.routed, router.passed
+        routed, passed, compiled = router.routed, router.passed, op_runs()
         evaluations[0] = 0
         announced[0] = False
         try:
@@ -196,9 +197,13 @@ def install(model, router: AttentionRouter, cfg: dict, *, on_begin: Callable = N
             router.end_sampling()
             # What the patch did, once per run: a model whose self-attention never reaches the router (a new
             # attention path, a mask the kernels do not take) shows up here as 0 routed calls.
+            compiled = op_runs() - compiled
             log.info("%s: %d self-attention calls routed over %d model evaluations (%d layers); %d other attention "
-                     "calls ran unchanged", router.name, router.routed - routed, evaluations[0],
+                     "calls ran unchanged", router.name, router.routed - routed + compiled, evaluations[0],
                      router.signature.num_layers, router.passed - passed)
+            if compiled:
+                log.info("%s: %d of the routed calls ran inside a compiled model (torch.compile); other attention "
+                         "calls there are not counted", router.name, compiled)
             if on_end is not None:
                 on_end()
 

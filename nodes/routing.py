@@ -16,12 +16,14 @@ comfy_glue feed the per-sampling, per-step and per-block facts in, so the routin
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
 
 from ..kernels.call import AttentionCall
+from ..kernels.ops import is_compiling
 from ..kernels.text_bias import as_text_bias
 from ..masks.geometry import ModelSignature, TokenGrid
 from .model_info import FamilyLayout, grid_from_latent, layer_offset
@@ -111,6 +113,7 @@ class AttentionRouter:
 
     # ---- lifecycle (driven by the sampling wrappers) ----------------------------------------------------------
     def begin_sampling(self, latent_shape, sample_sigmas: Sequence[float]) -> TokenGrid:
+        _compile_helpers()
         self.grid = grid_from_latent(self.layout, latent_shape)
         self.sample_sigmas = [float(s) for s in sample_sigmas]
         self._grids = {}
@@ -127,6 +130,7 @@ class AttentionRouter:
         self._last_mask = None
 
     def begin_model_call(self, sigma: float, cond_or_uncond, batch: int, device) -> StepState:
+        _compile_helpers()
         frac = None
         if len(self.sample_sigmas) >= 2:
             frac = step_index(self.sample_sigmas, sigma) / (len(self.sample_sigmas) - 1)
@@ -151,6 +155,8 @@ class AttentionRouter:
         whose family does not fix the text position hands its blocks a RoPE table (`pe`; HunyuanVideo computes it
         once per evaluation from the token ids, in attention order, and shares it between double and single
         blocks): keep a reference, read only if a call carries no other layout fact (once per sampling run)."""
+        if is_compiling():
+            return  # a traced model: the table is a graph value, never read (see _traced_text_position)
         if (self.step is not None and self._rope_position is None and self.layout.joint_text
                 and self.layout.text_position is None):
             pe = args.get("pe") if isinstance(args, dict) else None
@@ -173,16 +179,31 @@ class AttentionRouter:
             return None
         return host
 
+    def _count_passed(self):
+        # Counters are host state: a traced call (torch.compile) must not write them (dynamo would guard on the
+        # value, or, under ComfyUI's guard filter, write back the value seen when tracing). The routed calls of a
+        # compiled model are counted by the op when it runs (kernels/ops.py, op_runs).
+        if not is_compiling():
+            self.passed += 1
+
     def _call_grid(self, text_tokens: int, position: str) -> TokenGrid:
-        g = self._grids.get((text_tokens, position))
+        # No cache while tracing (torch.compile): the write would be replayed every step, and begin_sampling's fresh
+        # dict would fail a guard on its contents at the next sampling run.
+        compiling = is_compiling()
+        g = None if compiling else self._grids.get((text_tokens, position))
         if g is None:
             v = self.grid
-            g = self._grids[(text_tokens, position)] = TokenGrid(
-                v.frames, v.height, v.width, v.patch, v.order, text_tokens,
-                position if text_tokens else "none", v.vae_stride)
+            g = TokenGrid(v.frames, v.height, v.width, v.patch, v.order, text_tokens,
+                          position if text_tokens else "none", v.vae_stride)
+            if not compiling:
+                self._grids[(text_tokens, position)] = g
         return g
 
     def _warn_once(self, key, msg):
+        if is_compiling():
+            if "warn" in _COMPILE_HELPERS:
+                _COMPILE_HELPERS["warn"](self.name, key, msg)
+            return
         if key not in self._warned:
             self._warned.add(key)
             log.warning("%s: %s", self.name, msg)
@@ -193,6 +214,13 @@ class AttentionRouter:
         if not self.layout.joint_text:
             self._warn_once("mask", "attention calls with a mask run dense (this model has no joint text tokens)")
             return None
+        if is_compiling():
+            # Traced: no cache keyed on the mask object (a value read while tracing would be replayed every step).
+            bias = key_padding_bias(mask, L, batch)
+            if bias is None:
+                self._warn_once("mask_shape", f"attention mask of shape {tuple(mask.shape)} is not a key-padding "
+                                f"mask over the call's {L} keys; these calls run dense")
+            return bias
         last = self._last_mask
         if last is not None and last[0] is mask and last[1:3] == (L, batch):
             # The model hands every block the same mask object within one evaluation (held here, so its id cannot
@@ -228,9 +256,35 @@ class AttentionRouter:
             self._block_pe = None
         return self._rope_position if self._rope_position in _SAYS else None
 
+    def _traced_text_position(self, to: dict, L: int, video: int) -> Optional[str]:
+        """_text_position inside a model torch.compile traces: only the facts that are Python values of the call
+        (ComfyUI's img_slice, the family table). The mask and the RoPE table are graph values there: reading them is
+        a host sync and a graph break, and a position learnt from them would be stored on the router, which the
+        traced code must not read (a guard per step, or under ComfyUI 0.19's guard filter a stale value). A call with
+        neither fact runs dense (HunyuanVideo's double blocks; its single blocks carry img_slice on ComfyUI 0.19+);
+        the video part of a key-padding mask is not checked."""
+        said = {}
+        if "img_slice" in to:
+            pos, why = slice_text_position(to["img_slice"], L, video)
+            if pos is None:
+                self._warn_once("img_slice", f"{why}; these calls run dense")
+                return None
+            said["ComfyUI's img_slice"] = pos
+        if self.layout.text_position is not None:
+            said[f"the {self.layout.family} model code"] = self.layout.text_position
+        if len(set(said.values())) != 1:
+            self._warn_once("traced_position", f"in a compiled model (torch.compile) the position of the {L - video} "
+                            f"text tokens of a {L}-token self-attention call is only read from ComfyUI's img_slice "
+                            "or the family's model code, and "
+                            + ("neither is there" if not said else "they disagree") + "; these calls run dense")
+            return None
+        return next(iter(said.values()))
+
     def _text_position(self, to: dict, bias: Optional[torch.Tensor], L: int, video: int) -> Optional[str]:
         """"start" or "end" for a call with L - video > 0 text tokens, from every fact the host gives; None (the
         call runs dense, with one warning naming the reason) when no fact is there or two disagree."""
+        if is_compiling():
+            return self._traced_text_position(to, L, video)
         said = {}
         if "img_slice" in to:
             pos, why = slice_text_position(to["img_slice"], L, video)
@@ -271,9 +325,14 @@ class AttentionRouter:
         return next(iter(said.values()))
 
     def __call__(self, func, *args, **kwargs):
+        compiling = is_compiling()
+        if compiling and not getattr(self.handler, "traceable", False):
+            untraced = _COMPILE_HELPERS.get("untraced")
+            # (missing only if this model is traced before any sampling run began: nothing is routed then anyway)
+            return untraced(self, func, *args, **kwargs) if untraced is not None else func(*args, **kwargs)
         step, grid = self.step, self.grid
         if step is None or grid is None or len(args) < 3:
-            self.passed += 1
+            self._count_passed()
             return func(*args, **kwargs)
         q, k, v = (_unwrap(a) for a in args[:3])
         args = (q, k, v) + tuple(args[3:])
@@ -287,51 +346,85 @@ class AttentionRouter:
         if calls is not None:
             calls[0] += 1
             if calls[0] > 1:  # not the block's self-attention
-                self.passed += 1
+                self._count_passed()
                 return func(*args, **kwargs)
         L = q.shape[seq_axis]
         if k.shape[seq_axis] != L or L < grid.video_tokens or (heads is None and not skip_reshape):
             # cross-attention, a shorter sequence, or a call shape ComfyUI does not use
-            self.passed += 1
+            self._count_passed()
             return func(*args, **kwargs)
         text = L - grid.video_tokens
         if text and not self.layout.joint_text:
             self._warn_once("extra", f"self-attention over {L} tokens, but the latent has {grid.video_tokens}; "
                             "these calls run dense (does the workflow add reference tokens?)")
-            self.passed += 1
+            self._count_passed()
             return func(*args, **kwargs)
         video = grid.video_tokens
         bias = None
         if mask is not None:
             bias = self._key_bias(mask, L, q.shape[0])
             if bias is None:
-                self.passed += 1
+                self._count_passed()
                 return func(*args, **kwargs)
         layer = self.layer_of(to)
         if layer is None or not (0 <= layer < self.signature.num_layers):
             self._warn_once("layer", f"attention call without a usable layer index ({layer}); it runs dense")
-            self.passed += 1
+            self._count_passed()
             return func(*args, **kwargs)
         position, text_bias = "none", None
         if text:
             position = self._text_position(to, bias, L, video)
             if position is None:
-                self.passed += 1
+                self._count_passed()
                 return func(*args, **kwargs)
             if bias is not None:
                 text_bias = bias[:, :text] if position == TEXT_FIRST else bias[:, video:]
-        elif bias is not None and self._mask_says(bias, video) == "bad":
+        elif bias is not None and not compiling and self._mask_says(bias, video) == "bad":
             self._warn_once("mask_video", "the attention mask is not zero on the video tokens; the sparse kernels "
                             "only take a mask on text keys, so masked calls run dense")
-            self.passed += 1
+            self._count_passed()
             return func(*args, **kwargs)
         H = q.shape[1] if skip_reshape else int(heads)
-        call = AttentionCall(q=q, k=k, v=v, layout=layout, heads=H, layer=layer, sigma=step.sigma,
-                             grid=self._call_grid(text, position), positive_rows=step.positive_rows,
+        # A traced call (torch.compile) reads no per-step value: the graph is recorded once and replayed every step;
+        # the runner's op reads the step's state when it runs (kernels/ops.py).
+        call = AttentionCall(q=q, k=k, v=v, layout=layout, heads=H, layer=layer,
+                             sigma=float("nan") if compiling else step.sigma, grid=self._call_grid(text, position),
+                             positive_rows=None if compiling else step.positive_rows,
                              dense=lambda: _as_layout(func(*args, **kwargs), layout, H), text_bias=text_bias)
         out = self.handler(call)
-        self.routed += 1
+        if not compiling:
+            self.routed += 1
         return _to_output_layout(out, layout, bool(kwargs.get("skip_output_reshape", False)), H)
+
+
+_TRACED_WARNINGS: set = set()
+# The two functions a traced call needs, made once torch.compile is loaded (by whoever compiles the model, before
+# sampling starts; see _compile_helpers): importing dynamo costs seconds, which importing the package must not.
+_COMPILE_HELPERS: dict = {}
+
+
+def _warn_at_trace(name: str, key: str, msg: str) -> bool:
+    # Run while torch.compile traces (assume_constant_result: its result is baked in), never when the graph
+    # replays: a compiled model warns when it is compiled. Logging from traced code would be a graph break.
+    if (name, key) not in _TRACED_WARNINGS:
+        _TRACED_WARNINGS.add((name, key))
+        log.warning("%s: %s", name, msg)
+    return True
+
+
+def _route_eagerly(router: AttentionRouter, func, *args, **kwargs):
+    # A handler that torch.compile cannot trace (the calibrator: host-side statistics and vote counters) runs
+    # eagerly (torch.compiler.disable): a graph break at each attention call, but every step sees its own sigma.
+    return router(func, *args, **kwargs)
+
+
+def _compile_helpers():
+    """Make the traced-call helpers if torch.compile has been loaded; cheap when done or when it has not (then no
+    model of this process can be compiled yet: torch.compile loads it)."""
+    if not _COMPILE_HELPERS and "torch._dynamo" in sys.modules:
+        import torch._dynamo
+        _COMPILE_HELPERS["warn"] = torch._dynamo.assume_constant_result(_warn_at_trace)
+        _COMPILE_HELPERS["untraced"] = torch.compiler.disable(_route_eagerly)
 
 
 def key_padding_bias(mask: torch.Tensor, L: int, batch: int) -> Optional[torch.Tensor]:
