@@ -359,6 +359,8 @@ def test_a_handler_that_cannot_be_traced_runs_eagerly_at_every_step():
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: Triton runs compiled there, and "
+                    "test_compiled_model_on_cuda_runs_the_triton_kernels checks the op on it")
 def test_op_on_the_triton_path_matches_the_eager_runner(monkeypatch):
     """The op's run on the Triton path (CUDA only in production), here by Triton's interpreter in float16: the
     mixed layer of bucket 2 (a dense head listing every key block, a repetitive head, a padded text bias), through
