@@ -25,7 +25,7 @@ from ..version import __version__
 from . import bundle_limits as lim
 from .atomic import atomic_write_bytes
 from .bundle import FORMAT, FORMAT_VERSION, MaskBundle
-from .bundle_schema import FIX_RECREATE, BundleMeta, fail, parse_json, read_metadata
+from .bundle_schema import DIGEST_PREFIX, FIX_RECREATE, BundleMeta, fail, parse_json, read_metadata
 from .errors import BundleError
 from .packing import row_bytes, row_counts
 from .skiplists import BlockGeometry
@@ -41,6 +41,19 @@ _TENSORS = {
     "rep_row_anchor": ("U8", torch.uint8),
 }
 _DTYPES = {"U8": np.dtype("u1"), "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
+
+
+def content_digest(doc: str, arrays: dict) -> str:
+    """Digest of the metadata document and every tensor (name, shape, little-endian bytes): any edit that keeps
+    the file well-formed and self-consistent (a block size, a grid reshaped with the same token count, a swapped
+    mask id) still changes it. Files without one (written before it existed) load on their other checks."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(doc.encode("utf-8", "surrogatepass"))
+    for name in _TENSORS:
+        a = arrays[name]
+        h.update(b"\0" + name.encode() + np.asarray(a.shape, dtype="<i8").tobytes())
+        h.update(np.ascontiguousarray(a, dtype=_DTYPES[_TENSORS[name][0]]).reshape(-1).view(np.uint8))
+    return DIGEST_PREFIX + h.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- save
@@ -163,7 +176,8 @@ def save_bundle(bundle: MaskBundle, path) -> Path:
     except (TypeError, ValueError) as e:
         raise BundleError(f"the bundle's metadata cannot be written as JSON ({e}); settings must hold plain "
                           "finite numbers, strings, lists and objects", path=path, field="settings") from None
-    st_meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "calibatt": doc}
+    st_meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "calibatt": doc,
+               "digest": content_digest(doc, {k: v.numpy() for k, v in tensors.items()})}
     header = {"__metadata__": st_meta, **{k: {"dtype": _TENSORS[k][0], "shape": list(v.shape),
                                                "data_offsets": [0, 0]} for k, v in tensors.items()}}
     meta = read_metadata(path, header)  # the loader's schema, before anything touches the disk
@@ -355,6 +369,11 @@ def _build(path, meta: BundleMeta, layout: dict, body: bytes) -> MaskBundle:
     if not abs(meta.density - float(dens.mean())) <= 1e-5:
         _fail(path, "density", f"stored density {meta.density} disagrees with the masks' {float(dens.mean()):.6f} "
                                "(file edited or corrupted)")
+    if meta.digest is not None:
+        got = content_digest(meta.text, {name: _array(body, layout, name) for name in _TENSORS})
+        if got != meta.digest:
+            _fail(path, "digest", "the contents do not match the file's digest: it was edited or corrupted after it "
+                                  "was written")
     return bundle
 
 
@@ -382,11 +401,26 @@ def _decode_masks(path, payload: memoryview, offsets: np.ndarray, parent: np.nda
             np.bitwise_xor(cur, flat[par[m]], out=flat[m])
         else:
             flat[m] = cur
-        key = hashlib.blake2b(flat[m], digest_size=16).digest()
-        other = seen.setdefault(key, m)
+        # crc32 is the cheap part; a collision costs one comparison, and a crafted one only hides a duplicate
+        # (harmless: the decode budget bounds the cost either way).
+        other = seen.setdefault(zlib.crc32(flat[m]), m)
         if other != m and duplicate is None and np.array_equal(flat[other], flat[m]):
             duplicate = (other, m)
     return packed, duplicate
+
+
+def _diagonal_window(geometry: BlockGeometry):
+    """(byte columns [nq, w], packed diagonal bits in them [nq, w]): the few bytes of each row that hold the key
+    blocks sharing tokens with its query block, without building the [nq, nk] diagonal."""
+    g = geometry
+    q0 = np.arange(g.nq, dtype=np.int64) * g.block_q
+    lo = q0 // g.block_k
+    hi = (np.minimum(q0 + g.block_q, g.num_tokens) - 1) // g.block_k
+    w = int((hi // 8 - lo // 8).max()) + 1
+    cols = (lo // 8)[:, None] + np.arange(w)
+    pos = (lo // 8 * 8)[:, None] + np.arange(w * 8)
+    bits = np.packbits((pos >= lo[:, None]) & (pos <= hi[:, None]), axis=-1)
+    return np.minimum(cols, row_bytes(g.nk) - 1), bits
 
 
 def check_masks(packed: np.ndarray, geometry: BlockGeometry, path=None):
@@ -396,7 +430,8 @@ def check_masks(packed: np.ndarray, geometry: BlockGeometry, path=None):
     [U] int64), computed in chunks of bounded size."""
     U, nq, rb = packed.shape
     nk = geometry.nk
-    diag = np.packbits(geometry.diagonal().numpy(), axis=-1)  # [nq, rb]
+    cols, diag = _diagonal_window(geometry)
+    rows = np.arange(nq)[:, None]
     pad = rb * 8 - nk
     low = np.uint8((1 << pad) - 1) if pad else np.uint8(0)
     max_counts = np.empty(U, dtype=np.int32)
@@ -407,12 +442,12 @@ def check_masks(packed: np.ndarray, geometry: BlockGeometry, path=None):
         if pad and bool((chunk[..., -1] & low).any()):
             m = u0 + int((chunk[..., -1] & low).any(-1).nonzero()[0][0])
             _fail(path, "mask_payload", f"mask {m} has bits set beyond the last key block")
-        missing = (chunk & diag) != diag
+        missing = ((chunk[:, rows, cols] & diag) != diag).any(-1)  # [n, nq]
         if bool(missing.any()):
-            m, r = (int(x[0]) for x in missing.any(-1).nonzero())
-            m += u0
-            _fail(path, "mask_payload", f"mask {m} does not keep the diagonal of query block {r} (an empty row, or "
-                                        f"masks made for other block sizes than {geometry.block_q}x{geometry.block_k})")
+            m, r = (int(x[0]) for x in missing.nonzero())
+            _fail(path, "mask_payload", f"mask {u0 + m} does not keep the diagonal of query block {r} (an empty row, "
+                                        f"or masks made for other block sizes than {geometry.block_q}x"
+                                        f"{geometry.block_k})")
         counts = _popcount_rows(chunk)  # [n, nq]
         max_counts[u0:u0 + per] = counts.max(-1)
         totals[u0:u0 + per] = counts.sum(-1, dtype=np.int64)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -214,6 +215,8 @@ class BundleMeta:
     producer: dict
     density: float
     densities: np.ndarray  # [B, L, H] float64
+    text: str  # the metadata document as stored (the digest covers it)
+    digest: Optional[str]  # "blake2b-128:<hex>" of the document and the tensors; absent in files before 0.x
 
 
 _TOP = ("format", "format_version", "producer", "model", "grid", "blocks", "sigmas", "settings", "counts", "density",
@@ -224,7 +227,8 @@ _BLOCKS = ("num_tokens", "block_q", "block_k", "nq", "nk")
 _SIGMAS = ("calibrated", "step_bucket", "ranges")
 _COUNTS = ("buckets", "layers", "heads", "unique_masks", "repetition_plans", "anchors_per_frame")
 _PRODUCER = ("package", "version")
-_ST_META = ("format", "format_version", "calibatt")
+_ST_META = ("format", "format_version", "calibatt", "digest")
+DIGEST_PREFIX = "blake2b-128:"
 
 
 def read_metadata(path, header: dict) -> BundleMeta:
@@ -235,14 +239,18 @@ def read_metadata(path, header: dict) -> BundleMeta:
         got = st_meta.get("format") if isinstance(st_meta, dict) else None
         f.fail("format", f"format is {_show(got)}, not '{FORMAT}': this safetensors file is not a mask bundle "
                          "(a model checkpoint?)", "put only mask bundles in models/sparse_attention/")
-    f.obj(st_meta, "__metadata__", _ST_META)
+    digest = st_meta.get("digest")
+    f.obj(st_meta if digest is not None else dict(st_meta, digest=""), "__metadata__", _ST_META)
     for k in _ST_META:
-        if not isinstance(st_meta[k], str):
+        if k in st_meta and not isinstance(st_meta[k], str):
             f.fail(f"__metadata__.{k}", f"safetensors metadata values must be strings, got {_show(st_meta[k])}")
     v = st_meta["format_version"]
     if not (v.isascii() and v.isdigit() and 0 < len(v) <= 6):
         f.fail("format_version", f"format_version {_show(v)} is not a positive integer")
     version = int(v)
+    if digest is not None and not (digest.startswith(DIGEST_PREFIX) and len(digest) == len(DIGEST_PREFIX) + 32
+                                   and all(c in "0123456789abcdef" for c in digest[len(DIGEST_PREFIX):])):
+        f.fail("digest", f"digest {_show(digest)} is not '{DIGEST_PREFIX}' and 32 hex digits")
     if version > FORMAT_VERSION:
         f.fail("format_version", f"bundle format version {version} is newer than this package reads "
                                  f"({FORMAT_VERSION})", FIX_UPDATE)
@@ -348,7 +356,7 @@ def read_metadata(path, header: dict) -> BundleMeta:
     if not bool(((densities >= 0) & (densities <= 1)).all()):
         f.fail("densities", f"per-entry densities must be a [{B}][{L}][{H}] array of numbers in [0, 1]")
     return BundleMeta(version, signature, grid, geometry, B, L, H, U, R, K, calibrated, step_bucket, dict(settings),
-                      producer, density, densities)
+                      producer, density, densities, st_meta["calibatt"], digest)
 
 
 def _check_ranges(f: _Fields, ranges, calibrated, step_bucket, B):
