@@ -201,7 +201,9 @@ def load_bundle(path) -> MaskBundle:
     before it has been checked against the file's actual size and the limits."""
     path = Path(path)
     try:
-        with open(path, "rb") as fh:
+        # O_NONBLOCK: opening a FIFO (or a device) must not wait for a writer; fstat then refuses it.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as fh:
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode):
                 _fail(path, "path", "is not a regular file", "put mask bundle files in ComfyUI/models/sparse_attention/")
@@ -265,8 +267,8 @@ def _check_tensor_headers(path, header, body_size: int, meta: BundleMeta) -> dic
             _fail(path, name, f"dtype must be {dt}, got {info['dtype']!r:.40}")
         shape, want = info["shape"], want_shapes[name]
         if (not isinstance(shape, list) or len(shape) != len(want)
-                or not all(type(s) is int and 0 <= s <= body_size for s in shape)
-                or any(w is not None and s != w for s, w in zip(shape, want))):
+                or any(type(s) is not int or s != (w if w is not None else min(max(s, 0), body_size))
+                       for s, w in zip(shape, want))):
             _fail(path, name, f"shape {shape!r:.80} does not match the metadata (expected "
                               f"{[w if w is not None else '*' for w in want]})")
         off = info["data_offsets"]

@@ -123,6 +123,8 @@ def base_bundles() -> dict:
 
 
 _BASES: dict = {}
+BASE_NAMES = ("calibrated", "generic_one_bucket", "hunyuan_text_start", "ltxv", "mochi_text_end", "tinywan",
+              "wan21", "wan22_unequal_blocks")
 
 
 def base_files(tmp: Path) -> dict:
