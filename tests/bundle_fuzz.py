@@ -619,11 +619,12 @@ def _peak_rss_reset():
         pass
 
 
-def _peak_rss_mb() -> float:
+def _rss_mb(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MB (Linux; NaN elsewhere)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -640,10 +641,13 @@ def _worker(conn, seed: int, tmpdir: str):
         if index is None:
             return
         base, mutator, data = case_input(index, seed, tmp)
+        conn.send(("start", base, mutator))
         _peak_rss_reset()
+        before = _rss_mb("VmRSS")
         t0 = time.perf_counter()
         outcome, detail = run_case(data, tmp)
-        conn.send((index, base, mutator, len(data), outcome, detail, time.perf_counter() - t0, _peak_rss_mb()))
+        conn.send((index, base, mutator, len(data), outcome, detail, time.perf_counter() - t0,
+                   _rss_mb("VmHWM") - before))
 
 
 def main(argv=None):
@@ -662,7 +666,7 @@ def main(argv=None):
 
     ctx = mp.get_context("spawn")
     counts, per_mutator, failures = Counter(), {}, []
-    worst = {"seconds": 0.0, "peak_rss_mb": 0.0}
+    worst = {"seconds": 0.0, "growth_mb": 0.0}
     t_start = time.time()
     with tempfile.TemporaryDirectory(prefix="calibatt-fuzz-") as tmpdir:
         def start():
@@ -676,14 +680,20 @@ def main(argv=None):
         proc, conn = start()
         for index in range(a.first, a.first + a.cases):
             conn.send(index)
-            outcome = None
+            base = mutator = "?"
+            if conn.poll(120):  # building a case (a crafted file) takes seconds at most
+                try:
+                    _, base, mutator = conn.recv()
+                except EOFError:
+                    pass
+            secs, rss = a.timeout, 0.0
             if conn.poll(a.timeout):
                 try:
                     _, base, mutator, size, outcome, detail, secs, rss = conn.recv()
                 except EOFError:
-                    outcome, base, mutator, detail, secs, rss = "crash", "?", "?", "worker died", a.timeout, 0.0
+                    outcome, detail = "crash", "worker died"
             else:
-                outcome, base, mutator, detail, secs, rss = "hang", "?", "?", f"> {a.timeout} s", a.timeout, 0.0
+                outcome, detail = "hang", f"> {a.timeout} s"
             if outcome in ("hang", "crash") or not proc.is_alive():
                 if outcome not in ("hang", "crash"):
                     outcome, detail = "crash", "worker died"
@@ -693,7 +703,7 @@ def main(argv=None):
             counts[outcome] += 1
             per_mutator.setdefault(mutator, Counter())[outcome] += 1
             worst["seconds"] = max(worst["seconds"], secs)
-            worst["peak_rss_mb"] = max(worst["peak_rss_mb"], rss)
+            worst["growth_mb"] = max(worst["growth_mb"], rss)
             if outcome in FAILURES:
                 failures.append({"case": index, "base": base, "mutator": mutator, "outcome": outcome,
                                  "detail": detail})
@@ -705,9 +715,14 @@ def main(argv=None):
     report = {"cases": a.cases, "seed": a.seed, "seconds": round(elapsed, 1),
               "counts": {k: counts.get(k, 0) for k in OUTCOMES},
               "per_mutator": {m: dict(c) for m, c in sorted(per_mutator.items())},
-              "slowest_case_s": round(worst["seconds"], 3), "peak_rss_mb": round(worst["peak_rss_mb"], 1),
+              "slowest_case_s": round(worst["seconds"], 3),
+              "largest_case_memory_mb": round(worst["growth_mb"], 1),  # peak RSS over the RSS before the case
               "failures": failures[:200]}
-    print(json.dumps({k: v for k, v in report.items() if k != "failures"}, indent=1))
+    print(f"{a.cases} cases (seed {a.seed}) in {elapsed:.0f} s; slowest case {worst['seconds']:.2f} s; largest "
+          f"memory growth in a case {worst['growth_mb']:.0f} MB")
+    print("outcomes: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in OUTCOMES))
+    for m, c in sorted(per_mutator.items()):
+        print(f"  {m:22s} " + ", ".join(f"{k} {v}" for k, v in sorted(c.items())))
     for f in failures[:20]:
         print("FAILURE", f)
     if a.out:
