@@ -27,7 +27,10 @@ MAX_BLOCK_SIZE = 1024  # tokens per block (the node offers 16-256)
 MAX_BLOCKS = 4096  # blocks per side (real: 591 for Wan 720p, 928 for HunyuanVideo 720p x 129 frames)
 # Heads x query blocks x key blocks of one layer: bounds the per-layer skip-list tables built at sampling time.
 MAX_LAYER_BLOCKS = 1 << 28
-MAX_STEPS = 1000  # calibrated steps (the node's maximum); buckets <= steps
+# Calibrated sigmas: the node allows 1000 steps, and second-order samplers (heun, dpm_2, ...) evaluate the model at
+# a second sigma per step; buckets <= calibrated sigmas.
+MAX_STEPS = 4096
+SIGMAS_PER_STEP = 2
 MAX_ENTRIES = 1 << 20  # (bucket, layer, head) entries; Wan 14B at 50 steps has 80,000
 MAX_UNIQUE = MAX_ENTRIES
 MAX_ANCHORS = 256  # repetition anchors per frame
@@ -58,11 +61,20 @@ def mask_bytes(nq: int, nk: int) -> int:
     return nq * row_bytes(nk)
 
 
+def estimated_file_bytes(num_layers: int, num_heads: int, nq: int, nk: int, steps: int) -> int:
+    """Disk space to ask for before a calibration: metadata and tables per entry, plus the masks at the ratio the
+    writer pads to (real masks compress about that well: docs/BENCHMARKS.md, bundle size), plus a MiB."""
+    entries = SIGMAS_PER_STEP * steps * num_layers * num_heads
+    return entries * 24 + entries * mask_bytes(nq, nk) // DECODE_RATIO + (1 << 20)
+
+
 def check_calibration_fits(num_layers: int, num_heads: int, video_tokens: int, block_q: int, block_k: int,
                            steps: int, frame_tokens: int, anchors: int = 1):
     """Raise BundleError (field, fix) if a calibration of this shape could produce a bundle beyond the limits:
-    checked before sampling, so hours of calibration never end in a file the loader refuses."""
+    checked before sampling, so hours of calibration never end in a file the loader refuses. `steps` is the
+    sampler's step count; up to SIGMAS_PER_STEP sigmas per step are assumed."""
     nq, nk = -(-video_tokens // max(1, block_q)), -(-video_tokens // max(1, block_k))
+    sigmas = SIGMAS_PER_STEP * steps
     problems = []
     if not 1 <= block_q <= MAX_BLOCK_SIZE or not 1 <= block_k <= MAX_BLOCK_SIZE:
         problems.append(("blocks.block_q", f"block size {block_q}x{block_k} is outside [1, {MAX_BLOCK_SIZE}]",
@@ -77,12 +89,13 @@ def check_calibration_fits(num_layers: int, num_heads: int, video_tokens: int, b
     if num_layers > MAX_LAYERS or num_heads > MAX_HEADS:
         problems.append(("model", f"{num_layers} layers x {num_heads} heads exceed {MAX_LAYERS} x {MAX_HEADS}",
                          "this model is larger than mask bundles support"))
-    if not 1 <= steps <= MAX_STEPS:
-        problems.append(("sigmas.calibrated", f"{steps} steps is outside [1, {MAX_STEPS}]", "use fewer steps"))
-    entries = steps * num_layers * num_heads
+    if not 1 <= sigmas <= MAX_STEPS:
+        problems.append(("sigmas.calibrated", f"{steps} steps (up to {sigmas} sigmas) is outside [1, "
+                                              f"{MAX_STEPS // SIGMAS_PER_STEP}] steps", "use fewer steps"))
+    entries = sigmas * num_layers * num_heads
     if entries > MAX_ENTRIES:
-        problems.append(("counts", f"{steps} steps x {num_layers} layers x {num_heads} heads = {entries} entries, "
-                                   f"more than {MAX_ENTRIES}", "use fewer steps"))
+        problems.append(("counts", f"up to {sigmas} sigmas x {num_layers} layers x {num_heads} heads = {entries} "
+                                   f"entries, more than {MAX_ENTRIES}", "use fewer steps"))
     worst = entries * mask_bytes(nq, nk)
     if worst > MAX_DECODED_BYTES:
         problems.append(("counts", f"up to {worst / 2**30:.1f} GiB of masks ({entries} entries of "

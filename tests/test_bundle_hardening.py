@@ -208,3 +208,18 @@ def test_trailing_and_overlapping_bytes(good, tmp_path):
     a, b = header["entry_rep"]["data_offsets"]
     header["entry_rep"]["data_offsets"] = [a - 4, b - 4]
     _refused(tmp_path, fz.join(header, body), "overlap or leave gaps")
+
+
+def test_calibration_limits_are_checked_before_sampling():
+    from calibatt.masks.bundle_limits import check_calibration_fits, estimated_file_bytes
+    # Wan 2.1 14B, 720p x 81 frames, blocks of 128, 50 steps: fits
+    check_calibration_fits(40, 40, 21 * 45 * 80, 128, 128, 50, 45 * 80, 5)
+    # the 16,384 blocks a side; 1000 steps of a 1,600-head model
+    with pytest.raises(BundleError, match="more than 4096 a side") as e:
+        check_calibration_fits(1, 1, 16384 * 16, 16, 16, 4, 16384 * 16)
+    assert e.value.field == "blocks" and "larger block_size" in str(e.value)
+    with pytest.raises(BundleError, match="use fewer steps"):
+        check_calibration_fits(40, 40, 21 * 45 * 80, 128, 128, 1000, 45 * 80)
+    # what the disk check asks for at Wan 720p x 50 steps: the masks at the writer's padded ratio
+    need = estimated_file_bytes(40, 40, 591, 591, 50)
+    assert 100 << 20 < need < 1 << 30
