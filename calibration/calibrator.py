@@ -156,7 +156,7 @@ class Calibrator:
         q, k, v = call.bhld()
         self._check_call(call, q)
         out = call.dense() if call.dense is not None else call.to_host_layout(
-            dense_attention(q, k, v, call.scale, text_bias=call.text_bias))
+            dense_attention(q, k, v, call.scale, text_bias=call.text_bias, video_start=call.video_start))
         rows = None if call.positive_rows is None else [int(r) for r in call.positive_rows]
         if rows is not None and not rows:
             return out  # a negative-only call (host runs the CFG branches separately)
@@ -180,7 +180,7 @@ class Calibrator:
             # one uninterrupted run), and the prompts' own noise already varies what a fixed row sees.
             offset = (self._record[self._step_key(sigma)]["t_index"] + int(call.layer)) % stride
             energy = block_energy(q, k, g, scale=call.scale, row_stride=stride, row_offset=offset,
-                                  text_bias=call.text_bias_for(rows))
+                                  text_bias=call.text_bias_for(rows), video_start=call.video_start)
             mass = mean_block_mass(energy, g, q.shape[0], rows_t)
             del energy
             text = (1.0 - mass.sum(-1)).clamp(0.0, 1.0)
@@ -189,7 +189,8 @@ class Calibrator:
             del mass
             bits = pack_bits(keep)
             if self.settings.repetition:
-                err, frac = repetition_scores(ob, self.grid, anchors, row_anchor, self.settings.gamma, head_chunk=4)
+                err, frac = repetition_scores(ob, self.grid, anchors, row_anchor, self.settings.gamma, head_chunk=4,
+                                              video_start=call.video_start)
             else:
                 err = torch.ones_like(drop)
                 frac = torch.zeros_like(drop)
@@ -209,7 +210,8 @@ class Calibrator:
     def _check_call(self, call: AttentionCall, q: torch.Tensor):
         # Video part only: joint-text models (Mochi, HunyuanVideo) bring a different number of text tokens with
         # each prompt. Masks cover video blocks; text keys are always computed and their share of each row's mass
-        # is read per call (selection.py), so one calibration serves every text length.
+        # is read per call (selection.py), so one calibration serves every text length, and either text position
+        # (the call's grid says where its video starts; the statistics take that offset).
         problems = self.grid.mismatches(call.grid, text=False)
         if problems:
             raise ValueError("attention call does not match the calibrator's token grid: " + "; ".join(problems)

@@ -52,9 +52,10 @@ def anchor_plan(grid: TokenGrid, anchors: int):
 
 
 def repetition_scores(out_bhld: torch.Tensor, grid: TokenGrid, anchors: torch.Tensor, row_anchor: torch.Tensor,
-                      gamma: float, head_chunk: int = 8):
+                      gamma: float, head_chunk: int = 8, video_start: int = 0):
     """Per head, for the given plan: (relative Frobenius error of repetition [H], share of rows with similarity >=
-    gamma [H]), over video rows of all batch rows. Device tensors; no host sync."""
+    gamma [H]), over video rows of all batch rows; the video rows start at sequence index video_start (the text
+    token count when the text comes first). Device tensors; no host sync."""
     B, H, N, D = out_bhld.shape
     F, T = grid.frames, grid.frame_tokens
     dev = out_bhld.device
@@ -64,7 +65,7 @@ def repetition_scores(out_bhld: torch.Tensor, grid: TokenGrid, anchors: torch.Te
     frac = torch.empty(H, dtype=torch.float32, device=dev)
     for h0 in range(0, H, head_chunk):
         h1 = min(H, h0 + head_chunk)
-        o = out_bhld[:, h0:h1, :F * T].float().reshape(B, h1 - h0, F, T, D)
+        o = out_bhld[:, h0:h1, video_start:video_start + F * T].float().reshape(B, h1 - h0, F, T, D)
         rep = o[:, :, :, anchors][:, :, :, src]  # [B, h, F, T, D]: each row's anchor output
         diff = (o - rep).norm(dim=-1)
         norm = o.norm(dim=-1)

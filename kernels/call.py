@@ -25,15 +25,15 @@ class AttentionCall:
     heads: int
     layer: int
     sigma: float  # current noise level (host-side float, read once per step, not per call)
-    grid: TokenGrid  # token grid of this call (text_tokens included)
+    grid: TokenGrid  # token grid of this call (text_tokens and text_position included: where the video starts)
     # Batch rows that belong to the positive (conditional) prompt; None = all rows are positive.
     positive_rows: Optional[Sequence[int]] = None
     scale: Optional[float] = None
     # The host's dense attention for this call, returning the host's layout; used for fallbacks.
     dense: Optional[Callable[[], torch.Tensor]] = None
-    # Additive bias on the scores of the trailing text keys, (T,), (1, T) or (B, T) (kernels/text_bias.py): a
-    # key-padding mask such as HunyuanVideo's. Every path (sparse, dense fallback, statistics) applies it; `dense`
-    # must apply the same mask.
+    # Additive bias on the scores of the text keys (after or before the video, as the grid says), (T,), (1, T) or
+    # (B, T) in the text keys' order (kernels/text_bias.py): a key-padding mask such as HunyuanVideo's. Every path
+    # (sparse, dense fallback, statistics) applies it; `dense` must apply the same mask.
     text_bias: Optional[torch.Tensor] = None
 
     def bhld(self):
@@ -42,6 +42,12 @@ class AttentionCall:
 
     def to_host_layout(self, out_bhld: torch.Tensor) -> torch.Tensor:
         return from_bhld(out_bhld, self.layout)
+
+    @property
+    def video_start(self) -> int:
+        """Sequence index of the first video token: 0, or the text token count when the text comes first. Every
+        engine path takes it as an offset, so text-first calls need no copy of q, k, v."""
+        return self.grid.video_start
 
     @property
     def seq_len(self) -> int:

@@ -1,4 +1,5 @@
-"""The two attention layouts hosts pass: (B, L, H*D) with a head count ("bld"), and (B, H, L, D) ("bhld")."""
+"""The two attention layouts hosts pass: (B, L, H*D) with a head count ("bld"), and (B, H, L, D) ("bhld"); and
+where the video and the text tokens of a joint-attention sequence sit (`token_spans`)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,21 @@ def from_bhld(x: torch.Tensor, layout: str) -> torch.Tensor:
         return x
     B, H, L, D = x.shape
     return x.transpose(1, 2).reshape(B, L, H * D)
+
+
+def token_spans(seq_len: int, video_tokens: int, video_start: int = 0) -> tuple:
+    """(video_start, text_start, text_tokens) of a sequence of seq_len tokens holding video_tokens video tokens
+    from video_start on, the rest being text in one run on the other side: video_start 0 puts the text (if any)
+    after the video, video_start = seq_len - video_tokens before it (TokenGrid.video_start gives the right value).
+    Host ints only: no sync."""
+    seq_len, video_tokens, video_start = int(seq_len), int(video_tokens), int(video_start)
+    text = seq_len - video_tokens
+    if text < 0:
+        raise ValueError(f"sequence of {seq_len} tokens does not cover the {video_tokens} masked video tokens")
+    if video_start == 0:
+        return 0, video_tokens, text
+    if video_start == text:
+        return video_start, 0, text
+    raise ValueError(f"video_start {video_start} does not fit a sequence of {seq_len} tokens with {video_tokens} "
+                     f"video tokens: pass 0 (text after the video) or {text} (the text tokens first), e.g. "
+                     "TokenGrid.video_start of the call's grid")

@@ -8,7 +8,9 @@ decides, per layer, which heads run block-sparse and which run dense; per call i
   - a layer with some heads above the cutoff: on the Triton path those heads list every key block (exact dense in
     the same launch); on the reference path they are skipped and dense SDPA fills them in.
 No per-call host sync: the routing is computed from the bundle's host-side densities when the step begins.
-A call's text bias (a key-padding mask on the text keys, AttentionCall.text_bias) is applied on every path.
+A call's text bias (a key-padding mask on the text keys, AttentionCall.text_bias) is applied on every path, and
+every path takes the call's token order from its grid (text after or before the video: AttentionCall.video_start,
+passed to the kernels as an offset; q, k, v are never reordered).
 """
 
 from __future__ import annotations
@@ -112,8 +114,9 @@ class SparseRunner:
         kind, dense_heads = self._routes[call.layer]
         q, k, v = call.bhld()
         bias = call.text_bias
+        vs = call.video_start
         if kind == "dense":
-            return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias))
+            return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias, video_start=vs))
         layer = self._skip.layer(call.layer)
         out = None
         if self._triton_ok(q):
@@ -127,7 +130,7 @@ class SparseRunner:
                 layer, dense_heads = full, None
             try:
                 from .triton_attention import sparse_attention_triton
-                out = sparse_attention_triton(q, k, v, layer, scale=call.scale, text_bias=bias)
+                out = sparse_attention_triton(q, k, v, layer, scale=call.scale, text_bias=bias, video_start=vs)
             except Exception as e:  # noqa: BLE001 - see below
                 if isinstance(e, ValueError) and not type(e).__name__ == "TritonUnsupported":
                     raise  # bad input: the caller must see it
@@ -136,13 +139,14 @@ class SparseRunner:
                 _TRITON_BROKEN[(str(q.device), q.dtype, q.shape[-1])] = True
                 warnings.warn(f"calibatt: Triton sparse attention failed on {q.device} ({e}); using dense attention "
                               "for this shape from now on", RuntimeWarning)
-                return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias))
+                return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias,
+                                                           video_start=vs))
         if out is None:
-            out = sparse_attention_reference(q, k, v, layer, scale=call.scale, text_bias=bias)
+            out = sparse_attention_reference(q, k, v, layer, scale=call.scale, text_bias=bias, video_start=vs)
         if dense_heads is not None:
             idx = dense_heads[1]
             out[:, idx] = dense_attention(q[:, idx], k[:, idx], v[:, idx], scale=call.scale,
-                                          text_bias=bias).to(out.dtype)
+                                          text_bias=bias, video_start=vs).to(out.dtype)
         return call.to_host_layout(out)
 
     @staticmethod
@@ -155,4 +159,5 @@ class SparseRunner:
         if call.dense is not None:
             return call.dense()
         q, k, v = call.bhld()
-        return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=call.text_bias))
+        return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=call.text_bias,
+                                                   video_start=call.video_start))

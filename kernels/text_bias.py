@@ -1,10 +1,11 @@
 """Text key bias: an additive term on the attention scores of the TEXT keys only (joint attention).
 
 HunyuanVideo pads its prompt to a fixed length and masks the padded text keys with a large negative additive mask
-(a key-padding mask, the same for every query and head). Text tokens are last in the sequence and every kernel
-computes them densely, so the mask reduces to one bias per (batch row, text key): shape (Bb, T) with Bb = 1
-(shared by the batch) or B. Video keys never get a bias: a host mask whose video part is not zero cannot use the
-sparse path (nodes/routing.py checks that).
+(a key-padding mask, the same for every query and head). The text tokens are one run, after the video (ComfyUI
+0.3.x) or before it (ComfyUI 0.19+; kernels/layouts.py token_spans), and every kernel computes them densely, so
+the mask reduces to one bias per (batch row, text key), in the text keys' own order wherever they sit: shape
+(Bb, T) with Bb = 1 (shared by the batch) or B. Video keys never get a bias: a host mask whose video part is not
+zero cannot use the sparse path (nodes/routing.py checks that).
 
 Everything here is shape logic on tensors already on the device: no host sync.
 """
@@ -29,7 +30,7 @@ def as_text_bias(bias: Optional[torch.Tensor], batch: int, text_tokens: int, *,
         bias = bias[None]
     if bias.dim() != 2 or bias.shape[-1] != text_tokens or bias.shape[0] not in (1, batch):
         raise ValueError(f"text_bias of shape {tuple(bias.shape)} does not fit {batch} batch rows and {text_tokens} "
-                         f"text tokens: pass (T,), (1, T) or (B, T) with T = {text_tokens} (the trailing text keys)")
+                         f"text tokens: pass (T,), (1, T) or (B, T) with T = {text_tokens} (one value per text key)")
     if text_tokens == 0:
         return None
     if bias.dtype == torch.bool:
@@ -39,10 +40,11 @@ def as_text_bias(bias: Optional[torch.Tensor], batch: int, text_tokens: int, *,
     return bias.to(dtype)
 
 
-def full_key_bias(text_bias: torch.Tensor, video_tokens: int) -> torch.Tensor:
-    """(Bb, video_tokens + T): zeros on the video keys, then the text bias (same dtype and device)."""
+def full_key_bias(text_bias: torch.Tensor, video_tokens: int, text_first: bool = False) -> torch.Tensor:
+    """(Bb, video_tokens + T): zeros on the video keys and the text bias on the text keys, which come after the
+    video keys, or before them when text_first (same dtype and device)."""
     zeros = torch.zeros(text_bias.shape[0], video_tokens, dtype=text_bias.dtype, device=text_bias.device)
-    return torch.cat([zeros, text_bias], dim=-1)
+    return torch.cat([text_bias, zeros] if text_first else [zeros, text_bias], dim=-1)
 
 
 def select_rows(text_bias: Optional[torch.Tensor], rows) -> Optional[torch.Tensor]:

@@ -4,13 +4,17 @@ Same function as kernels/reference.py `sparse_attention_reference` (video rows: 
 keys; text rows: dense; repetitive heads: anchor rows dense, other rows copy their anchor). Three launches, none
 of which syncs with the host:
   1. video query rows: one program per (query tile, batch*head); it walks the key blocks listed for its mask row
-     (both QK^T and PV of unlisted blocks are skipped), then the trailing text keys;
+     (both QK^T and PV of unlisted blocks are skipped), then the text keys;
   2. text query rows (only when there are text tokens): dense over every key;
   3. anchor rows of repetitive heads (only when the layer has a repetition plan): dense over every key, rows
      gathered through a table; torch then broadcasts each anchor's output to the rows it stands for.
 q, k, v and the output are read and written through their strides, so (B, L, H*D) and (B, H, L, D) tensors are
-used in place. Skip-list indices must be ascending within a row (mask_to_table writes them so): the only partial
-video key block (the last one) is then the last listed and is peeled off the unmasked main loop.
+used in place. The text tokens sit after the video or before it: every launch takes the video's first sequence
+index (VS, a row and key offset; skip lists number video tokens from 0) and the text key range [TS, TS + N - NV),
+so text-first sequences run without a copy. Video keys are always visited before text keys, whatever their memory
+order, so every row has a finite running maximum before a padded (-inf) text tile. Skip-list indices must be
+ascending within a row (mask_to_table writes them so): the only partial video key block (the last one) is then the
+last listed and is peeled off the unmasked main loop.
 An optional text bias (kernels/text_bias.py: a key-padding mask over the text keys, (Bb, T) float32, batch stride 0
 when shared) is added to the text keys' scores in all three launches; it is a constexpr branch (HAS_BIAS), so the
 path without a bias compiles to the same code as before.
@@ -27,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..masks.skiplists import LayerSkipList
-from .layouts import from_bhld, to_bhld
+from .layouts import from_bhld, to_bhld, token_spans
 from .text_bias import as_text_bias
 
 LOG2E = 1.4426950408889634
@@ -129,7 +133,7 @@ def _biased_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, key_sta
     """Keys [key_start, key_end) (the text keys) with bias_row[j - key_start] added to their scores (natural-log
     units, as the host mask). Every tile is masked: text is a few hundred keys, so this costs nothing measurable.
     Columns past key_end get -inf through the bias load; the caller guarantees an earlier finite score per row
-    (video keys come first), so a fully padded tile cannot make exp2(-inf - -inf)."""
+    (it visits the video keys first), so a fully padded tile cannot make exp2(-inf - -inf)."""
     for start_n in tl.range(key_start, key_end, BLOCK_N, num_stages=STAGES):
         cols = start_n + offs_n
         k = _load_tile(desc_k, k_base, b, h, start_n, key_end, skl, offs_n, offs_d, DESC_MODE, True)
@@ -149,7 +153,7 @@ def _biased_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, key_sta
 def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS, TB,
                       sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                       idx_sh, idx_sq, cnt_sh, stb,
-                      H, N, NV, NK, TAIL_TILES, qk_scale,
+                      H, N, NV, VS, TS, NK, TAIL_TILES, qk_scale,
                       BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_K: tl.constexpr, HAS_TEXT: tl.constexpr,
                       DESC_MODE: tl.constexpr, STAGES: tl.constexpr, WARP_SPEC: tl.constexpr = False,
@@ -176,7 +180,9 @@ def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS, TB,
         v_base = V + b64 * svb + h64 * svh
         o_base = O + b64 * sob + h64 * soh
         row_ok = offs_m < NV
-        q = tl.load(q_base + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        # offs_m and key columns count video tokens from 0; VS moves them to their sequence positions.
+        seq_m = (VS + offs_m).to(tl.int64)
+        q = tl.load(q_base + seq_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         desc_k = _tile_source(DK, k_base, N, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
         desc_v = _tile_source(DV, v_base, N, svl, HEAD_DIM, BLOCK_N, DESC_MODE)
         m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
@@ -192,41 +198,45 @@ def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS, TB,
         # Main loop: listed blocks that lie wholly inside the video part, each as SUBK kernel tiles.
         for j in tl.range(0, n_blocks * SUBK, num_stages=STAGES, warp_specialize=WARP_SPEC):
             kb = tl.load(idx_row + j // SUBK).to(tl.int32)
-            start_n = kb * BLOCK_K + (j % SUBK) * BLOCK_N
+            start_n = VS + kb * BLOCK_K + (j % SUBK) * BLOCK_N
             k = _load_tile(desc_k, k_base, b, h, start_n, N, skl, offs_n, offs_d, DESC_MODE, False)
             v = _load_tile(desc_v, v_base, b, h, start_n, N, svl, offs_n, offs_d, DESC_MODE, False)
             acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, offs_n, 0, False)
         if TAIL_K:
             if n_blocks < cnt:
-                # The partial last video block: columns at or past NV are text (handled below) or past the end.
+                # The partial last video block: video columns at or past NV are text (handled below) or past the
+                # end of the sequence.
                 for t in range(0, TAIL_TILES):
                     start_n = (NK - 1) * BLOCK_K + t * BLOCK_N
-                    k = _load_tile(desc_k, k_base, b, h, start_n, N, skl, offs_n, offs_d, DESC_MODE, True)
-                    v = _load_tile(desc_v, v_base, b, h, start_n, N, svl, offs_n, offs_d, DESC_MODE, True)
+                    k = _load_tile(desc_k, k_base, b, h, VS + start_n, N, skl, offs_n, offs_d, DESC_MODE, True)
+                    v = _load_tile(desc_v, v_base, b, h, VS + start_n, N, svl, offs_n, offs_d, DESC_MODE, True)
                     acc, l_i, m_i = _softmax_step(acc, l_i, m_i, q, k, v, qk_scale, start_n + offs_n, NV, True)
         if HAS_TEXT:
             if HAS_BIAS:
-                acc, l_i, m_i = _biased_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, NV, N, skl,
-                                             svl, qk_scale, TB + b64 * stb, offs_n, offs_d, BLOCK_N, DESC_MODE,
-                                             STAGES)
+                acc, l_i, m_i = _biased_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, TS,
+                                             TS + N - NV, skl, svl, qk_scale, TB + b64 * stb, offs_n, offs_d,
+                                             BLOCK_N, DESC_MODE, STAGES)
             else:
-                acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, NV, N, skl,
-                                            svl, qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
+                acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, TS,
+                                            TS + N - NV, skl, svl, qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE,
+                                            STAGES)
         out = acc / l_i[:, None]
-        tl.store(o_base + offs_m.to(tl.int64)[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
+        tl.store(o_base + seq_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty),
                  mask=row_ok[:, None])
 
 
 @triton.jit
 def _dense_rows_fwd(Q, K, V, O, DK, DV, ROWS, HEADS, SKIP_ROWS, TB,
                     sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
-                    rows_sr, stb, H, R, N, NV, ROW0, NROWS, qk_scale,
+                    rows_sr, stb, H, R, N, NV, VS, TS, ROW0, NROWS, qk_scale,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     GATHER: tl.constexpr, DESC_MODE: tl.constexpr, STAGES: tl.constexpr,
                     HAS_BIAS: tl.constexpr = False):
-    """Rows attending every key. GATHER=False: rows ROW0 + [0, NROWS) of every head (text rows), output in place.
-    GATHER=True: program axis 1 is batch*R; rows ROWS[r, :NROWS] of head HEADS[r]; output [B, R, NROWS, D].
-    HAS_BIAS: keys [NV, N) get the text bias TB[b] (the video keys first, so every row has a finite score)."""
+    """Rows attending every key. GATHER=False: sequence rows ROW0 + [0, NROWS) of every head (text rows), output in
+    place. GATHER=True: program axis 1 is batch*R; video rows ROWS[r, :NROWS] (counted from the first video token,
+    at sequence index VS) of head HEADS[r]; output [B, R, NROWS, D].
+    HAS_BIAS: the video keys [VS, VS + NV) first (so every row has a finite score), then the text keys
+    [TS, TS + N - NV) with the text bias TB[b]."""
     pid_m = tl.program_id(0)
     bx = tl.program_id(1)
     offs_i = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -235,7 +245,7 @@ def _dense_rows_fwd(Q, K, V, O, DK, DV, ROWS, HEADS, SKIP_ROWS, TB,
         b = bx // R
         r = bx % R
         h = tl.load(HEADS + r)
-        rows = tl.load(ROWS + r.to(tl.int64) * rows_sr + offs_i, mask=row_ok, other=0)
+        rows = VS + tl.load(ROWS + r.to(tl.int64) * rows_sr + offs_i, mask=row_ok, other=0)
         run = True
     else:
         b = bx // H
@@ -257,10 +267,11 @@ def _dense_rows_fwd(Q, K, V, O, DK, DV, ROWS, HEADS, SKIP_ROWS, TB,
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
         if HAS_BIAS:
-            acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, 0, NV, skl, svl,
-                                        qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
-            acc, l_i, m_i = _biased_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, NV, N, skl, svl,
-                                         qk_scale, TB + b64 * stb, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
+            acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, VS, VS + NV, skl,
+                                        svl, qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
+            acc, l_i, m_i = _biased_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, TS, TS + N - NV,
+                                         skl, svl, qk_scale, TB + b64 * stb, offs_n, offs_d, BLOCK_N, DESC_MODE,
+                                         STAGES)
         else:
             acc, l_i, m_i = _dense_keys(acc, l_i, m_i, q, desc_k, desc_v, k_base, v_base, b, h, 0, N, skl, svl,
                                         qk_scale, offs_n, offs_d, BLOCK_N, DESC_MODE, STAGES)
@@ -463,19 +474,21 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
                             layout: str = "bhld", heads: Optional[int] = None, scale: Optional[float] = None,
                             skip_heads: Optional[torch.Tensor] = None,
                             out: Optional[torch.Tensor] = None,
-                            text_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            text_bias: Optional[torch.Tensor] = None, video_start: int = 0) -> torch.Tensor:
     """Triton block-sparse attention; same contract as sparse_attention_reference.
 
     skip_heads: optional [H] bool on q's device; heads marked True are left unwritten here (the caller fills
     them, e.g. from a dense kernel). out: optional result buffer in the call's layout and q's shape; by default
     the output has q's memory order (a (B, L, H*D) call gets (B, L, H*D) back without a copy).
-    text_bias: (T,), (1, T) or (B, T) additive bias on the text keys' scores (kernels/text_bias.py)."""
+    text_bias: (T,), (1, T) or (B, T) additive bias on the text keys' scores (kernels/text_bias.py).
+    video_start: 0 (text after the video) or the text token count (text first; kernels/layouts.py token_spans)."""
     qh, kh, vh = (to_bhld(t, layout, heads) for t in (q, k, v))
     B, H, N, D = qh.shape
     g = skip.geometry
     Nv = g.num_tokens
     if N < Nv or kh.shape[2] != N or vh.shape[2] != N:
         raise ValueError(f"sequence of {N} tokens (keys {kh.shape[2]}) does not cover the {Nv} masked tokens")
+    vs, ts, Nt = token_spans(N, Nv, video_start)
     if skip.num_heads != H:
         raise ValueError(f"skip list has {skip.num_heads} heads, the call has {H}")
     if D not in (16, 32, 64, 128) or kh.shape[-1] != D or vh.shape[-1] != D:
@@ -486,7 +499,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = qh.device
-    tb, stb = _bias_arg(text_bias, B, N - Nv, dev)
+    tb, stb = _bias_arg(text_bias, B, Nt, dev)
     cfg = pick_tiles(D, g.block_q, g.block_k, dev)
     mode = cfg.tma if all(_tma_ok(t) for t in (kh, vh)) else 0
     if mode == 2 and "cfg" not in _OVERRIDE and B * H * Nv * N < _TMA_MIN_PAIRS and not _interpreting():
@@ -526,20 +539,20 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
         vh.stride(0), vh.stride(1), vh.stride(2), out.stride(0), out.stride(1), out.stride(2),
         idx.stride(0), idx.stride(1), cnt.stride(0), stb,
-        H, N, Nv, g.nk, tail_tiles, qk_scale,
+        H, N, Nv, vs, ts, g.nk, tail_tiles, qk_scale,
         BLOCK_Q=g.block_q, BLOCK_K=g.block_k, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        TAIL_K=tail_k, HAS_TEXT=N > Nv, DESC_MODE=mode, STAGES=cfg.stages, WARP_SPEC=cfg.warp_spec,
+        TAIL_K=tail_k, HAS_TEXT=Nt > 0, DESC_MODE=mode, STAGES=cfg.stages, WARP_SPEC=cfg.warp_spec,
         HAS_BIAS=tb is not None, num_warps=cfg.num_warps)
     dense_cfg = pick_tiles(D, 128, 128, dev)
     dm = dense_cfg.block_m
-    if N > Nv or rep is not None:
+    if Nt or rep is not None:
         ddk, ddv = (dk, dv) if dense_cfg.block_n == cfg.block_n else _descs(kh, vh, dense_cfg.block_n, mode)
-    if N > Nv:
-        _dense_rows_fwd[(triton.cdiv(N - Nv, dm), B * H)](
+    if Nt:
+        _dense_rows_fwd[(triton.cdiv(Nt, dm), B * H)](
             qh, kh, vh, out, ddk, ddv, skip_rows, skip_rows, skip_rows, tb_ptr,
             qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
             vh.stride(0), vh.stride(1), vh.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            0, stb, H, 1, N, Nv, Nv, N - Nv, qk_scale,
+            0, stb, H, 1, N, Nv, vs, ts, ts, Nt, qk_scale,
             HEAD_DIM=D, BLOCK_M=dm, BLOCK_N=dense_cfg.block_n, GATHER=False, DESC_MODE=mode,
             STAGES=dense_cfg.stages, HAS_BIAS=tb is not None, num_warps=dense_cfg.num_warps)
     if rep is not None:
@@ -549,11 +562,11 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
             qh, kh, vh, a_out, ddk, ddv, rep.rows, rep.heads, skip_rows, tb_ptr,
             qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
             vh.stride(0), vh.stride(1), vh.stride(2), a_out.stride(1), 0, a_out.stride(2),
-            rep.rows.stride(0), stb, H, R, N, Nv, 0, FK, qk_scale,
+            rep.rows.stride(0), stb, H, R, N, Nv, vs, ts, 0, FK, qk_scale,
             HEAD_DIM=D, BLOCK_M=dm, BLOCK_N=dense_cfg.block_n, GATHER=True, DESC_MODE=mode,
             STAGES=dense_cfg.stages, HAS_BIAS=tb is not None, num_warps=dense_cfg.num_warps)
         # Broadcast: each head's F*T video rows take their anchor's output (gather on the GPU, no host sync).
         # Heads in skip_heads get this too; the caller overwrites them afterwards.
         bcast = torch.gather(a_out, 2, rep.src[None, :, :, None].expand(B, R, rep.covered, D))
-        out[:, rep.heads.long(), :rep.covered] = bcast
+        out[:, rep.heads.long(), vs:vs + rep.covered] = bcast
     return from_bhld(out, layout)

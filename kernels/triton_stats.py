@@ -13,6 +13,9 @@ query block (the next power of two >= ceil(block_q / s)); virtual row i of block
 qb * block_q + o + i * s, so both passes shrink by about s. The rescaling n / (rows used) is folded into the stored
 log-sum-exp (lse - log2 w), which costs the block-sum pass nothing. When VB is smaller than the kernel tile, one tile
 spans SEG = BLOCK_M / VB query blocks and its row sums are reduced per block before the atomics.
+
+Text after or before the video: rows, LSE entries and key blocks count video tokens from 0; both launches add the
+video's first sequence index VS when they load q and k, and the biased text keys are [TS, TS + N - NV). No copy.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ..masks.skiplists import BlockGeometry
+from .layouts import token_spans
 from .stats_reference import check_row_stride
 from .triton_attention import (LOG2E, TritonUnsupported, _bias_arg, _biased_scores, _descs, _ensure_allocator,
                                _load_tile, _tile_source, _tma_ok, pick_tiles)
@@ -58,7 +62,8 @@ def _strided_rows(v, NV, NQ, ROW_OFF, BLOCK_Q, STRIDE: tl.constexpr, VB: tl.cons
 
 
 @triton.jit
-def _row_lse(Q, K, DK, LSE, TB, sqb, sqh, sql, skb, skh, skl, stb, H, N, NV, qk_scale, NQ, ROW_OFF, BLOCK_Q, NLSE,
+def _row_lse(Q, K, DK, LSE, TB, sqb, sqh, sql, skb, skh, skl, stb, H, N, NV, VS, TS, qk_scale, NQ, ROW_OFF, BLOCK_Q,
+             NLSE,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
              DESC_MODE: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr = 1,
              STRIDE: tl.constexpr = 1, VB: tl.constexpr = 1, HAS_BIAS: tl.constexpr = False):
@@ -76,30 +81,34 @@ def _row_lse(Q, K, DK, LSE, TB, sqb, sqh, sql, skb, skh, skl, stb, H, N, NV, qk_
         row_ok = offs_m < NV
     else:
         rows, row_ok, log2w = _strided_rows(offs_m, NV, NQ, ROW_OFF, BLOCK_Q, STRIDE, VB)
-    q = tl.load(Q + b64 * sqb + h64 * sqh + rows.to(tl.int64)[:, None] * sql + offs_d[None, :],
+    q = tl.load(Q + b64 * sqb + h64 * sqh + (VS + rows).to(tl.int64)[:, None] * sql + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     k_base = K + b64 * skb + h64 * skh
     desc_k = _tile_source(DK, k_base, N, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    # Without a bias one loop covers video and text keys; with one, the video keys [0, NV), then the text keys.
+    # Without a bias one loop covers video and text keys, in memory order; with one, the video keys
+    # [VS, VS + NV) first (a finite maximum before any padded text key), then the text keys.
+    key_start = 0
     key_end = N
     if HAS_BIAS:
-        key_end = NV
-    n_full = key_end // BLOCK_N
+        key_start = VS
+        key_end = VS + NV
+    n_full = (key_end - key_start) // BLOCK_N
     for j in tl.range(0, n_full, num_stages=STAGES):
-        k = _load_tile(desc_k, k_base, b, h, j * BLOCK_N, key_end, skl, offs_n, offs_d, DESC_MODE, False)
+        k = _load_tile(desc_k, k_base, b, h, key_start + j * BLOCK_N, key_end, skl, offs_n, offs_d, DESC_MODE,
+                       False)
         l_i, m_i = _lse_step(l_i, m_i, q, k, qk_scale, offs_n, 0, False)
-    start_n = n_full * BLOCK_N
+    start_n = key_start + n_full * BLOCK_N
     if start_n < key_end:
         k = _load_tile(desc_k, k_base, b, h, start_n, key_end, skl, offs_n, offs_d, DESC_MODE, True)
         l_i, m_i = _lse_step(l_i, m_i, q, k, qk_scale, start_n + offs_n, key_end, True)
     if HAS_BIAS:
         bias_row = TB + b64 * stb
-        for start_t in tl.range(NV, N, BLOCK_N, num_stages=STAGES):
+        for start_t in tl.range(TS, TS + N - NV, BLOCK_N, num_stages=STAGES):
             cols = start_t + offs_n
-            k = _load_tile(desc_k, k_base, b, h, start_t, N, skl, offs_n, offs_d, DESC_MODE, True)
-            s = _biased_scores(q, k, bias_row, cols, NV, N, qk_scale)
+            k = _load_tile(desc_k, k_base, b, h, start_t, TS + N - NV, skl, offs_n, offs_d, DESC_MODE, True)
+            s = _biased_scores(q, k, bias_row, cols, TS, TS + N - NV, qk_scale)
             m_ij = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.math.exp2(m_i - m_ij) + tl.sum(tl.math.exp2(s - m_ij[:, None]), 1)
             m_i = m_ij
@@ -112,7 +121,7 @@ def _row_lse(Q, K, DK, LSE, TB, sqb, sqh, sql, skb, skh, skl, stb, H, N, NV, qk_
 
 
 @triton.jit
-def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H, N, NV, NK, TAIL_TILES, qk_scale,
+def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H, N, NV, VS, NK, TAIL_TILES, qk_scale,
                 NQ, ROW_OFF, NLSE,
                 BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_K: tl.constexpr,
@@ -133,13 +142,13 @@ def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H,
     offs_d = tl.arange(0, HEAD_DIM)
     if STRIDE == 1:
         row_ok = offs_m < NV
-        q = tl.load(Q + b64 * sqb + h64 * sqh + offs_m.to(tl.int64)[:, None] * sql + offs_d[None, :],
+        q = tl.load(Q + b64 * sqb + h64 * sqh + (VS + offs_m).to(tl.int64)[:, None] * sql + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         # Rows past the video part get lse = +inf, so their probabilities are exactly 0.
         lse = tl.load(LSE + bh.to(tl.int64) * NV + offs_m, mask=row_ok, other=float("inf"))
     else:
         rows, row_ok, _ = _strided_rows(offs_m, NV, NQ, ROW_OFF, BLOCK_Q, STRIDE, VB)
-        q = tl.load(Q + b64 * sqb + h64 * sqh + rows.to(tl.int64)[:, None] * sql + offs_d[None, :],
+        q = tl.load(Q + b64 * sqb + h64 * sqh + (VS + rows).to(tl.int64)[:, None] * sql + offs_d[None, :],
                     mask=row_ok[:, None], other=0.0)
         lse = tl.load(LSE + bh.to(tl.int64) * NLSE + offs_m)  # +inf on unused rows, rescale folded in
         if SEG > 1:
@@ -160,7 +169,8 @@ def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H,
     for kb in tl.range(0, n_full, num_stages=STAGES):
         rows_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for s in tl.static_range(SUBK):
-            k = _load_tile(desc_k, k_base, b, h, kb * BLOCK_K + s * BLOCK_N, N, skl, offs_n, offs_d, DESC_MODE, False)
+            k = _load_tile(desc_k, k_base, b, h, VS + kb * BLOCK_K + s * BLOCK_N, N, skl, offs_n, offs_d, DESC_MODE,
+                           False)
             qk = tl.dot(q, tl.trans(k))
             rows_sum += tl.sum(tl.math.exp2(qk * qk_scale - lse[:, None]), 1)
         if GROUP == 1:
@@ -191,7 +201,7 @@ def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H,
         rows_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for t in range(0, TAIL_TILES):
             start_n = (NK - 1) * BLOCK_K + t * BLOCK_N
-            k = _load_tile(desc_k, k_base, b, h, start_n, N, skl, offs_n, offs_d, DESC_MODE, True)
+            k = _load_tile(desc_k, k_base, b, h, VS + start_n, N, skl, offs_n, offs_d, DESC_MODE, True)
             qk = tl.dot(q, tl.trans(k))
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
             p = tl.where(((start_n + offs_n) < NV)[None, :], p, 0.0)
@@ -209,17 +219,20 @@ STATS_GROUP = {"group": 16}
 
 def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, *, scale: Optional[float] = None,
                         out: Optional[torch.Tensor] = None, row_stride: int = 1,
-                        row_offset: int = 0, text_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        row_offset: int = 0, text_bias: Optional[torch.Tensor] = None,
+                        video_start: int = 0) -> torch.Tensor:
     """q, k: (B, H, N, D) float16/bfloat16 (any strides with a unit last stride). out [H, nq, nk] float32 is
     accumulated into (created as zeros when None). row_stride / row_offset: estimate from a strided subsample of
     each query block's rows (stats_reference.block_energy_reference). text_bias: (T,), (1, T) or (B, T) additive bias
-    on the text keys' scores (kernels/text_bias.py)."""
+    on the text keys' scores (kernels/text_bias.py). video_start: 0 (text after the video) or the text token count
+    (text first; kernels/layouts.py token_spans)."""
     row_stride, row_offset = check_row_stride(row_stride, row_offset)
     B, H, N, D = q.shape
     g = geometry
     Nv = g.num_tokens
     if N < Nv or k.shape != q.shape:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must match and cover {Nv} video tokens")
+    vs, ts, Nt = token_spans(N, Nv, video_start)
     if D not in (16, 32, 64, 128):
         raise TritonUnsupported(f"head_dim {D} is not supported by the Triton statistics kernel (16, 32, 64 or 128)")
     if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype:
@@ -230,7 +243,7 @@ def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometr
     if out.shape != (H, g.nq, g.nk) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be contiguous float32 [{H}, {g.nq}, {g.nk}], got {out.dtype} {tuple(out.shape)}")
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    tb, stb = _bias_arg(text_bias, B, N - Nv, q.device)
+    tb, stb = _bias_arg(text_bias, B, Nt, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qk_scale = scale * LOG2E
     cfg = pick_tiles(D, g.block_q, g.block_k, q.device)
@@ -257,7 +270,7 @@ def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometr
     dk = _descs(k, k, dense_cfg.block_n, mode)[0]
     _row_lse[(lse_programs, B * H)](
         q, k, dk, lse, lse if tb is None else tb, q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2), stb, H, N, Nv, qk_scale, g.nq, off, g.block_q, n_lse,
+        k.stride(0), k.stride(1), k.stride(2), stb, H, N, Nv, vs, ts, qk_scale, g.nq, off, g.block_q, n_lse,
         HEAD_DIM=D, BLOCK_M=dense_cfg.block_m, BLOCK_N=dense_cfg.block_n, DESC_MODE=mode, STAGES=dense_cfg.stages,
         STRIDE=row_stride, VB=vb, HAS_BIAS=tb is not None, num_warps=dense_cfg.num_warps)
     tail_k = Nv % g.block_k != 0
@@ -265,7 +278,7 @@ def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometr
     dk = dk if cfg.block_n == dense_cfg.block_n else _descs(k, k, cfg.block_n, mode)[0]
     _block_mass[(mass_programs, B * H)](
         q, k, dk, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        out.stride(0), out.stride(1), H, N, Nv, g.nk, tail_tiles, qk_scale, g.nq, off, n_lse,
+        out.stride(0), out.stride(1), H, N, Nv, vs, g.nk, tail_tiles, qk_scale, g.nq, off, n_lse,
         BLOCK_Q=g.block_q, BLOCK_K=g.block_k, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         TAIL_K=tail_k, DESC_MODE=mode, STAGES=cfg.stages, GROUP=STATS_GROUP["group"],
         STRIDE=row_stride, VB=vb, SEG=seg, SUBQ=subq, num_warps=cfg.num_warps)

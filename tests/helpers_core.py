@@ -16,13 +16,23 @@ def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def block_energy64(q, k, bias, n_video, geometry):
+def _video_text(N, n_video, text_first):
+    """(video slice, text slice) of a sequence of N tokens, the text after the video or before it."""
+    if text_first:
+        return slice(N - n_video, N), slice(0, N - n_video)
+    return slice(0, n_video), slice(n_video, N)
+
+
+def block_energy64(q, k, bias, n_video, geometry, text_first=False):
     """[H, nq, nk] float64 block energy (summed over the batch) from the full softmax matrix, with `bias` on the text
-    keys: the specification the statistics kernels are checked against."""
+    keys (after the video, or before it when text_first): the specification the statistics kernels are checked
+    against."""
     g = geometry
+    vid, txt = _video_text(q.shape[2], n_video, text_first)
     s = q.double() @ k.double().transpose(-1, -2) / math.sqrt(q.shape[-1])
-    s[..., n_video:] += bias.double()[:, None, None, :]
-    p = torch.softmax(s, -1)[:, :, :n_video, :n_video]
+    if bias is not None:
+        s[..., txt] += bias.double()[:, None, None, :]
+    p = torch.softmax(s, -1)[:, :, vid, vid]
     H = q.shape[1]
     qi, ki = torch.arange(n_video) // g.block_q, torch.arange(n_video) // g.block_k
     want = torch.zeros(H, g.nq, g.nk, dtype=torch.float64)
@@ -75,22 +85,29 @@ def make_bundle(*, L=2, H=3, grid=None, block=16, steps=4, shared_steps=True, re
                                       settings={"preset": "balanced", "rho": 0.5})
 
 
-def token_mask(layer, n_video, n_text):
-    """[H, N, N] bool from a layer's block mask, expanded independently of the reference's own code."""
+def token_mask(layer, n_video, n_text, text_first=False):
+    """[H, N, N] bool from a layer's block mask, expanded independently of the reference's own code; the video
+    tokens sit after the n_text text tokens when text_first."""
     g = layer.geometry
     blocks = layer.block_mask()
     N = n_video + n_text
+    vid, _ = _video_text(N, n_video, text_first)
     m = torch.ones(blocks.shape[0], N, N, dtype=torch.bool)
     qb = torch.arange(n_video) // g.block_q
     kb = torch.arange(n_video) // g.block_k
-    m[:, :n_video, :n_video] = blocks[:, qb][:, :, kb]
+    m[:, vid, vid] = blocks[:, qb][:, :, kb]
     return m
 
 
-def masked_sdpa64(q, k, v, bias, n_video, tok_mask=None):
-    """float64 SDPA with `bias` ((Bb, T)) on the text keys as a full (Bb, 1, 1, N) additive mask, plus the token
-    mask."""
-    full = torch.cat([torch.zeros(bias.shape[0], n_video, dtype=torch.float64), bias.double()], -1)[:, None, None]
+def masked_sdpa64(q, k, v, bias, n_video, tok_mask=None, text_first=False):
+    """float64 SDPA with `bias` ((Bb, T), or None) on the text keys (after the video, or before it when text_first)
+    as a full (Bb, 1, 1, N) additive mask, plus the token mask."""
+    N = k.shape[2]
+    _, txt = _video_text(N, n_video, text_first)
+    full = torch.zeros(1 if bias is None else bias.shape[0], N, dtype=torch.float64)
+    if bias is not None:
+        full[:, txt] = bias.double()
+    full = full[:, None, None]
     if tok_mask is not None:
         full = full.masked_fill(~tok_mask[None], float("-inf"))
     return F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=full)
@@ -114,3 +131,14 @@ def comfy_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape
     if not skip_output_reshape:
         out = out.transpose(1, 2).reshape(b, -1, heads * d)
     return out
+
+
+def text_to_front(x, n_video, dim):
+    """The same tokens with the text (everything after the first n_video along dim) moved before the video."""
+    return torch.cat([x.narrow(dim, n_video, x.shape[dim] - n_video), x.narrow(dim, 0, n_video)], dim)
+
+
+def text_to_back(x, n_video, dim):
+    """Inverse of text_to_front: a text-first sequence back to video-then-text order."""
+    n_text = x.shape[dim] - n_video
+    return torch.cat([x.narrow(dim, n_text, n_video), x.narrow(dim, 0, n_text)], dim)

@@ -173,3 +173,93 @@ def test_runner_text_bias_routes_on_gpu(cutoff, route):
     if route == "mixed":
         skip = bundle.skip_lists(0, "cuda").layer(0)
         assert rel(out[:, 1], sparse_attention_reference(q, k, v, skip, text_bias=bias)[:, 1]) < 1e-2
+
+
+# ---- text tokens FIRST ([text][video]: HunyuanVideo on ComfyUI 0.19+) -------------------------------------------
+@pytest.mark.parametrize("layout,n_text,shared,rep", [
+    ("bhld", 256, True, True),  # HunyuanVideo's shape of call: video rows start on a tile boundary
+    ("bld", 118, False, True),  # video rows start off any tile boundary (TMA coordinates at arbitrary rows)
+])
+def test_real_shape_text_first_equals_text_last(layout, n_text, shared, rep):
+    """Text-first calls through the Triton kernel (host TMA descriptors on Hopper) equal the same tokens arranged
+    text-last, rows moved back, and the reference with the text first."""
+    from calibatt.kernels.triton_attention import sparse_attention_triton, to_bhld
+    from helpers_core import text_to_back, text_to_front
+    H, B, n = 8, 2, 21 * 1560
+    sd = 2 if layout == "bhld" else 1
+    gen = torch.Generator().manual_seed(11)
+    layer, q, k, v = make_case(B=B, H=H, D=128, frames=21, T=1560, n_text=n_text, block=128, density=0.25,
+                               rep_head=3 if rep else None, layout=layout, dtype=torch.bfloat16, seed=11)
+    bias = _padded_bias(1 if shared else B, n_text, 40, gen)
+    qf, kf, vf = (text_to_front(t, n, sd) for t in (q, k, v))
+    first = torch.full_like(qf, float("nan"))
+    sparse_attention_triton(qf, kf, vf, layer, layout=layout, heads=H, out=first, text_bias=bias, video_start=n_text)
+    assert not torch.isnan(first).any()
+    last = sparse_attention_triton(q, k, v, layer, layout=layout, heads=H, text_bias=bias)
+    assert rel(text_to_back(first, n, sd), last) < 1e-2
+    ref = sparse_attention_reference(qf, kf, vf, layer, layout=layout, heads=H, text_bias=bias, video_start=n_text)
+    assert rel(first, ref) < 1e-2
+    assert rel(to_bhld(first, layout, H)[:, :, :n_text], to_bhld(ref, layout, H)[:, :, :n_text]) < 1e-2
+
+
+def test_small_call_text_first_matches_reference():
+    """Below _TMA_MIN_PAIRS: in-kernel descriptors on Hopper (pointer loads elsewhere), with the video rows
+    starting at row 7 and a repetitive head."""
+    from calibatt.kernels import triton_attention as TA
+    from helpers_core import text_to_front
+    B, H, n, n_text = 2, 4, 8 * 1024, 7
+    layer, q, k, v = make_case(B=B, H=H, D=64, frames=8, T=1024, n_text=n_text, block=64, density=0.4,
+                               rep_head=2, layout="bhld", dtype=torch.bfloat16, seed=3)
+    q, k, v = (text_to_front(t, n, 2) for t in (q, k, v))
+    bias = _padded_bias(B, n_text, 2, torch.Generator().manual_seed(2))
+    out = TA.sparse_attention_triton(q, k, v, layer, text_bias=bias, video_start=n_text)
+    ref = sparse_attention_reference(q, k, v, layer, text_bias=bias, video_start=n_text)
+    assert rel(out, ref) < 1e-2
+
+
+def test_block_energy_real_shape_text_first():
+    from helpers_core import text_to_front
+    H, D, n, n_text = 4, 128, 32760, 118
+    g = BlockGeometry(n, 128, 128)
+    gen = torch.Generator().manual_seed(4)
+    q, k = (torch.randn(2, H, n + n_text, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    qf, kf = (text_to_front(t, n, 2) for t in (q, k))
+    bias = _padded_bias(2, n_text, 40, gen)
+    for stride in (1, 4):
+        kw = dict(row_stride=stride, row_offset=1, text_bias=bias)
+        first = block_energy(qf, kf, g, video_start=n_text, **kw)  # Triton
+        last = block_energy(q, k, g, **kw)
+        assert rel(first, last) < 1e-3
+        assert rel(first, block_energy_reference(qf, kf, g, video_start=n_text, **kw)) < 1e-2
+
+
+def test_runner_text_first_mixed_route_on_gpu():
+    """SparseRunner on a text-first call: Triton for the sparse heads, the full-row head in the same launch, against
+    masked dense attention with the text keys first."""
+    from calibatt.kernels.call import AttentionCall
+    from calibatt.kernels.runner import SparseRunner
+    from calibatt.masks import MaskBundle, ModelSignature, TokenGrid
+    from helpers_core import text_to_front
+    H, D, B, n_text = 4, 128, 2, 256
+    grid = TokenGrid(frames=5, height=30, width=52)
+    n = grid.video_tokens
+    g = BlockGeometry(n, 128, 128)
+    m = torch.ones(1, H, g.nq, g.nk, dtype=torch.bool)
+    m[0, 1] = False  # head 1: the diagonal only
+    bundle = MaskBundle.from_skip_lists(ModelSignature("hunyuan", 1, H, D, D * H), grid,
+                                        [SkipLists.from_block_mask(m, g)], [1.0], [0])
+    runner = SparseRunner(bundle, dense_cutoff=0.5)
+    runner.begin_step(1.0, "cuda")
+    assert runner.route(0) == "mixed"
+    q, k, v = (text_to_front(torch.randn(B, H, n + n_text, D, device="cuda", dtype=torch.bfloat16), n, 2)
+               for _ in range(3))
+    bias = _padded_bias(B, n_text, 100, torch.Generator().manual_seed(1))
+    call = AttentionCall(q, k, v, "bhld", H, 0, 1.0,
+                         TokenGrid(5, 30, 52, text_tokens=n_text, text_position="start"), text_bias=bias)
+    out = runner(call)
+    full = torch.cat([bias, torch.zeros(B, n, device="cuda")], -1)[:, None, None, :]
+    want = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=full)
+    assert rel(out[:, [0, 2, 3]], want[:, [0, 2, 3]]) < 1e-2
+    skip = bundle.skip_lists(0, "cuda").layer(0)
+    ref = sparse_attention_reference(q, k, v, skip, text_bias=bias, video_start=n_text)
+    assert rel(out[:, 1], ref[:, 1]) < 1e-2
