@@ -141,3 +141,28 @@ def test_triton_path_interpreted(text_position, poison):
     fin = torch.isfinite(want)
     torch.testing.assert_close(out[fin], want[fin], rtol=3e-3, atol=3e-3)
     assert bool(torch.isfinite(out[:, :, vs:vs + 4 * BLOCK]).all())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled Triton path needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("route", ["sparse", "mixed"])
+@pytest.mark.parametrize("poison", ["v_inf", "k_nan"])
+def test_triton_path_on_the_gpu(dtype, route, poison):
+    grid, g, sl, (q, k, v), blocks = _case("start", poison)
+    bundle = MaskBundle.from_skip_lists(ModelSignature("generic", 1, H, D, H * D), grid, [sl], [1.0], [0])
+    dens = bundle.entry_densities()[0, 0]
+    cutoff = 1.0 if route == "sparse" else float(dens.min() + dens.max()) / 2
+    runner = SparseRunner(bundle, dense_cutoff=cutoff)
+    q, k, v = (t.to("cuda", dtype) for t in (q, k, v))
+    out = runner(AttentionCall(q, k, v, "bhld", H, 0, 1.0, grid)).cpu()
+    kept = blocks[0].clone()
+    if route == "mixed":
+        kept[dens > cutoff] = True
+    want = kept_keys_attention64(q.cpu(), k.cpu(), v.cpu(), kept, grid.video_tokens, grid.video_start)
+    out = out.double()
+    assert torch.equal(torch.isfinite(out), torch.isfinite(want))
+    fin = torch.isfinite(want)
+    torch.testing.assert_close(out[fin], want[fin], rtol=2e-2, atol=2e-2)
+    vs = grid.video_start
+    sparse_heads = [h for h in range(H) if not bool(kept[h].all())]
+    assert bool(torch.isfinite(out[:, sparse_heads, vs:vs + 4 * BLOCK]).all())
