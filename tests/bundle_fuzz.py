@@ -568,7 +568,9 @@ def exercise(bundle: MaskBundle, tmp: Path):
     s = bundle.calibrated_sigmas
     for sigma in [0.0, s[-1] / 2, *s, s[0] * 2, 1e30]:
         assert 0 <= bundle.bucket_for_sigma(sigma) < bundle.num_buckets
-    for b in range(bundle.num_buckets):
+    # Skip lists of the first, middle and last bucket (a build sorts every block of a layer: ~0.4 s per bucket at
+    # 4,096 x 4,096 blocks on the CPU, and crafted files reach that size).
+    for b in sorted({0, bundle.num_buckets // 2, bundle.num_buckets - 1}):
         sl = bundle.skip_lists(b)
         assert int(sl.layer(0).kv_counts.min()) >= 1
         sl.head_densities()
@@ -576,8 +578,19 @@ def exercise(bundle: MaskBundle, tmp: Path):
     assert bool(torch.isfinite(img).all())
     again = load_bundle(save_bundle(bundle, tmp / "roundtrip.safetensors"))
     assert torch.equal(again.entry_densities(), bundle.entry_densities())
+    # every entry's packed mask and repetition plan, whatever numbering the writer chose
+    assert torch.equal(again.packed_masks[again.entry_mask.long()], bundle.packed_masks[bundle.entry_mask.long()])
     for b in range(bundle.num_buckets):
-        assert torch.equal(again.skip_lists(b).block_mask(), bundle.skip_lists(b).block_mask())
+        ra, rb = again.repetition_plan(b), bundle.repetition_plan(b)
+        assert (ra is None) == (rb is None)
+        if ra is not None:
+            for l in range(bundle.num_layers):
+                la, lb = ra.for_layer(l), rb.for_layer(l)
+                assert (la is None) == (lb is None)
+                if la is not None:
+                    assert torch.equal(la.head_slot >= 0, lb.head_slot >= 0)
+                    assert torch.equal(la.anchors[la.head_slot[la.head_slot >= 0].long()],
+                                       lb.anchors[lb.head_slot[lb.head_slot >= 0].long()])
     grid = bundle.grid
     if grid.total_tokens <= 1024 and bundle.signature.head_dim <= 64:
         runner = SparseRunner(bundle)
