@@ -127,12 +127,21 @@ BASE_NAMES = ("calibrated", "generic_one_bucket", "hunyuan_text_start", "ltxv", 
               "wan21", "wan22_unequal_blocks")
 
 
+def _sorted(node):
+    if isinstance(node, dict):
+        return {k: _sorted(node[k]) for k in sorted(node)}
+    return node
+
+
 def base_files(tmp: Path) -> dict:
     """name -> bytes of each valid bundle file (built once per process)."""
     if not _BASES:
         for name, b in base_bundles().items():
             p = save_bundle(b, tmp / f"base_{name}.safetensors")
-            _BASES[name] = p.read_bytes()
+            # The safetensors library writes __metadata__ in hash-map order, which changes between processes:
+            # sort the header so that a case is the same file in every process (reproducible from seed and index).
+            header, body = split(p.read_bytes())
+            _BASES[name] = join(_sorted(header), body)
             p.unlink()
     return _BASES
 
