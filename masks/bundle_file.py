@@ -206,7 +206,8 @@ def load_bundle(path) -> MaskBundle:
         with os.fdopen(fd, "rb") as fh:
             st = os.fstat(fh.fileno())
             if not stat.S_ISREG(st.st_mode):
-                _fail(path, "path", "is not a regular file", "put mask bundle files in ComfyUI/models/sparse_attention/")
+                _fail(path, "path", "is not a regular file",
+                      "put mask bundle files in ComfyUI/models/sparse_attention/")
             header, data_start = _read_header(path, fh, st.st_size)
             meta = read_metadata(path, header)
             layout = _check_tensor_headers(path, header, st.st_size - data_start, meta)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import struct
 import sys
@@ -43,7 +42,6 @@ from calibatt.kernels.call import AttentionCall  # noqa: E402
 from calibatt.kernels.runner import SparseRunner  # noqa: E402
 from calibatt.masks import (BlockGeometry, BundleError, MaskBundle, ModelSignature, RepetitionPlan,  # noqa: E402
                             SkipLists, TokenGrid, load_bundle, save_bundle)
-from calibatt.masks import bundle_limits as lim  # noqa: E402
 from calibatt.masks.bundle import FORMAT  # noqa: E402
 from calibatt.nodes.preview import preview_images  # noqa: E402
 

@@ -1,7 +1,6 @@
 """Each way a bundle file escaped the loader's promise (issue 13), as a file: every one is now a BundleError naming
 the file, the field and a fix, found before anything large is allocated."""
 
-import json
 import os
 import time
 
