@@ -163,8 +163,10 @@ def save_bundle(bundle: MaskBundle, path) -> Path:
 
     path = Path(path)
     packed, entry_mask, entry_rep, anchors, rows = _canonical(bundle)
-    g = bundle.geometry
-    check_masks(packed, g, path)
+    try:
+        check_masks(packed, bundle.geometry, path)
+    except BundleError as e:
+        raise _not_saved(e) from None
     payload, offsets, parent = _encode_masks(packed, entry_mask)
     tensors = {"mask_payload": payload, "mask_offsets": offsets, "mask_parent": parent, "entry_mask": entry_mask,
                "entry_rep": entry_rep, "rep_anchors": anchors, "rep_row_anchor": rows}
@@ -180,12 +182,19 @@ def save_bundle(bundle: MaskBundle, path) -> Path:
                "digest": content_digest(doc, {k: v.numpy() for k, v in tensors.items()})}
     header = {"__metadata__": st_meta, **{k: {"dtype": _TENSORS[k][0], "shape": list(v.shape),
                                                "data_offsets": [0, 0]} for k, v in tensors.items()}}
-    meta = read_metadata(path, header)  # the loader's schema, before anything touches the disk
-    _check_decode_budget(path, meta, [payload.numel()])
+    try:
+        meta = read_metadata(path, header)  # the loader's schema, before anything touches the disk
+        _check_decode_budget(path, meta, [payload.numel()])
+    except BundleError as e:
+        raise _not_saved(e) from None
     blob = st_save(tensors, metadata=st_meta)
     atomic_write_bytes(path, blob)
     bundle.path = str(path)
     return path
+
+
+def _not_saved(e: BundleError) -> BundleError:
+    return BundleError(f"not saved: the loader would refuse this bundle: {e.message}", path=e.path, field=e.field)
 
 
 # ---------------------------------------------------------------------------------------------------- load

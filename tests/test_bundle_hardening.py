@@ -189,6 +189,14 @@ def test_saver_writes_only_what_the_loader_accepts(tmp_path):
     with pytest.raises(BundleError, match=r"\[settings\]"):
         save_bundle(bad, tmp_path / "nan.safetensors")
     assert not (tmp_path / "nan.safetensors").exists()
+    # masks with an empty row (no block diagonal): refused before writing, saying why
+    empty = MaskBundle(signature=b.signature, grid=b.grid, geometry=b.geometry, calibrated_sigmas=b.calibrated_sigmas,
+                       step_bucket=b.step_bucket, packed_masks=torch.zeros_like(b.packed_masks),
+                       entry_mask=b.entry_mask, entry_rep=b.entry_rep, rep_anchors=b.rep_anchors,
+                       rep_row_anchor=b.rep_row_anchor)
+    with pytest.raises(BundleError, match="not saved: the loader would refuse this bundle: .*diagonal"):
+        save_bundle(empty, tmp_path / "empty.safetensors")
+    assert not (tmp_path / "empty.safetensors").exists()
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
 
 
