@@ -3,8 +3,8 @@
 Every field has a type, a range and (for lists) a length; objects of the format refuse unknown keys (a typo is an
 error, never a silent default) and report missing ones; geometry fields must agree with each other (grid vs blocks,
 counts vs model, fingerprint vs model, sigma ranges vs sigmas). JSON itself is parsed with NaN / Infinity, integers
-of more than 19 digits, duplicate keys and deep nesting refused. Any failure is a BundleError
-naming the file, the field and the fix; nothing else escapes.
+of more than 19 digits, duplicate keys and deep nesting refused. Any failure is a BundleError naming the file, the
+field and the fix; nothing else escapes.
 
 `settings` is the calibration record (shown to users, never read by the engine): any JSON object of limited depth
 and size, with its block sizes and step count, where present, agreeing with the bundle.
