@@ -1,4 +1,5 @@
-# Two entry points (README Quickstart): `make demo` and `make test`. Both set up .venv first.
+# Two entry points (README Quickstart): `make demo` and `make test`; `make fuzz` runs the loader's fuzz cases. All
+# set up .venv first.
 # torch is pinned to the CPU build that installs from local disk on the team's machines; an unpinned torch would
 # pull a multi-GB CUDA build. None of this is a runtime requirement of the ComfyUI nodes (see requirements.txt).
 
@@ -22,7 +23,7 @@ SHARED ?= ../shared
 COMFY_TREES ?= $(HOME)/.cache/calibatt/comfyui
 COMFY_VENV := .venv-comfy
 
-.PHONY: setup demo-setup test demo screenshots bench-size clean
+.PHONY: setup demo-setup test demo screenshots bench-size fuzz clean
 
 setup: $(STAMP)
 demo-setup: $(DEMO_STAMP)
@@ -45,6 +46,11 @@ demo: demo-setup
 # The README's screenshots, from the browser test against the newest ComfyUI tree (needs Debian's chromium).
 screenshots: setup
 	bash scripts/screenshots.sh $(SHARED) $(COMFY_TREES) $(COMFY_VENV)
+
+# >= 10,000 malformed bundle files through the loader (tests/bundle_fuzz.py); prints counts per outcome and exits 1
+# on any escape, hang or crash. FUZZ_ARGS="--cases 20000 --seed 1" to vary it.
+fuzz: setup
+	$(PY) tests/bundle_fuzz.py --cases 10000 $(FUZZ_ARGS)
 
 bench-size: setup
 	$(PY) bench/bench_bundle_size.py

@@ -36,6 +36,26 @@ class AttentionCall:
     # (sparse, dense fallback, statistics) applies it; `dense` must apply the same mask.
     text_bias: Optional[torch.Tensor] = None
 
+    def check(self) -> tuple:
+        """(B, H, N, D) after checking the call is one self-attention call its grid describes: q, k and v of one
+        shape in the layout, a layer index >= 0, and N = the grid's video + text tokens (an N the grid does not
+        account for would make extra video tokens look like text). ValueError naming the mismatch otherwise."""
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < 0:
+            raise ValueError(f"AttentionCall.layer must be an integer >= 0, got {self.layer!r}")
+        if not isinstance(self.grid, TokenGrid):
+            raise ValueError(f"AttentionCall.grid must be a TokenGrid, got {type(self.grid).__name__}")
+        q, k, v = self.bhld()
+        if k.shape != q.shape or v.shape != q.shape:
+            raise ValueError(f"self-attention needs q, k and v of one shape; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                             f"{tuple(v.shape)} as (batch, heads, tokens, head_dim)")
+        B, H, N, D = q.shape
+        g = self.grid
+        if N != g.total_tokens:
+            raise ValueError(f"attention call has {N} tokens but its grid describes {g.total_tokens} "
+                             f"({g.frames}x{g.height}x{g.width} = {g.video_tokens} video + {g.text_tokens} text, "
+                             f"text_position '{g.text_position}'); pass the grid of this call")
+        return B, H, N, D
+
     def bhld(self):
         """(q, k, v) as (B, H, L, D) views."""
         return tuple(to_bhld(t, self.layout, self.heads) for t in (self.q, self.k, self.v))

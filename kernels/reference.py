@@ -30,6 +30,11 @@ def _attend(q, k, v, scale, key_mask=None, key_bias=None):
         s = s + key_bias
     if key_mask is not None:
         s = s.masked_fill(~key_mask, float("-inf"))
+        if key_mask.shape[-2] == 1:
+            # The same keys for every row: zero the skipped keys' values, since their probability 0 times an inf or
+            # NaN value would still be NaN. A skipped key never reaches the output, as in the Triton kernel (which
+            # never loads it) and in dense attention over the kept blocks.
+            v = v.masked_fill(~key_mask.transpose(-1, -2), 0.0)
     return torch.matmul(torch.softmax(s, dim=-1), v)
 
 

@@ -8,7 +8,9 @@ decides, per layer, which heads run block-sparse and which run dense; per call i
   - the Triton kernel on CUDA (float16/bfloat16, head_dim 16..128), the plain-PyTorch reference elsewhere;
   - a layer with some heads above the cutoff: on the Triton path those heads list every key block (exact dense in
     the same launch); on the reference path they are skipped and dense SDPA fills them in.
-No per-call host sync: the routing is computed from the bundle's host-side densities when the step begins.
+No per-call host sync: the routing is computed from the bundle's host-side densities when the step begins. Every
+call is checked against the bundle first (check_call: layer range, heads, head_dim, video grid, token count), so
+masks never run on a call they were not made for.
 A call's text bias (a key-padding mask on the text keys, AttentionCall.text_bias) is applied on every path, and
 every path takes the call's token order from its grid (text after or before the video: AttentionCall.video_start,
 passed to the kernels as an offset; q, k, v are never reordered).
@@ -22,6 +24,7 @@ from typing import Optional
 import torch
 
 from ..masks.bundle import MaskBundle
+from ..masks.errors import BundleError
 from ..masks.transfer import canonical_device, to_device_async
 from .bucket_tables import BucketTables
 from .call import AttentionCall
@@ -66,6 +69,7 @@ class SparseRunner:
         self._dense_step = False
         self._densities = bundle.entry_densities()  # [buckets, L, H] host-side, computed once
         self._handle = runner_handle(self)  # what a compiled model's op finds this runner by (kernels/ops.py)
+        self._checked = None  # the call shape last found to fit the bundle
 
     def begin_step(self, sigma: float, device, step_fraction: Optional[float] = None):
         """Call once per denoising step with the host-side sigma and, when known, the position in the schedule
@@ -135,10 +139,41 @@ class SparseRunner:
         """Whether a compiled model can trace calls into this runner (AttentionRouter asks): the custom op exists."""
         return sparse_attention_op is not None
 
+    def check_call(self, call: AttentionCall):
+        """Raise (BundleError naming the mismatch and the fix) unless the call fits the bundle: layer in range,
+        heads, head_dim, the video grid the masks were made for (frames, height, width, patch) and a sequence of
+        exactly its video + text tokens, the text after or before the video. The shape checks run once per call
+        shape (a step's calls share it), the layer check every call (host ints, no sync)."""
+        b = self.bundle
+        if isinstance(call.layer, bool) or not isinstance(call.layer, int) or not 0 <= call.layer < b.num_layers:
+            raise BundleError(f"attention call for layer {call.layer!r}, but the bundle covers layers 0-"
+                              f"{b.num_layers - 1} ({b.signature.family}, {b.num_layers} layers); the host's layer "
+                              "index is wrong, or the bundle was made for another model", path=b.path, field="layer")
+        key = (call.grid, call.layout, call.heads, call.q.shape, call.k.shape, call.v.shape)
+        if key == self._checked:
+            return
+        try:
+            _, H, _, D = call.check()
+        except ValueError as e:
+            raise ValueError(f"SparseRunner: {e}") from None
+        problems = []
+        if H != b.num_heads:
+            problems.append(f"the call has {H} heads; the bundle was made for {b.num_heads}")
+        if D != b.signature.head_dim:
+            problems.append(f"the call has head_dim {D}; the bundle was made for {b.signature.head_dim}")
+        problems += b.grid.mismatches(call.grid, text=False)
+        if problems:
+            raise BundleError("this mask bundle does not fit the attention call: " + "; ".join(problems)
+                              + f". The bundle was made for {b.signature.family}, {b.grid.describe()}; calibrate a "
+                              "bundle for this model and video size, or load one made for it.", path=b.path,
+                              field="grid" if not (H != b.num_heads or D != b.signature.head_dim) else "model")
+        self._checked = key
+
     def __call__(self, call: AttentionCall) -> torch.Tensor:
         if is_compiling():
             # Traced once, replayed every step: one op node, which calls this runner when it runs (kernels/ops.py).
             return traced_sparse_attention(self._handle, call)
+        self.check_call(call)
         if self._tables is None:
             self.begin_step(call.sigma, call.q.device)
         elif self._step_key[1] != str(call.q.device):

@@ -149,6 +149,11 @@ class MaskBundle:
             self._block_totals = counts.sum(-1, dtype=torch.int64)
         return self._max_counts, self._block_totals
 
+    def set_mask_counts(self, max_counts: torch.Tensor, block_totals: torch.Tensor):
+        """Row statistics the loader computed while validating (saves a second pass over every mask)."""
+        self._max_counts = max_counts.to(torch.int32)
+        self._block_totals = block_totals.to(torch.int64)
+
     def max_counts(self) -> torch.Tensor:
         """[U] int32: longest row of each distinct mask (sizes padded tables without a device sync)."""
         return self._mask_counts()[0]

@@ -10,6 +10,7 @@ class BundleError(ValueError):
     def __init__(self, message: str, *, path=None, field=None):
         self.path = str(path) if path is not None else None
         self.field = field
+        self.message = message  # without the file and field prefix
         prefix = f"{self.path}: " if self.path else ""
         where = f"[{field}] " if field else ""
         super().__init__(f"{prefix}{where}{message}")

@@ -6,11 +6,45 @@ tokenize and encode.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from ..calibration.settings import CalibrationSettings
 
 PRESETS_CUSTOM = "custom"
+EXTENSION = ".safetensors"
+# The stem's limit: the file name, its temp file ".<name>.<8 characters>.partial" and room to spare stay well
+# inside the 255 bytes file systems allow (the issue: a ~225-character name failed with ENAMETOOLONG at the save,
+# after the whole calibration).
+MAX_NAME = 128
+_ALLOWED = re.compile(r"[A-Za-z0-9._-]")
+_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
+
+
+def bundle_file_name(filename: str) -> str:
+    """The file name Calibrate Sparse Attention writes for `filename` (".safetensors" added), or ValueError saying
+    what to change: checked before sampling, so a name the file system refuses never costs a calibration."""
+    stem = str(filename).strip()
+    if stem.lower().endswith(EXTENSION):
+        stem = stem[: -len(EXTENSION)]
+    where = "Calibrate Sparse Attention: output file name"
+    if not stem:
+        raise ValueError(f"{where} is empty; use letters, digits, '-', '_' and '.', e.g. wan21_t2v_832x480x81")
+    bad = sorted({c for c in stem if not _ALLOWED.fullmatch(c)})
+    if bad:
+        suggestion = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "bundle"
+        raise ValueError(f"{where} {filename!r} has characters a bundle name cannot use "
+                         f"({' '.join(repr(c) for c in bad[:8])}); use letters, digits, '-', '_' and '.', "
+                         f"e.g. {suggestion[:MAX_NAME]!r}")
+    if len(stem) > MAX_NAME:
+        raise ValueError(f"{where} is {len(stem)} characters long; use at most {MAX_NAME}")
+    if stem.startswith(".") or stem.endswith("."):
+        raise ValueError(f"{where} {filename!r} starts or ends with '.'; such files are hidden or refused by some "
+                         "systems, remove the dot")
+    if stem.split(".")[0].lower() in _RESERVED:
+        raise ValueError(f"{where} {filename!r} is a reserved device name on Windows; choose another name")
+    return stem + EXTENSION
 
 
 def _encode(clip, text: str):

@@ -8,6 +8,7 @@ bundle is written once, atomically, after the last prompt: an interrupt leaves n
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -15,7 +16,9 @@ import comfy.model_management
 import comfy.sample
 import comfy.utils
 
-from ..masks import save_bundle
+from ..masks import BundleError, save_bundle
+from ..masks.atomic import check_writable
+from ..masks.bundle_limits import check_calibration_fits, estimated_file_bytes
 from . import paths
 from .calibrate_inputs import make_settings, prompt_conditionings
 from .comfy_glue import describe_model, install
@@ -44,6 +47,7 @@ def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, 
 
     latent, noise_mask = _start_latent(model, layout, latent, width, height, length)
     grid = grid_from_latent(layout, latent.shape)
+    _check_output(out_path, signature, grid, settings, int(steps))
     calibrator = Calibrator(signature, grid, settings)
     router = AttentionRouter(signature, layout, mcfg, handler=calibrator.observe, name="Calibrate Sparse Attention")
 
@@ -82,6 +86,23 @@ def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, 
     bundle.path = out_path
     log.info("Calibrate Sparse Attention: wrote %s (%s)", out_path, bundle.summary())
     return bundle, preview_images(bundle), bundle.summary()
+
+
+def _check_output(out_path: str, signature, grid, settings, steps: int):
+    """Before any sampling: the bundle this calibration makes fits the loader's limits, and its folder takes a
+    file of about its size (created if missing, written to, enough free space)."""
+    try:
+        check_calibration_fits(signature.num_layers, signature.num_heads, grid.video_tokens, settings.block_q,
+                               settings.block_k, steps, grid.frame_tokens, settings.anchors)
+    except BundleError as e:
+        raise ValueError(f"Calibrate Sparse Attention: {e.message}") from None
+    nq, nk = -(-grid.video_tokens // settings.block_q), -(-grid.video_tokens // settings.block_k)
+    folder = os.path.dirname(out_path)
+    try:
+        check_writable(folder, estimated_file_bytes(signature.num_layers, signature.num_heads, nq, nk, steps))
+    except OSError as e:
+        raise ValueError(f"Calibrate Sparse Attention: cannot write the bundle into {folder}: {e.strerror or e}; "
+                         "free some space or make the folder writable, then queue again") from None
 
 
 def _start_latent(model, layout, latent, width: int, height: int, length: int):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
-import re
 
 import folder_paths
 
+from ..masks.atomic import remove_stale_partials
+from .calibrate_inputs import EXTENSION, bundle_file_name
+
 FOLDER = "sparse_attention"
-EXTENSION = ".safetensors"
 
 
 def register():
@@ -19,7 +20,10 @@ def register():
 
 
 def list_bundles() -> list:
+    """Bundle names for the node's list; temp files of saves a crash interrupted over a day ago are removed."""
     try:
+        for folder in folder_paths.get_folder_paths(FOLDER):
+            remove_stale_partials(folder)
         names = folder_paths.get_filename_list(FOLDER)
     except KeyError:  # registration failed earlier; show an empty list rather than break the node list
         return []
@@ -34,17 +38,9 @@ def bundle_path(name: str) -> str:
     return path
 
 
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
 def output_path(filename: str) -> str:
-    """Where Calibrate Sparse Attention writes `filename` (a plain file name; the extension is added)."""
-    stem = filename.strip()
-    if stem.lower().endswith(EXTENSION):
-        stem = stem[: -len(EXTENSION)]
-    stem = _SAFE.sub("_", stem).strip("._")
-    if not stem:
-        raise ValueError(f"output file name {filename!r} has no usable characters; use letters, digits, '-', '_'")
+    """Where Calibrate Sparse Attention writes `filename` (a plain file name; the extension is added); a name the
+    file system would refuse is a ValueError now, not after the calibration."""
+    name = bundle_file_name(filename)
     folder = folder_paths.get_folder_paths(FOLDER)[0]
-    os.makedirs(folder, exist_ok=True)
-    return os.path.join(folder, stem + EXTENSION)
+    return os.path.join(folder, name)

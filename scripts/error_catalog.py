@@ -63,6 +63,13 @@ MODULE_NOTES = {
                        "resolution and length (the message names what differs).",
     "masks/geometry.py": "Model signature or token grid values that cannot be right (a damaged bundle, or a bug in a "
                          "host adapter).",
+    "masks/bundle_schema.py": "A bundle file whose metadata breaks the format (a damaged or hand-edited file): the "
+                              "message names the file and the field. Recalibrate, or fetch the bundle again.",
+    "masks/bundle_limits.py": "A bundle larger than any real one (or a crafted file): refused before it is decoded; "
+                              "the message names the limit. Calibrate at a supported size.",
+    "kernels/call.py": "An attention call whose tensors do not fit together (a host adapter's bug): the message "
+                       "names the shapes.",
+    "kernels/ops.py": "The compiled-model path (TorchCompileModel): the message names what the op was handed.",
     "masks/signatures.py": "A model whose shape facts do not make a signature (a bug in a host adapter, or a model "
                            "the package does not know): the message names the value.",
     "kernels/bucket_tables.py": "Skip-list tables of one sigma bucket on the device: a caller's bug or a damaged "
@@ -163,7 +170,8 @@ def _raise_text(call: ast.Call) -> str | None:
     """The message of `raise E(msg, field=...)`: "[field] msg" when a field is given (BundleError's form). HubError
     takes its kind first: `raise HubError(kind, msg)`; then the message is the second argument."""
     text = _text(call.args[0]) if call.args else None
-    if text is None and len(call.args) > 1 and _callee(call) == "HubError":
+    if text is None and len(call.args) > 1 and _callee(call) in ("HubError", "OSError"):
+        # OSError(errno, message)
         text = _text(call.args[1])
     if text is None:
         return None

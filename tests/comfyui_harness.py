@@ -2,8 +2,9 @@
 
 - `tiny_wan_state_dict()`: a random Wan 2.1 T2V checkpoint small enough for CPU that ComfyUI's stock
   UNETLoader detects as WAN21_T2V (keys without prefix, dim 256 -> 2 heads of 128, text_embedding.0 [dim, 4096]).
-- `TEST_NODE_SOURCE`: a test-only custom node supplying random T5-shaped CONDITIONING (a real umt5-xxl cannot
-  be made tiny). It is written into the temporary custom_nodes, never shipped.
+- `TEST_NODE_SOURCE`: test-only custom nodes: random T5-shaped CONDITIONING (a real umt5-xxl cannot be made tiny)
+  and a model wrapper that counts model evaluations and can press Cancel after a given one. Written into the
+  temporary custom_nodes, never shipped.
 - `ComfyServer`: start `main.py --cpu` on a free port with a temporary base directory, POST API-format prompts,
   wait for their history entries, stop.
 """
@@ -42,7 +43,7 @@ NEEDS_COMFYUI = [
 PACKAGE_DIR_NAME = "ComfyUI-CalibAtt-test"
 
 TEST_NODE_SOURCE = '''
-"""Test-only ComfyUI node: random T5-shaped conditioning (one entry per requested prompt)."""
+"""Test-only ComfyUI nodes: random T5-shaped conditioning (one entry per requested prompt), model call counter."""
 import torch
 
 
@@ -62,7 +63,46 @@ class CalibAttTestConditioning:
         return ([[torch.randn(1, tokens, 4096, generator=g), {}] for _ in range(prompts)],)
 
 
-NODE_CLASS_MAPPINGS = {"CalibAttTestConditioning": CalibAttTestConditioning}
+class CalibAttTestModelCalls:
+    """Counts the model evaluations of a sampling run (written to output/model_calls_<tag>.txt as they happen) and,
+    with interrupt_after > 0, presses Cancel from inside the run right after that many evaluations: an interrupt at
+    a known point, not after a wall-clock delay."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "tag": ("STRING", {"default": "run"}),
+                             "interrupt_after": ("INT", {"default": 0, "min": 0, "max": 10000})}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "run"
+    CATEGORY = "testing"
+
+    def run(self, model, tag, interrupt_after):
+        import os
+
+        import comfy.model_management
+        import comfy.patcher_extension as pe
+        import folder_paths
+
+        path = os.path.join(folder_paths.get_output_directory(), f"model_calls_{tag}.txt")
+        calls = [0]
+
+        def count(executor, *args, **kwargs):
+            out = executor(*args, **kwargs)
+            calls[0] += 1
+            with open(path, "w") as f:
+                f.write(str(calls[0]))
+            if calls[0] == interrupt_after:
+                comfy.model_management.interrupt_current_processing(True)
+            return out
+
+        m = model.clone()
+        m.add_wrapper_with_key(pe.WrappersMP.APPLY_MODEL, "calibatt_test_calls", count)
+        return (m,)
+
+
+NODE_CLASS_MAPPINGS = {"CalibAttTestConditioning": CalibAttTestConditioning,
+                       "CalibAttTestModelCalls": CalibAttTestModelCalls}
 '''
 
 

@@ -209,6 +209,9 @@ def test_shape_metadata_disagreement(good, tmp_path):
     def five_layers(m, h):
         m["counts"]["layers"] = 5
         m["model"]["num_layers"] = 5
+        fields = {k: v for k, v in m["model"].items() if k != "fingerprint"}
+        m["model"]["fingerprint"] = ModelSignature(**fields).fingerprint()
+        m["densities"] = [layers + layers[:1] * 3 for layers in m["densities"]]
     p1 = tmp_path / "layers5.safetensors"
     _edit_meta(good, p1, five_layers)
     _expect(p1, "[entry_mask]", "does not match the metadata")

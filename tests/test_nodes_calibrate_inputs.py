@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from calibatt.calibration.settings import EPS_PRESETS
-from calibatt.nodes.calibrate_inputs import make_settings, prompt_conditionings
+from calibatt.nodes.calibrate_inputs import MAX_NAME, bundle_file_name, make_settings, prompt_conditionings
 
 
 def test_presets_and_custom_eps():
@@ -35,3 +35,23 @@ def test_prompt_errors_say_what_to_connect():
         prompt_conditionings("a cat\na dog")
     with pytest.raises(ValueError, match="no calibration prompts"):
         prompt_conditionings("\n \n")
+
+
+def test_output_names_are_checked_before_calibration():
+    assert bundle_file_name("wan21_t2v_832x480x81") == "wan21_t2v_832x480x81.safetensors"
+    assert bundle_file_name("  v1.2-final.safetensors ") == "v1.2-final.safetensors"
+    assert bundle_file_name("x" * MAX_NAME) == "x" * MAX_NAME + ".safetensors"
+    # ~225 characters passed and failed with ENAMETOOLONG at the save, after hours of calibration
+    with pytest.raises(ValueError, match=f"225 characters long; use at most {MAX_NAME}"):
+        bundle_file_name("n" * 225)
+    for bad, needle in (("my bundle", "' '"), ("../up", "'/'"), ("a\\b", "'\\\\'"), ("tab\there", "'\\t'"),
+                        ("caf\u00e9", "'\u00e9'")):
+        with pytest.raises(ValueError, match="characters a bundle name cannot use") as e:
+            bundle_file_name(bad)
+        assert needle in str(e.value), str(e.value)
+    with pytest.raises(ValueError, match="e.g. 'my_bundle'"):
+        bundle_file_name("my bundle")
+    for bad, needle in (("", "empty"), ("   ", "empty"), (".hidden", "starts or ends"), ("CON", "reserved"),
+                        ("nul.v2", "reserved")):
+        with pytest.raises(ValueError, match=needle):
+            bundle_file_name(bad)

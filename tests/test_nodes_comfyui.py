@@ -143,30 +143,44 @@ def test_calibrate_writes_a_loadable_bundle(comfy, calibrated):
     assert "tiny_wan_test.safetensors" in names
 
 
-def test_interrupted_calibration_writes_nothing(comfy):
-    import time
-
+def _calibrate_counted(filename: str, tag: str, interrupt_after: int = 0, steps: int = 12) -> dict:
     prompt = _graph(cond_prompts=4)
+    prompt["counted"] = {"class_type": "CalibAttTestModelCalls", "inputs": {
+        "model": ["unet", 0], "tag": tag, "interrupt_after": interrupt_after}}
     prompt["calib"] = {"class_type": "CalibrateSparseAttention", "inputs": {
-        "model": ["unet", 0], "prompts": "", "width": W, "height": HGT, "length": LEN, "steps": 12,
+        "model": ["counted", 0], "prompts": "", "width": W, "height": HGT, "length": LEN, "steps": steps,
         "cfg": 3.0, "sampler_name": "euler", "scheduler": "simple", "seed": 1, "preset": "balanced",
-        "eps_A": 0.84, "eps_C": 0.99, "eps_k": 16.0, "rho": 0.5, "filename": "interrupted",
+        "eps_A": 0.84, "eps_C": 0.99, "eps_k": 16.0, "rho": 0.5, "filename": filename,
         "positive": ["cond", 0], "negative": ["neg", 0], "block_size": BLOCK}}
-    pid = comfy.queue(prompt)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until it is sampling, then press Cancel
-        running = comfy.get_json("/queue")["queue_running"]
-        if running and running[0][1] == pid:
-            break
-        time.sleep(0.2)
-    time.sleep(3.0)
-    comfy.requests.post(comfy.url + "/interrupt", timeout=30)
-    entry = comfy.wait(pid, timeout=300)
+    return prompt
+
+
+def _model_calls(comfy, tag: str) -> int:
+    path = comfy.base / "output" / f"model_calls_{tag}.txt"
+    return int(path.read_text()) if path.exists() else 0
+
+
+def test_interrupted_calibration_writes_nothing(comfy):
+    # Cancel is pressed from inside the run, right after the first model evaluation (the first calibration step
+    # observed), so the calibration is always interrupted mid-way, however fast the machine.
+    entry = comfy.run(_calibrate_counted("interrupted", "interrupt", interrupt_after=1), timeout=300)
     kinds = [m[0] for m in entry["status"]["messages"]]
     assert "execution_interrupted" in kinds, kinds
+    # stopped at the end of that step (cond and uncond may be two evaluations), nothing sampled after
+    assert 1 <= _model_calls(comfy, "interrupt") <= 2
     folder = comfy.base / "models" / "sparse_attention"
     assert not (folder / "interrupted.safetensors").exists()
     assert not [p for p in folder.iterdir() if "interrupted" in p.name]
+
+
+def test_bad_output_name_is_refused_before_sampling(comfy):
+    # A name the file system refuses (ENAMETOOLONG past 255 bytes) used to fail at the save, after the whole
+    # calibration; now the node refuses it before the first model evaluation.
+    for tag, name, needle in (("long", "x" * 240, "at most 128"), ("slash", "../escape", "characters")):
+        entry = comfy.run(_calibrate_counted(name, tag), timeout=300)
+        err = H.status_error(entry)
+        assert err is not None and needle in err, err
+        assert _model_calls(comfy, tag) == 0, "sampling started before the name was checked"
 
 
 def test_patched_sampling_differs_by_a_bounded_amount(comfy, calibrated):
