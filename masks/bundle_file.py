@@ -199,7 +199,7 @@ def _not_saved(e: BundleError) -> BundleError:
 
 # ---------------------------------------------------------------------------------------------------- load
 def _fail(path, field, msg, fix=FIX_RECREATE):
-    fail(path, field, msg, fix)
+    raise BundleError(f"{msg}; {fix}" if fix else msg, path=path, field=field)  # bundle_schema.fail's form
 
 
 def load_bundle(path) -> MaskBundle:

@@ -99,7 +99,7 @@ class _Fields:
         self.path = path
 
     def fail(self, field, msg, fix=FIX_RECREATE):
-        fail(self.path, field, msg, fix)
+        raise BundleError(f"{msg}; {fix}" if fix else msg, path=self.path, field=field)  # the module's fail()
 
     def obj(self, v, field: str, keys: tuple) -> dict:
         if not isinstance(v, dict):

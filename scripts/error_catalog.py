@@ -118,7 +118,10 @@ def _modules() -> list[pathlib.Path]:
 
 
 def _text(node) -> str | None:
-    """The message as written: literal text, `{expr}` for what the code fills in; None if not text."""
+    """The message as written: literal text, `{expr}` for what the code fills in; None if not text. For
+    `a if cond else b`, the first form (the one with the fix)."""
+    if isinstance(node, ast.IfExp):
+        return _text(node.body)
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         return node.value
     if isinstance(node, ast.JoinedStr):
@@ -233,6 +236,15 @@ def collect() -> tuple[list[Entry], list[str]]:
                   for t in n.targets if isinstance(t, ast.Name) and (
                       _text(n.value) is not None or (isinstance(n.value, ast.Constant)
                                                      and isinstance(n.value.value, int)))}
+
+        for node in tree.body:  # string constants imported from a sibling module (`from .x import FIX`)
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                sibling = path.parent / (node.module.replace(".", "/") + ".py")
+                if sibling.is_file():
+                    theirs = {t.id: _text(n.value) for n in ast.parse(sibling.read_text()).body
+                              if isinstance(n, ast.Assign) for t in n.targets
+                              if isinstance(t, ast.Name) and _text(n.value) is not None}
+                    consts.update({a.asname or a.name: theirs[a.name] for a in node.names if a.name in theirs})
 
         def add(where, kind, text):
             for name, value in consts.items():  # module constants read as the user sees them

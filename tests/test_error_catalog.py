@@ -38,7 +38,7 @@ def test_catalog_finds_the_known_messages_and_helpers():
     helper's default fix), and logged."""
     msgs = [e.message for e in _catalog().collect()[0]]
     assert "[path] file not found; put bundles in ComfyUI/models/sparse_attention/" in msgs
-    assert any(m.startswith("[header] file is {len(data)} bytes, too short") and
+    assert any(m.startswith("[header] file is {len(head)} bytes, too short") and
                m.endswith("; re-create it with Calibrate Sparse Attention or download it again") for m in msgs)
     assert any(m.startswith("[format] format is") and "mask bundles in models/sparse_attention/" in m for m in msgs)
     assert any("Patch Model Attention: {e}; the model runs unpatched" in m for m in msgs)
