@@ -23,6 +23,7 @@ from . import bundle_limits as lim
 from .bundle import FORMAT, FORMAT_VERSION
 from .errors import BundleError
 from .geometry import KNOWN_FAMILIES, TEXT_POSITIONS, ModelSignature, TokenGrid
+from .signatures import current
 from .sigmas import SigmaBuckets, validate_sigmas
 from .skiplists import BlockGeometry
 
@@ -295,6 +296,9 @@ def read_metadata(path, header: dict) -> BundleMeta:
                         f"cover {L} x {H}")
     if f.text(m["fingerprint"], "model.fingerprint") != signature.fingerprint():
         f.fail("model.fingerprint", "the model fields do not match their fingerprint (file edited?)")
+    # Read as today's builders make it for the same model, so files written by older versions still fit (the
+    # stored fields were checked against the stored fingerprint above).
+    signature = current(signature)
 
     g = f.obj(meta["grid"], "grid", _GRID)
     frames = f.integer(g["frames"], "grid.frames", 1, lim.MAX_GRID_SIDE)
