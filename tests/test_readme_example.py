@@ -27,9 +27,9 @@ def test_readme_library_quickstart_runs(tmp_path, monkeypatch, capsys):
     scope = {"__name__": "__readme__"}
     exec(compile(_quickstart_block(), "README.md (Library quickstart)", "exec"), scope)
     bundle = load_bundle(tmp_path / "my_bundle.safetensors")
-    assert bundle.signature.family == "tinywan" and len(bundle.step_densities()) == 6
+    assert bundle.signature.family == "wan21" and len(bundle.step_densities()) == 6
     assert 0.0 < bundle.density < 1.0
     video = scope["video"]
     assert tuple(video.shape) == (1, 3, 4, 32, 32) and float(video.abs().max()) <= 1.0
     out = capsys.readouterr().out
-    assert "tinywan" in out and "torch.Size([1, 3, 4, 32, 32])" in out
+    assert "wan21" in out and "torch.Size([1, 3, 4, 32, 32])" in out
