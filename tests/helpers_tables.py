@@ -10,7 +10,7 @@ from calibatt.masks.packing import unpack_bits
 
 
 def random_bundle(seed, *, L=4, H=3, frames=3, height=5, width=7, block_q=16, block_k=16, buckets=2,
-                  n_text=0, text_position="end"):
+                  n_text=0, text_position="end", head_dim=16):
     """A bundle whose layers differ in density (one all-dense layer, one diagonal-only layer), with a repetitive
     head in bucket 0 and (by the grid) a partial last block. Returns (bundle, grid, per-bucket SkipLists)."""
     gen = torch.Generator().manual_seed(seed)
@@ -36,7 +36,7 @@ def random_bundle(seed, *, L=4, H=3, frames=3, height=5, width=7, block_q=16, bl
             row_anchor = torch.randint(0, K, (2, grid.frame_tokens), generator=gen)
             rep = RepetitionPlan(grid.frame_tokens, slot, anchors, row_anchor)
         lists.append(SkipLists.from_block_mask(m, g, rep))
-    sig = ModelSignature("wan21", L, H, 16, 16 * H)
+    sig = ModelSignature("wan21", L, H, head_dim, head_dim * H)
     sigmas = torch.linspace(1.0, 0.1, buckets).tolist()
     return MaskBundle.from_skip_lists(sig, grid, lists, sigmas, list(range(buckets))), grid, lists
 

@@ -204,7 +204,8 @@ def test_held_bytes_at_wan_720p_stay_under_two_percent_of_the_weights():
 def test_runner_on_cuda_builds_tables_without_host_sync():
     """On a GPU: a new bucket's begin_step and its sparse / mixed calls (Triton builder + Triton attention, a
     repetitive head included) never make the host wait, and the outputs equal the reference."""
-    bundle, grid, lists = random_bundle(8, L=4, H=3, frames=4, height=8, width=16, block_q=64, block_k=64)
+    bundle, grid, lists = random_bundle(8, L=4, H=3, frames=4, height=8, width=16, block_q=64, block_k=64,
+                                        head_dim=64)
     runner = SparseRunner(bundle)
     gen = torch.Generator().manual_seed(1)
     B, H, N, D = 2, 3, grid.video_tokens, 64
