@@ -54,4 +54,12 @@ fi
 echo
 echo "== make test summary"
 printf '%s\n' "${summary[@]}"
+# One closing line over all runs, in the plain "N passed, N failed" form (errors count as failed).
+printf '%s\n' "${summary[@]}" | python3 -c '
+import re, sys
+n = {"passed": 0, "failed": 0, "error": 0, "skipped": 0}
+for line in sys.stdin:
+    for count, word in re.findall(r"(\d+) (passed|failed|errors?|skipped)", line):
+        n["error" if word.startswith("error") else word] += int(count)
+print("total: %d passed, %d failed, %d skipped" % (n["passed"], n["failed"] + n["error"], n["skipped"]))'
 exit $status
