@@ -256,13 +256,10 @@ class AttentionRouter:
             self._block_pe = None
         return self._rope_position if self._rope_position in _SAYS else None
 
-    def _traced_text_position(self, to: dict, L: int, video: int) -> Optional[str]:
-        """_text_position inside a model torch.compile traces: only the facts that are Python values of the call
-        (ComfyUI's img_slice, the family table). The mask and the RoPE table are graph values there: reading them is
-        a host sync and a graph break, and a position learnt from them would be stored on the router, which the
-        traced code must not read (a guard per step, or under ComfyUI 0.19's guard filter a stale value). A call with
-        neither fact runs dense (HunyuanVideo's double blocks; its single blocks carry img_slice on ComfyUI 0.19+);
-        the video part of a key-padding mask is not checked."""
+    def _call_facts(self, to: dict, L: int, video: int) -> Optional[dict]:
+        """{source: "start" | "end"} from the facts that are plain Python values of the call: ComfyUI's img_slice
+        and the family's model code. None (one warning; the call runs dense) when img_slice does not describe this
+        call's video tokens."""
         said = {}
         if "img_slice" in to:
             pos, why = slice_text_position(to["img_slice"], L, video)
@@ -272,6 +269,18 @@ class AttentionRouter:
             said["ComfyUI's img_slice"] = pos
         if self.layout.text_position is not None:
             said[f"the {self.layout.family} model code"] = self.layout.text_position
+        return said
+
+    def _traced_text_position(self, to: dict, L: int, video: int) -> Optional[str]:
+        """_text_position inside a model torch.compile traces: only the facts that are Python values of the call
+        (ComfyUI's img_slice, the family table). The mask and the RoPE table are graph values there: reading them is
+        a host sync and a graph break, and a position learnt from them would be stored on the router, which the
+        traced code must not read (a guard per step, or under ComfyUI 0.19's guard filter a stale value). A call with
+        neither fact runs dense (HunyuanVideo's double blocks; its single blocks carry img_slice on ComfyUI 0.19+);
+        the video part of a key-padding mask is not checked."""
+        said = self._call_facts(to, L, video)
+        if said is None:
+            return None
         if len(set(said.values())) != 1:
             self._warn_once("traced_position", f"in a compiled model (torch.compile) the position of the {L - video} "
                             f"text tokens of a {L}-token self-attention call is only read from ComfyUI's img_slice "
@@ -285,13 +294,9 @@ class AttentionRouter:
         call runs dense, with one warning naming the reason) when no fact is there or two disagree."""
         if is_compiling():
             return self._traced_text_position(to, L, video)
-        said = {}
-        if "img_slice" in to:
-            pos, why = slice_text_position(to["img_slice"], L, video)
-            if pos is None:
-                self._warn_once("img_slice", f"{why}; these calls run dense")
-                return None
-            said["ComfyUI's img_slice"] = pos
+        said = self._call_facts(to, L, video)
+        if said is None:
+            return None
         if bias is not None:
             pos = self._mask_says(bias, video)
             if pos == "bad":
@@ -301,8 +306,6 @@ class AttentionRouter:
                 return None
             if pos in _SAYS:
                 said["the key-padding mask"] = pos
-        if self.layout.text_position is not None:
-            said[f"the {self.layout.family} model code"] = self.layout.text_position
         if not said or self._rope_position is not None:  # read on first need; once known, a cross-check
             pos = self._rope_says(video)
             if pos is not None:
