@@ -151,6 +151,22 @@ def tiny_wan_state_dict(dim: int = 256, layers: int = 2, ffn: int = 512, in_dim:
     return sd
 
 
+def tiny_wan_graph(width: int = 128, height: int = 64, length: int = 9, *, prompts: int = 1, seed: int = 7,
+                   tokens: int = 512) -> dict:
+    """The API-format nodes every tiny-Wan test graph starts with: the checkpoint tiny_wan_state_dict writes (as
+    models/diffusion_models/tiny_wan.safetensors), `prompts` test conditionings and their zeroed negative, and an
+    empty latent of width x height x length px (128x64x9 -> latent [1, 16, 3, 8, 16] -> 3 x 4 x 8 = 96 tokens)."""
+    return {
+        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors",
+                                                        "weight_dtype": "default"}},
+        "cond": {"class_type": "CalibAttTestConditioning", "inputs": {"seed": seed, "prompts": prompts,
+                                                                     "tokens": tokens}},
+        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["cond", 0]}},
+        "latent": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": width, "height": height,
+                                                                       "length": length, "batch_size": 1}},
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -47,15 +47,7 @@ def comfy():
 
 
 def _graph(width=W, height=HGT, length=LEN, cond_prompts=1, cond_seed=7):
-    return {
-        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors",
-                                                        "weight_dtype": "default"}},
-        "cond": {"class_type": "CalibAttTestConditioning", "inputs": {"seed": cond_seed, "prompts": cond_prompts,
-                                                                     "tokens": 512}},
-        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["cond", 0]}},
-        "latent": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": width, "height": height,
-                                                                       "length": length, "batch_size": 1}},
-    }
+    return H.tiny_wan_graph(width, height, length, prompts=cond_prompts, seed=cond_seed)
 
 
 def _ksampler(model_ref, prefix, seed=3):

@@ -58,12 +58,7 @@ def comfy():
 
 def _graph() -> dict:
     return {
-        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors",
-                                                        "weight_dtype": "default"}},
-        "cond": {"class_type": "CalibAttTestConditioning", "inputs": {"seed": 7, "prompts": 1, "tokens": 512}},
-        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["cond", 0]}},
-        "latent": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": W, "height": HGT, "length": LEN,
-                                                                       "batch_size": 1}},
+        **H.tiny_wan_graph(W, HGT, LEN),
         "load": {"class_type": "LoadMaskBundle", "inputs": {"bundle_name": BUNDLE}},
     }
 

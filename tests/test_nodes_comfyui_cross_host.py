@@ -93,14 +93,7 @@ def comfy(diffusers_bundle):
 
 
 def _graph(prompts: int = 1) -> dict:
-    return {
-        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors",
-                                                        "weight_dtype": "default"}},
-        "cond": {"class_type": "CalibAttTestConditioning", "inputs": {"seed": 7, "prompts": prompts,
-                                                                     "tokens": TEXT}},
-        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["cond", 0]}},
-        "latent": {"class_type": "EmptyHunyuanLatentVideo", "inputs": dict(VIDEO, batch_size=1)},
-    }
+    return H.tiny_wan_graph(**VIDEO, prompts=prompts, tokens=TEXT)
 
 
 def _ksampler(p: dict, name: str, model):

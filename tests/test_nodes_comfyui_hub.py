@@ -98,12 +98,7 @@ def _ref(hub, files, name, pin=True) -> str:
 
 def _graph(load_inputs: dict, prefix: str, sample=True, patched_only=False) -> dict:
     p = {
-        "unet": {"class_type": "UNETLoader", "inputs": {"unet_name": "tiny_wan.safetensors",
-                                                        "weight_dtype": "default"}},
-        "cond": {"class_type": "CalibAttTestConditioning", "inputs": {"seed": 7, "prompts": 1, "tokens": 512}},
-        "neg": {"class_type": "ConditioningZeroOut", "inputs": {"conditioning": ["cond", 0]}},
-        "latent": {"class_type": "EmptyHunyuanLatentVideo", "inputs": {"width": W, "height": HGT, "length": LEN,
-                                                                       "batch_size": 1}},
+        **H.tiny_wan_graph(W, HGT, LEN),
         "load": {"class_type": "LoadMaskBundle", "inputs": dict(load_inputs)},
         "patch": {"class_type": "PatchModelAttention", "inputs": {
             "model": ["unet", 0], "bundle": ["load", 0], "dense_first_percent": 0.0, "dense_last_percent": 0.0,
