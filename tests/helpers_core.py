@@ -142,3 +142,30 @@ def text_to_back(x, n_video, dim):
     """Inverse of text_to_front: a text-first sequence back to video-then-text order."""
     n_text = x.shape[dim] - n_video
     return torch.cat([x.narrow(dim, n_text, n_video), x.narrow(dim, 0, n_text)], dim)
+
+
+# q / k / v in a host's layout: (B, H, N, D) "bhld" or (B, N, H*D) "bld".
+def to_layout(t, layout):
+    B, H, N, D = t.shape
+    return t if layout == "bhld" else t.transpose(1, 2).reshape(B, N, H * D)
+
+
+def from_layout(t, layout, H):
+    if layout == "bhld":
+        return t
+    B, N, C = t.shape
+    return t.view(B, N, H, C // H).transpose(1, 2)
+
+
+def sparse_rep_layer(gen, H, frames, Tf, block, density=0.4):
+    """A sparse (not all-keep) layer whose last head is repetitive (3 anchors a frame)."""
+    g = BlockGeometry(frames * Tf, *block)
+    slot = torch.full((1, H), -1, dtype=torch.int32)
+    slot[0, H - 1] = 0
+    plan = RepetitionPlan(Tf, slot, torch.randperm(Tf, generator=gen)[:3].sort().values[None],
+                          torch.randint(0, 3, (1, Tf), generator=gen))
+    m = torch.rand(1, H, g.nq, g.nk, generator=gen) < density
+    m[..., 0, g.nk - 1] = False  # the first query block skips the last key block (never its diagonal)
+    layer = SkipLists.from_block_mask(m, g, plan).layer(0)
+    assert not bool(layer.block_mask().all()), "the test needs skipped blocks"
+    return layer

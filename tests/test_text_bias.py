@@ -18,21 +18,10 @@ from calibatt.kernels.text_bias import as_text_bias, select_rows
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, RepetitionPlan, SkipLists, TokenGrid
 from calibatt.nodes import model_info as mi
 from calibatt.nodes.routing import LAYER_KEY, AttentionRouter, key_padding_bias
-from helpers_core import NEG, block_energy64, comfy_attention, masked_sdpa64, padded_bias, rel, token_mask
+from helpers_core import (NEG, block_energy64, comfy_attention, from_layout, masked_sdpa64, padded_bias, rel,
+                          to_layout, token_mask)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-def to_layout(t, layout):
-    B, H, N, D = t.shape
-    return t if layout == "bhld" else t.transpose(1, 2).reshape(B, N, H * D)
-
-
-def from_layout(t, layout, H):
-    if layout == "bhld":
-        return t
-    B, N, C = t.shape
-    return t.view(B, N, H, C // H).transpose(1, 2)
-
 
 # ---- the bias itself -----------------------------------------------------------------------------------------
 def test_as_text_bias_forms_and_errors():

@@ -18,9 +18,9 @@ from calibatt.kernels.reference import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner
 from calibatt.kernels.stats import block_energy
 from calibatt.kernels.stats_reference import block_energy_reference
-from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, RepetitionPlan, SkipLists, TokenGrid
-from helpers_core import (NEG, block_energy64, masked_sdpa64, padded_bias, rel, text_to_back, text_to_front,
-                          token_mask)
+from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid
+from helpers_core import (NEG, block_energy64, from_layout, masked_sdpa64, padded_bias, rel, sparse_rep_layer,
+                          text_to_back, text_to_front, to_layout, token_mask)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,35 +29,8 @@ def seq_dim(layout):
     return 2 if layout == "bhld" else 1
 
 
-def to_layout(t, layout):
-    B, H, N, D = t.shape
-    return t if layout == "bhld" else t.transpose(1, 2).reshape(B, N, H * D)
-
-
-def from_layout(t, layout, H):
-    if layout == "bhld":
-        return t
-    B, N, C = t.shape
-    return t.view(B, N, H, C // H).transpose(1, 2)
-
-
 def make_bias(kind, B, T, gen):
     return None if kind == "none" else padded_bias(B, T, gen, shared=kind == "shared")
-
-
-def sparse_rep_layer(gen, H, frames, Tf, block, density=0.4):
-    """A sparse (not all-keep) layer whose last head is repetitive (3 anchors a frame)."""
-    n = frames * Tf
-    g = BlockGeometry(n, *block)
-    slot = torch.full((1, H), -1, dtype=torch.int32)
-    slot[0, H - 1] = 0
-    plan = RepetitionPlan(Tf, slot, torch.randperm(Tf, generator=gen)[:3].sort().values[None],
-                          torch.randint(0, 3, (1, Tf), generator=gen))
-    m = torch.rand(1, H, g.nq, g.nk, generator=gen) < density
-    m[..., 0, g.nk - 1] = False  # the first query block skips the last key block (never its diagonal)
-    layer = SkipLists.from_block_mask(m, g, plan).layer(0)
-    assert not bool(layer.block_mask().all()), "the test needs skipped blocks"
-    return layer
 
 
 # ---- where the tokens sit ------------------------------------------------------------------------------------

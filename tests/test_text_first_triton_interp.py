@@ -17,9 +17,9 @@ TA, TS = interpreted_kernels()
 
 from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
 from calibatt.kernels.stats_reference import block_energy_reference  # noqa: E402
-from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
-from helpers_core import (block_energy64, masked_sdpa64, padded_bias, rel, text_to_back, text_to_front,  # noqa: E402
-                          token_mask)
+from calibatt.masks import BlockGeometry, SkipLists  # noqa: E402
+from helpers_core import (block_energy64, masked_sdpa64, padded_bias, rel, sparse_rep_layer,  # noqa: E402
+                          text_to_back, text_to_front, to_layout, token_mask)
 
 # -max * log2(e) overflows to -inf in float32, which is the intended value; numpy (the interpreter) says so loudly.
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -30,25 +30,6 @@ def make_bias(kind, B, T, gen):
     if kind == "none":
         return None
     return padded_bias(B, T, gen, shared=kind == "shared", step=3, inf_first_key=kind == "rows")
-
-
-def to_layout(t, layout):
-    B, H, N, D = t.shape
-    return t if layout == "bhld" else t.transpose(1, 2).reshape(B, N, H * D)
-
-
-def sparse_rep_layer(gen, H, frames, Tf, block, density=0.4):
-    """A sparse (not all-keep) layer whose last head is repetitive (3 anchors a frame)."""
-    g = BlockGeometry(frames * Tf, *block)
-    slot = torch.full((1, H), -1, dtype=torch.int32)
-    slot[0, H - 1] = 0
-    plan = RepetitionPlan(Tf, slot, torch.randperm(Tf, generator=gen)[:3].sort().values[None],
-                          torch.randint(0, 3, (1, Tf), generator=gen))
-    m = torch.rand(1, H, g.nq, g.nk, generator=gen) < density
-    m[..., 0, g.nk - 1] = False  # the first query block skips the last key block (never its diagonal)
-    layer = SkipLists.from_block_mask(m, g, plan).layer(0)
-    assert not bool(layer.block_mask().all()), "the test needs skipped blocks"
-    return layer
 
 
 def run_poisoned(q, k, v, layer, layout, H, **kw):
