@@ -170,12 +170,10 @@ def _warning_text(call: ast.Call) -> str | None:
 
 
 def _raise_text(call: ast.Call) -> str | None:
-    """The message of `raise E(msg, field=...)`: "[field] msg" when a field is given (BundleError's form). HubError
-    takes its kind first: `raise HubError(kind, msg)`; then the message is the second argument."""
-    text = _text(call.args[0]) if call.args else None
-    if text is None and len(call.args) > 1 and _callee(call) in ("HubError", "OSError"):
-        # OSError(errno, message)
-        text = _text(call.args[1])
+    """The message of `raise E(msg, field=...)`: "[field] msg" when a field is given (BundleError's form). The
+    message is the first positional argument that is text: exceptions that take a code first (HubError(kind, msg),
+    OSError(errno, msg)) give it second."""
+    text = next((t for t in map(_text, call.args) if t is not None), None)
     if text is None:
         return None
     field = _kw(call, "field")
@@ -267,11 +265,11 @@ def collect() -> tuple[list[Entry], list[str]]:
                 exc = node.exc
                 call = exc if isinstance(exc, ast.Call) else None
                 name = _callee(call) if call else ast.unparse(exc)
-                text = _raise_text(call) if call else None
+                text = _raise_text(call) if call is not None and name not in factories else None
                 if text is not None:
                     add(scope or "(module)", name, text)
                 elif call is not None and name in factories:
-                    pass
+                    pass  # listed where the factory builds the error
                 elif (rel, name) not in PASS_THROUGH:
                     problems.append(f"{rel}:{node.lineno}: raise {ast.unparse(exc)[:80]} has no readable "
                                     f"message; give it one, or name it in PASS_THROUGH with the reason")
