@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from calibatt.calibration import CalibrationSettings, Calibrator  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
 from calibatt.kernels.dense import dense_attention  # noqa: E402
-from calibatt.kernels.stats import block_energy  # noqa: E402
+from calibatt.kernels.block_energy import block_energy  # noqa: E402
 from calibatt.masks import ModelSignature, TokenGrid  # noqa: E402
 
 WAN14B_720P_STEP_S = 24.39  # CFG batch 2, ComfyUI Wan classes, H100 (METHOD.md section 3)
@@ -166,8 +166,8 @@ def quality_case(grid_fhw, block, noise, beta, strides, prompts=4, held_out=(17,
     """Calibrate the planted-structure layers once per stride and score each against the full-row energy."""
     from calibatt.calibration.selection import kept_mass, mean_block_mass, select_blocks
     from calibatt.calibration.synthetic import global_columns, planted_layer
-    from calibatt.kernels.reference import sparse_attention_reference
-    from calibatt.kernels.stats_reference import block_energy_reference
+    from calibatt.kernels.attention.naive import sparse_attention_reference
+    from calibatt.kernels.block_energy.naive import block_energy_reference
     from calibatt.masks import BlockGeometry
 
     grid = TokenGrid(*grid_fhw)

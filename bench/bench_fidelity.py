@@ -35,7 +35,7 @@ import _pkg  # noqa: E402
 _pkg.load_package()
 from calibatt.calibration import CalibrationSettings, eps_spec  # noqa: E402
 from calibatt.calibration.calibrator import Calibrator  # noqa: E402
-from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, MaskBundle, SkipLists  # noqa: E402
 from calibatt.tinywan import data, evaluate, pipeline  # noqa: E402
 from calibatt.tinywan.model import load_tinywan  # noqa: E402

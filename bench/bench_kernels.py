@@ -36,10 +36,22 @@ from _pkg import load_package  # noqa: E402
 
 load_package()
 from calibatt.kernels.dense import dense_attention  # noqa: E402
-from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
-from calibatt.kernels.stats_reference import block_energy_reference  # noqa: E402
-from calibatt.kernels import triton_attention as TA  # noqa: E402
-from calibatt.kernels.triton_stats import block_energy_triton  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
+from calibatt.kernels.block_energy.naive import block_energy_reference  # noqa: E402
+from calibatt.kernels.attention import triton_fwd as TA  # noqa: E402
+from calibatt.kernels.block_energy import triton_fwd as TS  # noqa: E402
+from calibatt.kernels.block_energy.triton_fwd import block_energy_triton  # noqa: E402
+
+# The tile and the statistics group this run uses: the sweeps set them (None / the module default: the tables').
+CHOSEN = {"tiles": None, "group": TS.STATS_GROUP}
+
+
+def sparse(*args, **kw):
+    return TA.sparse_attention_triton(*args, tiles=CHOSEN["tiles"], **kw)
+
+
+def stats(*args, **kw):
+    return block_energy_triton(*args, tiles=CHOSEN["tiles"], group=CHOSEN["group"], **kw)
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
 
 OUT = os.environ.get("OUT")
@@ -162,7 +174,7 @@ def check_case(name, N_video, n_text, H, D, B, dtype, layout, density, kind, rep
     if layout == "bld":
         q, k, v = (t.transpose(1, 2).reshape(B, N, H * D) for t in (q, k, v))
     out = torch.full_like(q, float("nan"))
-    TA.sparse_attention_triton(q, k, v, layer, layout=layout, heads=H, out=out)
+    sparse(q, k, v, layer, layout=layout, heads=H, out=out)
     _sync()
     nan = bool(out.isnan().any())
     if full_ref:
@@ -195,7 +207,7 @@ def check_stats(N_video, n_text, H, B, dtype, seed=3):
     q, k = (torch.randn(B, H, N, 128, device=dev, generator=gen).to(dtype) for _ in range(2))
     init = torch.rand(H, g.nq, g.nk, device=dev, generator=gen)
     out = init.clone()
-    block_energy_triton(q, k, g, out=out)
+    stats(q, k, g, out=out)
     ref = block_energy_reference(q, k, g, out=init.clone())
     err = rel(out - init, ref - init)
     ok = err < 1e-2 and not bool(out.isnan().any())
@@ -284,7 +296,7 @@ def time_attention(N, H, D, B, densities, kinds, do_flex, dtype=torch.bfloat16):
             layer = layer_from_mask(m, g).to(dev)
             dens = computed_density(layer)
             _sync()
-            ms = bench_ms(lambda: TA.sparse_attention_triton(q, k, v, layer))
+            ms = bench_ms(lambda: sparse(q, k, v, layer))
             row = dict(N=N, B=B, H=H, D=D, impl="triton", kind=kind, density=dens, target=d, ms=ms,
                        tflops=tflops(B, H, N, D, dens, ms), vs_cudnn=cud["ms"] / ms,
                        eff_vs_cudnn=tflops(B, H, N, D, dens, ms) / cud["tflops"])
@@ -320,7 +332,7 @@ def time_stats(N, H, D, B, dense_ms, dtype=torch.bfloat16):
     gen = torch.Generator(device=dev).manual_seed(12)
     q, k = (torch.randn(B, H, N, D, device=dev, generator=gen).to(dtype) for _ in range(2))
     out = torch.zeros(H, g.nq, g.nk, device=dev)
-    ms = bench_ms(lambda: block_energy_triton(q, k, g, out=out))
+    ms = bench_ms(lambda: stats(q, k, g, out=out))
     row = dict(N=N, B=B, H=H, D=D, ms=ms, dense_ms=dense_ms, ratio=ms / dense_ms)
     RESULTS["stats"].append(row)
     log(f"stats N={N} {ms:8.2f} ms = {row['ratio']:.2f}x one cuDNN dense forward ({dense_ms:.2f} ms)")
@@ -348,17 +360,17 @@ def sweep(configs, N=32760, H=40, D=128):
     layers = {d: layer_from_mask(local_window_mask(H, g, d, GRIDS[N], 2, dev), g).to(dev) for d in SWEEP_DENSITIES}
     best = None
     for cfg in configs:
-        TA.set_tile_override(cfg)
+        CHOSEN["tiles"] = cfg
         try:
             res = {}
             for d, layer in layers.items():
                 out = torch.full_like(q, float("nan"))
-                TA.sparse_attention_triton(q, k, v, layer, out=out)
+                sparse(q, k, v, layer, out=out)
                 r = masked_rows_ref(q, k, v, layer.block_mask(), g, 1 / math.sqrt(D), [0, min(100, g.nq - 1), g.nq - 1])
                 err = max(rel(out[:, :, qb * 128:min(qb * 128 + 128, N)], r[qb]) for qb in r)
                 if bool(out.isnan().any()):
                     err = float("inf")
-                ms = bench_ms(lambda: TA.sparse_attention_triton(q, k, v, layer))
+                ms = bench_ms(lambda: sparse(q, k, v, layer))
                 dens = computed_density(layer)
                 res[d] = (ms, tflops(1, H, N, D, dens, ms), err)
             row = dict(cfg=cfg.as_dict(), cudnn_ms=cud, err=max(r[2] for r in res.values()),
@@ -373,7 +385,7 @@ def sweep(configs, N=32760, H=40, D=128):
             log(f"sweep {cfg.as_dict()} failed: {repr(e)[:300]}")
             RESULTS["sweep"].append(dict(cfg=cfg.as_dict(), error=repr(e)[:500]))
         flush()
-    TA.set_tile_override(None)
+    CHOSEN["tiles"] = None
     del q, k, v
     _empty()
     return best
@@ -381,7 +393,6 @@ def sweep(configs, N=32760, H=40, D=128):
 
 def sweep_stats(N=32760, H=40, D=128, groups=(1, 8, 16)):
     """Block-sum reduction group sizes, and the log-sum-exp pass alone (the block-sum launch stubbed out)."""
-    import calibatt.kernels.triton_stats as TS
     dev = DEV
     g = BlockGeometry(N, 128, 128)
     gen = torch.Generator(device=dev).manual_seed(14)
@@ -390,12 +401,12 @@ def sweep_stats(N=32760, H=40, D=128, groups=(1, 8, 16)):
     out = torch.zeros(H, g.nq, g.nk, device=dev)
     best = None
     for G in groups:
-        TS.STATS_GROUP["group"] = G
+        CHOSEN["group"] = G
         try:
             ref = block_energy_reference(q[:, :2], k[:, :2], g)
-            e = block_energy_triton(q[:, :2].contiguous(), k[:, :2].contiguous(), g)
+            e = stats(q[:, :2].contiguous(), k[:, :2].contiguous(), g)
             err = rel(e, ref)
-            ms = bench_ms(lambda: block_energy_triton(q, k, g, out=out))
+            ms = bench_ms(lambda: stats(q, k, g, out=out))
             RESULTS["stats"].append(dict(N=N, group=G, ms=ms, dense_ms=dense_ms, ratio=ms / dense_ms, err=err,
                                          sweep=True))
             log(f"stats sweep N={N} group={G}: {ms:.2f} ms = {ms / dense_ms:.2f}x dense, err {err:.1e}")
@@ -411,13 +422,13 @@ def sweep_stats(N=32760, H=40, D=128, groups=(1, 8, 16)):
             return lambda *a, **kw: None
     TS._block_mass = _Skip()
     try:
-        ms = bench_ms(lambda: block_energy_triton(q, k, g, out=out))
+        ms = bench_ms(lambda: stats(q, k, g, out=out))
     finally:
         TS._block_mass = real
     RESULTS["stats"].append(dict(N=N, pass1_only_ms=ms, dense_ms=dense_ms))
     log(f"stats pass 1 (log-sum-exp) alone: {ms:.2f} ms = {ms / dense_ms:.2f}x dense")
-    TS.STATS_GROUP["group"] = best[0] if best else 4
-    RESULTS["meta"]["stats_group"] = TS.STATS_GROUP["group"]
+    CHOSEN["group"] = best[0] if best else 4
+    RESULTS["meta"]["stats_group"] = CHOSEN["group"]
     flush()
     del q, k, v
     _empty()
@@ -488,13 +499,13 @@ def main():
         if best is not None:
             log("best tile:", best[0].as_dict())
             RESULTS["meta"]["best_tile"] = best[0].as_dict()
-            TA.set_tile_override(best[0])
+            CHOSEN["tiles"] = best[0]
         flush()
     if args.no_sweep and args.stats_sweep:
         sweep_stats(N=Ns[0], H=H, D=128, groups=(1, 4)) if SMOKE else sweep_stats()
     if args.tile:
         bm, bn, w, st, tma, ws = (int(x) for x in args.tile.split(","))  # tma: 0 / 1 / 2 (see SWEEP)
-        TA.set_tile_override(TA.TileConfig(bm, bn, w, st, tma, bool(ws)))
+        CHOSEN["tiles"] = TA.TileConfig(bm, bn, w, st, tma, bool(ws))
         RESULTS["meta"]["forced_tile"] = args.tile
     if args.sweep_only:
         return

@@ -21,13 +21,13 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, SkipLists  # noqa: E402
 
 
 def attempt(cc, head_dim, dtype):
-    import calibatt.kernels.triton_attention as ta
-    import calibatt.kernels.triton_stats as ts
+    import calibatt.kernels.attention.triton_fwd as ta
+    import calibatt.kernels.block_energy.triton_fwd as ts
 
     real_cap = torch.cuda.get_device_capability
     driver = triton.runtime.driver.active

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 from calibatt.kernels.dense import dense_attention  # noqa: E402
-from calibatt.kernels import triton_attention as TA  # noqa: E402
+from calibatt.kernels.attention import triton_fwd as TA  # noqa: E402
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid  # noqa: E402
 
 
@@ -38,6 +38,7 @@ def main(argv=None):
                          "(default: the tile table's choice)")
     a = ap.parse_args(argv)
     torch.manual_seed(0)
+    base = None
     if a.tma is not None or a.tiles is not None:
         base = TA.pick_tiles(a.head_dim, a.block, a.block, torch.device("cuda"))
         if a.tma is not None:
@@ -45,7 +46,6 @@ def main(argv=None):
         if a.tiles is not None:
             base = dataclasses.replace(base, block_m=a.tiles[0], block_n=a.tiles[1], num_warps=a.tiles[2],
                                        stages=a.tiles[3])
-        TA.set_tile_override(base)
     grid = TokenGrid(*a.grid)
     g = BlockGeometry(grid.video_tokens, a.block, a.block)
     L, H, D = 6, a.heads, a.head_dim
@@ -57,9 +57,9 @@ def main(argv=None):
         b = MaskBundle.from_skip_lists(ModelSignature("tinywan", L, H, D, H * D), grid, buckets,
                                        torch.linspace(1, 0.1, 10).tolist(), list(range(10)))
         layer = b.skip_lists(0, "cuda").layer(0)
-        TA.sparse_attention_triton(q, k, v, layer)
+        TA.sparse_attention_triton(q, k, v, layer, tiles=base)
         torch.cuda.synchronize()
-        t_sparse = do_bench(lambda: TA.sparse_attention_triton(q, k, v, layer), warmup=25, rep=200,
+        t_sparse = do_bench(lambda: TA.sparse_attention_triton(q, k, v, layer, tiles=base), warmup=25, rep=200,
                             return_mode="median")
         t0 = time.perf_counter()
         for i in range(1, 10):

@@ -36,7 +36,7 @@ import torch
 from ..kernels.call import AttentionCall
 from ..kernels.dense import dense_attention
 from ..kernels.layouts import to_bhld
-from ..kernels.stats import block_energy, block_row_counts
+from ..kernels.block_energy import block_energy, block_row_counts
 from ..masks.bundle import MaskBundle
 from ..masks.geometry import ModelSignature, TokenGrid
 from ..masks.packing import pack_bits, row_counts, unpack_bits

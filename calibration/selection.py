@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.stats_reference import block_row_counts
+from ..kernels.block_energy.naive import block_row_counts
 from ..masks.packing import row_counts
 from ..masks.skiplists import BlockGeometry
 

@@ -91,7 +91,7 @@ def planted_layer(grid: TokenGrid, kinds, head_dim: int, *, prompt: int, layer: 
 def sparse_error(bundle, qkv, prompt: int, sigmas, layers: int) -> float:
     """Mean relative error of the bundle's sparse attention (the reference) against dense attention, over the
     given steps and layers of one synthetic prompt; qkv(prompt, layer, sigma) -> (q, k, v) with scale 1."""
-    from ..kernels.reference import sparse_attention_reference
+    from ..kernels.attention.naive import sparse_attention_reference
 
     errs = []
     for s in sigmas:

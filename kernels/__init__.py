@@ -5,6 +5,6 @@ The Triton modules (triton_attention, triton_stats, triton_tables) are imported 
 """
 
 from .layouts import LAYOUTS, from_bhld, to_bhld
-from .reference import sparse_attention_reference
+from .attention.naive import sparse_attention_reference
 
 __all__ = ["LAYOUTS", "from_bhld", "to_bhld", "sparse_attention_reference"]

@@ -11,7 +11,7 @@ dense) must therefore not be read while tracing. So a traced call hands this op 
 The op is opaque to the compiler (a fake implementation gives the output's shape and memory order). When it runs,
 it looks the runner up and calls it like an eager call, which reads the state of the current step that the
 APPLY_MODEL wrapper set outside the compiled model (SparseRunner.begin_step): the bucket's tables, built per call from
-its packed masks (kernels/bucket_tables.py), the routes, the dense window. Compiled and eager calls therefore run
+its packed masks (kernels/tables/__init__.py), the routes, the dense window. Compiled and eager calls therefore run
 the same code and agree within rounding. Reading the handle is a host read of CPU memory, no device sync.
 
 Why not the masks themselves as inputs: the runner builds each layer's table right before its call into one reused

@@ -1,7 +1,7 @@
 """SparseRunner: given a bundle and an AttentionCall, run the right attention.
 
 Per step (not per call) it picks the sigma bucket, puts that bucket's packed masks on the call's device
-(kernels/bucket_tables.py: each layer's skip-list table is built right before its call, into one reused buffer) and
+(kernels/tables/__init__.py: each layer's skip-list table is built right before its call, into one reused buffer) and
 decides, per layer, which heads run block-sparse and which run dense; per call it dispatches:
   - dense (kernels/dense.py, cuDNN first) where the step is in a dense window, or for a layer whose heads are all
     denser than the cutoff;
@@ -26,19 +26,18 @@ import torch
 from ..masks.bundle import MaskBundle
 from ..masks.errors import BundleError
 from ..masks.transfer import canonical_device, to_device_async
-from .bucket_tables import BucketTables
+from .tables import BucketTables
 from .call import AttentionCall
 from .dense import dense_attention
+from .support import KernelHealth, KernelUnsupported, triton_unsupported
 from .ops import is_compiling, runner_handle, sparse_attention_op, traced_sparse_attention
-from .reference import sparse_attention_reference
+from .attention.naive import sparse_attention_reference
 
 # Key-block density above which the dense path (cuDNN) is at least as fast as our Triton kernel for that head.
 # Measured on the lent H100 by bench/bench_kernels.py (docs/BENCHMARKS.md, "## Kernels", 2026-11-22): our time
 # crosses cuDNN's dense time at density 0.93-0.94 (three runs; 480p 32,760 and 720p 75,600 tokens, 3-D local-window
 # masks, bf16, H=40, D=128); the lower end is kept, since dense is also the more exact path.
 DENSE_CUTOFF = 0.93
-
-_TRITON_BROKEN: dict = {}
 
 
 def quality_cutoff(quality: float) -> float:
@@ -70,6 +69,7 @@ class SparseRunner:
         self._densities = bundle.entry_densities()  # [buckets, L, H] host-side, computed once
         self._handle = runner_handle(self)  # what a compiled model's op finds this runner by (kernels/ops.py)
         self._checked = None  # the call shape last found to fit the bundle
+        self._health = KernelHealth()  # Triton paths that failed on this run's GPU
 
     def begin_step(self, sigma: float, device, step_fraction: Optional[float] = None):
         """Call once per denoising step with the host-side sigma and, when known, the position in the schedule
@@ -91,7 +91,7 @@ class SparseRunner:
         self._routes = self._layer_routes(bucket, device)
         above = self._densities[bucket] > self.dense_cutoff
         mixed = above.any(-1) & ~above.all(-1)
-        self._tables = BucketTables(self.bundle, bucket, device, full_heads=above & mixed[:, None],
+        self._tables = BucketTables(self.bundle, bucket, device, full_heads=above & mixed[:, None], health=self._health,
                                     layers=[l for l, r in enumerate(self._routes) if r[0] != "dense"])
         self._step_key = key
 
@@ -196,14 +196,14 @@ class SparseRunner:
             layer = self._tables.layer(call.layer, full=dense_heads is not None)
             dense_heads = None
             try:
-                from .triton_attention import sparse_attention_triton
+                from .attention.triton_fwd import sparse_attention_triton
                 out = sparse_attention_triton(q, k, v, layer, scale=call.scale, text_bias=bias, video_start=vs)
             except Exception as e:  # noqa: BLE001 - see below
-                if isinstance(e, ValueError) and not type(e).__name__ == "TritonUnsupported":
+                if isinstance(e, ValueError) and not isinstance(e, KernelUnsupported):
                     raise  # bad input: the caller must see it
                 # A compile or launch failure on an untested GPU, or a shape the kernel does not take, must not
                 # stop the sampler: dense attention is the exact fallback.
-                _TRITON_BROKEN[(str(q.device), q.dtype, q.shape[-1])] = True
+                self._health.mark_failed(self._triton_key(q))
                 warnings.warn(f"calibatt: Triton sparse attention failed on {q.device} ({e}); using dense attention "
                               "for this shape from now on", RuntimeWarning)
                 return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias,
@@ -217,10 +217,17 @@ class SparseRunner:
                                           text_bias=bias, video_start=vs).to(out.dtype)
         return call.to_host_layout(out)
 
+    @property
+    def triton_failures(self) -> list:
+        """Triton paths (attention, table builder) that failed on this runner's GPU and now run their fallback."""
+        return self._health.failures
+
     @staticmethod
-    def _triton_ok(q: torch.Tensor) -> bool:
-        return (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (16, 32, 64, 128)
-                and not _TRITON_BROKEN.get((str(q.device), q.dtype, q.shape[-1]), False))
+    def _triton_key(q: torch.Tensor):
+        return ("attention", str(q.device), q.dtype, q.shape[-1])
+
+    def _triton_ok(self, q: torch.Tensor) -> bool:
+        return triton_unsupported(q) is None and self._health.ok(self._triton_key(q))
 
     @staticmethod
     def _dense(call: AttentionCall) -> torch.Tensor:

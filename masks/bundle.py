@@ -192,7 +192,7 @@ class MaskBundle:
 
     def bucket_masks(self, bucket: int, layers=None) -> torch.Tensor:
         """[len(layers), H, nq, ceil(nk/8)] uint8 on the CPU: the packed masks of one bucket (every layer by default),
-        what the runner keeps on the device to build each layer's table when it runs (kernels/bucket_tables.py)."""
+        what the runner keeps on the device to build each layer's table when it runs (kernels/tables/__init__.py)."""
         self._check_bucket(bucket)
         ids = self.entry_mask[bucket].long()
         if layers is not None:
@@ -212,7 +212,7 @@ class MaskBundle:
     def skip_lists(self, bucket: int, device=None) -> SkipLists:
         """SkipLists of one bucket on `device`: every layer's padded table, built there from the packed masks. The
         last one is cached. For inspection, tests and tools; the sparse runner keeps a bucket packed and builds one
-        layer's table per call instead (kernels/bucket_tables.py), which holds a small fraction of the memory."""
+        layer's table per call instead (kernels/tables/__init__.py), which holds a small fraction of the memory."""
         device = torch.device(device) if device is not None else torch.device("cpu")
         key = (bucket, str(device))
         hit = self._cache.get(key)

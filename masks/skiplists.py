@@ -131,14 +131,63 @@ class RepetitionPlan:
         return LayerRepetition(self.frame_tokens, local, self.anchors[rows], self.row_anchor[rows])
 
 
+@dataclass(frozen=True)
+class RowTables:
+    """Which video rows each launch of the Triton kernel writes, on one device: derived from the layer's repetition
+    plan once (when the skip list is put on the device), never per call.
+
+    skip_rows[h]: the first skip_rows[h] video rows of head h are left to the anchor broadcast by the sparse launch
+    (0 for ordinary heads, frames * T for a repetitive head). The anchor fields are None without repetitive heads:
+    anchor_heads [R] int32, anchor_rows [R, F*K] int32 (the rows the anchors sit at, video-relative),
+    row_anchor [R, 1, T, 1] int64 (the anchor slot of every in-frame position, the broadcast's gather index),
+    frames F and covered = F*T (the rows the broadcast writes)."""
+
+    device: str
+    skip_rows: torch.Tensor
+    anchor_heads: Optional[torch.Tensor] = None
+    anchor_rows: Optional[torch.Tensor] = None
+    row_anchor: Optional[torch.Tensor] = None
+    frames: int = 0
+    covered: int = 0
+
+    def tensors(self) -> list:
+        return [t for t in (self.skip_rows, self.anchor_heads, self.anchor_rows, self.row_anchor) if t is not None]
+
+
+def row_tables(geometry: BlockGeometry, num_heads: int, rep: Optional[LayerRepetition], device) -> RowTables:
+    """RowTables of a layer on `device`. Which heads repeat is read from the plan's host copy (LayerRepetition.host)
+    when it has one, so no host sync; a plan that only lives on a GPU is read back once. The tables are made on the
+    host and go up through pinned memory: an index_put of a Python scalar on the device would copy that scalar from
+    pageable memory, which makes the host wait for the GPU queue."""
+    device = torch.device(device)
+    plan = rep.on_host() if rep is not None else None
+    heads = [] if plan is None else [h for h in range(plan.head_slot.numel()) if int(plan.head_slot[h]) >= 0]
+    if not heads:
+        return RowTables(str(device), torch.zeros(num_heads, dtype=torch.int32, device=device))
+    T = plan.frame_tokens
+    frames = geometry.num_tokens // T
+    sl = torch.tensor([int(plan.head_slot[h]) for h in heads], dtype=torch.long)
+    anchors = plan.anchors[sl]  # [R, K]
+    rows = (torch.arange(frames)[None, :, None] * T + anchors[:, None, :]).reshape(len(heads), -1)
+    skip = torch.zeros(num_heads, dtype=torch.int32)
+    skip[heads] = frames * T
+    return RowTables(str(device), to_device_async(skip, device),
+                     to_device_async(torch.tensor(heads, dtype=torch.int32), device),
+                     to_device_async(rows.to(torch.int32), device),
+                     to_device_async(plan.row_anchor[sl].long()[:, None, :, None].contiguous(), device),
+                     frames, frames * T)
+
+
 @dataclass
 class LayerSkipList:
-    """Skip list of one layer (all heads): what one attention call reads."""
+    """Skip list of one layer (all heads): what one attention call reads. `rows` (RowTables) is what the kernel
+    derives from the repetition plan; to(device) builds it, and the kernel builds it for a list made without it."""
 
     geometry: BlockGeometry
     kv_indices: torch.Tensor  # [H, nq, W] int16/int32, padded by repeating the last valid index
     kv_counts: torch.Tensor  # [H, nq] int32, >= 1
     repetition: Optional[LayerRepetition] = None
+    rows: Optional[RowTables] = field(default=None, repr=False, compare=False)
 
     @property
     def num_heads(self) -> int:
@@ -147,7 +196,14 @@ class LayerSkipList:
     def to(self, device, non_blocking: bool = False) -> "LayerSkipList":
         rep = self.repetition.to(device) if self.repetition is not None else None
         return LayerSkipList(self.geometry, self.kv_indices.to(device, non_blocking=non_blocking),
-                             self.kv_counts.to(device, non_blocking=non_blocking), rep)
+                             self.kv_counts.to(device, non_blocking=non_blocking), rep,
+                             row_tables(self.geometry, self.num_heads, rep, device))
+
+    def row_tables(self, device) -> RowTables:
+        """This list's RowTables on `device`: the ones built with it, else made now (a list built by hand)."""
+        if self.rows is not None and self.rows.device == str(torch.device(device)):
+            return self.rows
+        return row_tables(self.geometry, self.num_heads, self.repetition, device)
 
     def block_mask(self) -> torch.Tensor:
         """[H, nq, nk] bool."""

@@ -31,6 +31,8 @@ RAISING_HELPERS = ("_fail", "fail", "_warn_once")
 PASS_THROUGH = {
     ("calibration/calibrator.py", "IndexError"): "sequence protocol of a lazy list (ends iteration); never shown",
     ("hub/fetch.py", "err"): "the HubError that classify() built from the client's exception; listed there",
+    ("kernels/support.py", "KernelUnsupported"): "the reason triton_unsupported() returned; its messages are "
+                                                 "the f-strings there",
 }
 
 # What each module's messages are about and what a user does about them, in the order the file lists modules.
@@ -72,9 +74,9 @@ MODULE_NOTES = {
     "kernels/ops.py": "The compiled-model path (TorchCompileModel): the message names what the op was handed.",
     "masks/signatures.py": "A model whose shape facts do not make a signature (a bug in a host adapter, or a model "
                            "the package does not know): the message names the value.",
-    "kernels/bucket_tables.py": "Skip-list tables of one sigma bucket on the device: a caller's bug or a damaged "
+    "kernels/tables/__init__.py": "Skip-list tables of one sigma bucket on the device: a caller's bug or a damaged "
                                 "bundle; the message names the layer or value.",
-    "kernels/triton_tables.py": "The Triton table builder was handed tensors it does not take (a caller's bug); "
+    "kernels/tables/triton_build.py": "The Triton table builder was handed tensors it does not take (a caller's bug); "
                                 "the runner falls back to the PyTorch builder when it cannot compile.",
     "masks/skiplists.py": "Skip lists that do not fit their grid (a damaged bundle or a caller's bug).",
     "masks/sigmas.py": "The bundle's sigma schedule is damaged: recalibrate.",
@@ -87,14 +89,18 @@ MODULE_NOTES = {
     "calibration/synthetic.py": "Synthetic test attention: parameters out of range (tests and benchmarks only).",
     "kernels/layouts.py": "Attention tensors in a layout the engine does not know, or of mismatched shapes (host "
                           "adapter bug or an unsupported model).",
-    "kernels/reference.py": "The reference attention got tensors that do not fit the skip lists.",
-    "kernels/stats.py": "Block-energy statistics got tensors that do not fit.",
-    "kernels/stats_reference.py": "Block-energy statistics got tensors that do not fit.",
-    "kernels/triton_attention.py": "The Triton kernel: `TritonUnsupported` (a head size, dtype or block size it does "
-                                   "not take) makes the runner fall back to dense attention with a warning; a "
-                                   "`ValueError` means the call itself is malformed (host adapter bug).",
-    "kernels/triton_stats.py": "The Triton statistics kernel: on `TritonUnsupported` the plain-PyTorch statistics "
-                               "run instead; a `ValueError` means the call itself is malformed.",
+    "kernels/attention/naive.py": "The reference attention got tensors that do not fit the skip lists.",
+    "kernels/block_energy/__init__.py": "Block-energy statistics got tensors that do not fit.",
+    "kernels/block_energy/naive.py": "Block-energy statistics got tensors that do not fit.",
+    "kernels/support.py": "A call the Triton kernels do not take (`KernelUnsupported`: device, dtype, head size): "
+                          "the runner and the statistics run the plain-PyTorch or dense path instead, with a "
+                          "warning where a compile or launch failed.",
+    "kernels/triton_common.py": "`KernelUnsupported`: mask blocks the Triton tiles cannot divide; the runner falls "
+                                "back as above.",
+    "kernels/attention/triton_fwd.py": "The Triton attention kernel: a `ValueError` means the call itself is "
+                                       "malformed (host adapter bug).",
+    "kernels/block_energy/triton_fwd.py": "The Triton statistics kernel: a `ValueError` means the call itself is "
+                                          "malformed.",
     "kernels/text_bias.py": "A text padding mask of a shape the engine does not take.",
     "kernels/runner.py": "The sparse runner: a failing Triton launch falls back to dense attention with this "
                          "warning; the other messages name a bundle / call mismatch.",

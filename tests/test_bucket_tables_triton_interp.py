@@ -1,4 +1,4 @@
-"""The Triton skip-table builder (kernels/triton_tables.py) and the runner's Triton path over per-call tables, run on
+"""The Triton skip-table builder (kernels/tables/triton_build.py) and the runner's Triton path over per-call tables, run on
 the CPU by Triton's interpreter: the builder writes the previous scheme's tables, and the runner's output (sparse
 layers, a mixed layer's dense heads in the same launch, a repetitive head) matches the reference and float64 dense
 attention across bucket changes. float16 only (the interpreter's bf16 dot is wrong, see
@@ -20,12 +20,13 @@ from triton_interp import interpreted_kernels  # noqa: E402
 
 TA, TS = interpreted_kernels()
 
-import calibatt.kernels.triton_tables as TT  # noqa: E402
-from calibatt.kernels import bucket_tables as BT  # noqa: E402
-from calibatt.kernels.bucket_tables import BucketTables  # noqa: E402
+import calibatt.kernels.tables.triton_build as TT  # noqa: E402
+from calibatt.kernels import tables as BT  # noqa: E402
+from calibatt.kernels.tables import BucketTables  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
-from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
 from calibatt.kernels.runner import DENSE_CUTOFF, SparseRunner  # noqa: E402
+from calibatt.kernels.support import KernelHealth  # noqa: E402
 from calibatt.masks.packing import pack_bits  # noqa: E402
 from helpers_core import rel  # noqa: E402
 from helpers_tables import assert_same_layer, old_bucket_layers, old_mask_to_table, random_bundle  # noqa: E402
@@ -79,15 +80,15 @@ def test_triton_builder_int32_indices_past_32767_key_blocks():
 @pytest.mark.parametrize("mode", ["streamed", "resident"])
 def test_bucket_tables_with_the_triton_builder_equal_the_previous_scheme(mode):
     bundle, grid, lists = random_bundle(11, L=4, H=3, frames=3, height=5, width=7, block_q=16, block_k=32)
-    BT._TRITON_BUILDER_BROKEN.clear()
+    health = KernelHealth()
     for b in range(bundle.num_buckets):
         full = _full_heads(bundle, b)
         old = old_bucket_layers(bundle, b, full)
-        t = BucketTables(bundle, b, "cpu", full_heads=full, builder="triton", mode=mode)
+        t = BucketTables(bundle, b, "cpu", full_heads=full, builder="triton", mode=mode, health=health)
         for l, f in [(3, False), (1, True), (1, False), (2, False), (0, True), (3, False), (1, True)]:
             plain, widened = old[l]
             assert_same_layer(t.layer(l, full=f), widened if f and widened is not None else plain)
-    assert not BT._TRITON_BUILDER_BROKEN  # no silent fallback to the torch builder
+    assert health.ok(("table builder", "cpu"))  # no silent fallback to the torch builder
 
 
 def test_runner_triton_path_over_per_call_tables(monkeypatch):
@@ -98,7 +99,6 @@ def test_runner_triton_path_over_per_call_tables(monkeypatch):
     monkeypatch.setattr(BT, "RESIDENT_BYTES", 0)  # streamed: every call rebuilds the one buffer
     monkeypatch.setattr(BucketTables, "default_builder", "triton")
     monkeypatch.setattr(SparseRunner, "_triton_ok", staticmethod(lambda q: q.dtype == torch.float16))
-    BT._TRITON_BUILDER_BROKEN.clear()
     n_text = 5
     bundle, grid, lists = random_bundle(21, L=4, H=3, frames=3, height=4, width=10, block_q=16, block_k=16,
                                         n_text=n_text)
@@ -127,5 +127,5 @@ def test_runner_triton_path_over_per_call_tables(monkeypatch):
     assert {"mixed", "sparse"} <= seen and widened >= 1
     above = dens[0] > cutoff
     assert lists[0].layer(1).repetition is not None and not bool(above[1, 2])  # a repetitive head below the cutoff
-    assert not BT._TRITON_BUILDER_BROKEN
+    assert runner._health.ok(("table builder", "cpu"))  # no silent fallback to the torch builder
     runner.end()

@@ -12,9 +12,9 @@ from calibatt.calibration import CalibrationSettings, CalibrationStats, Calibrat
 from calibatt.calibration.selection import kept_mass, mean_block_mass, select_blocks
 from calibatt.calibration.synthetic import global_columns, planted_layer, sparse_error
 from calibatt.kernels.call import AttentionCall
-from calibatt.kernels.reference import sparse_attention_reference
+from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner
-from calibatt.kernels.stats import block_energy
+from calibatt.kernels.block_energy import block_energy
 from calibatt.masks import BlockGeometry, ModelSignature, TokenGrid, load_bundle, save_bundle
 from calibatt.masks.packing import unpack_bits
 

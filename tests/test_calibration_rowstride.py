@@ -19,8 +19,8 @@ from calibatt.calibration.selection import kept_mass, mean_block_mass, select_bl
 from calibatt.calibration.settings import STATS_ROW_STRIDE_DEFAULT  # noqa: E402
 from calibatt.calibration.synthetic import global_columns, planted_layer, sparse_error  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
-from calibatt.kernels.stats import block_energy  # noqa: E402
-from calibatt.kernels.stats_reference import block_energy_reference, sampled_rows  # noqa: E402
+from calibatt.kernels.block_energy import block_energy  # noqa: E402
+from calibatt.kernels.block_energy.naive import block_energy_reference, sampled_rows  # noqa: E402
 from calibatt.masks import BlockGeometry, ModelSignature, TokenGrid  # noqa: E402
 from calibatt.masks.packing import unpack_bits  # noqa: E402
 from helpers_core import rel  # noqa: E402
@@ -244,15 +244,9 @@ def test_triton_strided_matches_reference(n, n_text, bq, bk, stride, offset, til
         q, k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))  # (B, L, H, D) storage, as Wan's
     g = BlockGeometry(n, bq, bk)
     init = torch.rand(H, g.nq, g.nk, generator=torch.Generator().manual_seed(1))  # accumulated into
-    if tile is not None:
-        TA.set_tile_override(TA.TileConfig(tile[0], tile[1], 4, 2, tile[2]))
-    old_group = TS.STATS_GROUP["group"]
-    TS.STATS_GROUP["group"] = group
-    try:
-        out = TS.block_energy_triton(q, k, g, out=init.clone(), row_stride=stride, row_offset=offset)
-    finally:
-        TA.set_tile_override(None)
-        TS.STATS_GROUP["group"] = old_group
+    tiles = None if tile is None else TA.TileConfig(tile[0], tile[1], 4, 2, tile[2])
+    out = TS.block_energy_triton(q, k, g, out=init.clone(), row_stride=stride, row_offset=offset, tiles=tiles,
+                                 group=group)
     ref = block_energy_reference(q.float(), k.float(), g, out=init.clone(), row_stride=stride, row_offset=offset)
     assert rel(out - init, ref - init) < 1e-4
     full = block_energy_reference(q.float(), k.float(), g)

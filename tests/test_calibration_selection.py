@@ -8,7 +8,7 @@ import torch
 from calibatt.calibration.repetition import anchor_plan
 from calibatt.calibration.selection import kept_mass, mean_block_mass, packed_iou, select_blocks, share_steps, vote
 from calibatt.calibration.settings import EPS_PRESETS, CalibrationSettings
-from calibatt.kernels.stats import block_energy
+from calibatt.kernels.block_energy import block_energy
 from calibatt.masks import BlockGeometry, TokenGrid
 from calibatt.masks.packing import _pack_bits_torch, pack_bits
 

@@ -11,9 +11,9 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton kernels run there)")]
 
-from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
-from calibatt.kernels.stats import block_energy  # noqa: E402
-from calibatt.kernels.stats_reference import block_energy_reference  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
+from calibatt.kernels.block_energy import block_energy  # noqa: E402
+from calibatt.kernels.block_energy.naive import block_energy_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
 
 
@@ -48,7 +48,7 @@ def make_case(*, B, H, D, frames, T, n_text, block, density, rep_head, layout, d
     (torch.bfloat16, "bld", 0.2, 118, 2, True),  # trailing text + repetitive heads
 ])
 def test_real_shape_matches_reference(dtype, layout, density, n_text, B, rep):
-    from calibatt.kernels.triton_attention import sparse_attention_triton, to_bhld
+    from calibatt.kernels.attention.triton_fwd import sparse_attention_triton, to_bhld
     H, D = 8, 128
     # 21 frames of 1,560 tokens = 32,760: the last 128-block is partial
     layer, q, k, v = make_case(B=B, H=H, D=D, frames=21, T=1560, n_text=n_text, block=128, density=density,
@@ -68,7 +68,7 @@ def test_small_call_matches_reference(layout, n_text, rep):
     """A call below _TMA_MIN_PAIRS (the tiny model's shape: 8,192 tokens, 4 heads x 64, blocks of 64) takes the
     in-kernel descriptor path on Hopper and pointer loads elsewhere: every launch (video rows, text rows, anchor
     rows) against the reference."""
-    from calibatt.kernels import triton_attention as TA
+    from calibatt.kernels.attention import triton_fwd as TA
     B, H, n = 2, 4, 8 * 1024
     assert B * H * n * (n + n_text) < TA._TMA_MIN_PAIRS
     layer, q, k, v = make_case(B=B, H=H, D=64, frames=8, T=1024, n_text=n_text, block=64, density=0.4,
@@ -107,7 +107,7 @@ def _padded_bias(rows, T, padded, gen):
     (torch.float16, "bhld", False, False),
 ])
 def test_real_shape_text_bias_matches_reference(dtype, layout, shared, rep):
-    from calibatt.kernels.triton_attention import sparse_attention_triton
+    from calibatt.kernels.attention.triton_fwd import sparse_attention_triton
     H, n_text, B, n = 8, 256, 2, 21 * 1560
     gen = torch.Generator().manual_seed(7 + rep)  # the bias's draws
     layer, q, k, v = make_case(B=B, H=H, D=128, frames=21, T=1560, n_text=n_text, block=128, density=0.25,
@@ -120,7 +120,7 @@ def test_real_shape_text_bias_matches_reference(dtype, layout, shared, rep):
     tol = 1e-2 if dtype == torch.bfloat16 else 3e-3
     assert rel(out, ref) < tol
     # the text rows (dense over every key) carry the bias too
-    from calibatt.kernels.triton_attention import to_bhld
+    from calibatt.kernels.attention.triton_fwd import to_bhld
     assert rel(to_bhld(out, layout, H)[:, :, n:], to_bhld(ref, layout, H)[:, :, n:]) < tol
     no_bias = sparse_attention_reference(q, k, v, layer, layout=layout, heads=H)
     assert rel(no_bias, ref) > 3 * tol  # the bias matters at this size
@@ -183,7 +183,7 @@ def test_runner_text_bias_routes_on_gpu(cutoff, route):
 def test_real_shape_text_first_equals_text_last(layout, n_text, shared, rep):
     """Text-first calls through the Triton kernel (host TMA descriptors on Hopper) equal the same tokens arranged
     text-last, rows moved back, and the reference with the text first."""
-    from calibatt.kernels.triton_attention import sparse_attention_triton, to_bhld
+    from calibatt.kernels.attention.triton_fwd import sparse_attention_triton, to_bhld
     from helpers_core import text_to_back, text_to_front
     H, B, n = 8, 2, 21 * 1560
     sd = 2 if layout == "bhld" else 1
@@ -205,7 +205,7 @@ def test_real_shape_text_first_equals_text_last(layout, n_text, shared, rep):
 def test_small_call_text_first_matches_reference():
     """Below _TMA_MIN_PAIRS: in-kernel descriptors on Hopper (pointer loads elsewhere), with the video rows
     starting at row 7 and a repetitive head."""
-    from calibatt.kernels import triton_attention as TA
+    from calibatt.kernels.attention import triton_fwd as TA
     from helpers_core import text_to_front
     B, H, n, n_text = 2, 4, 8 * 1024, 7
     layer, q, k, v = make_case(B=B, H=H, D=64, frames=8, T=1024, n_text=n_text, block=64, density=0.4,

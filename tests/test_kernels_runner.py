@@ -8,7 +8,7 @@ import torch
 
 from calibatt.kernels.call import AttentionCall
 from calibatt.kernels.dense import dense_attention
-from calibatt.kernels.reference import sparse_attention_reference
+from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.kernels.runner import DENSE_CUTOFF, SparseRunner
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid
 

@@ -21,9 +21,10 @@ from triton_interp import interpreted_kernels  # noqa: E402
 
 TA, TS = interpreted_kernels()
 
-from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
-from calibatt.kernels.stats import block_energy  # noqa: E402
-from calibatt.kernels.stats_reference import block_energy_reference  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
+from calibatt.kernels.support import KernelUnsupported  # noqa: E402
+from calibatt.kernels.block_energy import block_energy  # noqa: E402
+from calibatt.kernels.block_energy.naive import block_energy_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
 from helpers_core import rel, token_mask  # noqa: E402
 
@@ -35,9 +36,9 @@ def make_inputs(B, H, N, D, layout, gen, dtype=torch.float16):
     return q, k, v
 
 
-def run_poisoned(q, k, v, layer, layout, H):
+def run_poisoned(q, k, v, layer, layout, H, tiles=None):
     out = torch.full_like(q, float("nan"))
-    res = TA.sparse_attention_triton(q, k, v, layer, layout=layout, heads=H, out=out)
+    res = TA.sparse_attention_triton(q, k, v, layer, layout=layout, heads=H, out=out, tiles=tiles)
     assert res.data_ptr() == out.data_ptr()
     assert not torch.isnan(res).any(), "some output element was never written"
     return res
@@ -166,16 +167,16 @@ def test_unsupported_inputs_raise_clear_errors():
     g = BlockGeometry(32, 16, 16)
     layer = SkipLists.from_block_mask(torch.ones(1, 1, 2, 2, dtype=torch.bool), g).layer(0)
     q = torch.randn(1, 1, 32, 24).half()
-    with pytest.raises(TA.TritonUnsupported, match="head_dim 24"):
+    with pytest.raises(KernelUnsupported, match="head_dim 24"):
         TA.sparse_attention_triton(q, q, q, layer)
     q = torch.randn(1, 1, 32, 16)
-    with pytest.raises(TA.TritonUnsupported, match="float16 or bfloat16"):
+    with pytest.raises(KernelUnsupported, match="float16 or bfloat16"):
         TA.sparse_attention_triton(q, q, q, layer)
     q = torch.randn(1, 1, 20, 16).half()
     with pytest.raises(ValueError, match="does not cover"):
         TA.sparse_attention_triton(q, q, q, layer)
     odd = SkipLists.from_block_mask(torch.ones(1, 1, 4, 4, dtype=torch.bool), BlockGeometry(32, 8, 8)).layer(0)
-    with pytest.raises(TA.TritonUnsupported, match="8x8"):
+    with pytest.raises(KernelUnsupported, match="8x8"):
         TA.sparse_attention_triton(torch.randn(1, 1, 32, 16).half(), *(torch.randn(1, 1, 32, 16).half(),) * 2, odd)
 
 
@@ -190,18 +191,12 @@ def test_mask_block_iterated_as_smaller_tiles(blocks, tma, group):
     g = BlockGeometry(n, *blocks)
     layer = SkipLists.from_block_mask(torch.rand(1, H, g.nq, g.nk, generator=gen) < 0.5, g).layer(0)
     q, k, v = make_inputs(2 if group == 1 else 1, H, n + n_text, D, "bld" if tma else "bhld", gen)
-    TA.set_tile_override(TA.TileConfig(16, 16, 4, 2, tma))
-    old_group = TS.STATS_GROUP["group"]
-    TS.STATS_GROUP["group"] = group
+    tiles = TA.TileConfig(16, 16, 4, 2, tma)
     layout = "bld" if tma else "bhld"
-    try:
-        assert TA.pick_tiles(D, *blocks, q.device).block_m == 16
-        out = run_poisoned(q, k, v, layer, layout, H)
-        qh, kh, vh, oh = (TA.to_bhld(t, layout, H) for t in (q, k, v, out))
-        e = TS.block_energy_triton(qh, kh, g)
-    finally:
-        TA.set_tile_override(None)
-        TS.STATS_GROUP["group"] = old_group
+    assert TA.pick_tiles(D, *blocks, q.device, tiles).block_m == 16
+    out = run_poisoned(q, k, v, layer, layout, H, tiles)
+    qh, kh, vh, oh = (TA.to_bhld(t, layout, H) for t in (q, k, v, out))
+    e = TS.block_energy_triton(qh, kh, g, tiles=tiles, group=group)
     want = F.scaled_dot_product_attention(qh.double(), kh.double(), vh.double(),
                                           attn_mask=token_mask(layer, n, n_text)[None])
     assert rel(oh, want) < 3e-3

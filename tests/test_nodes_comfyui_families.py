@@ -405,7 +405,7 @@ def test_hunyuan_sparse_attention_is_the_reference_on_the_true_video_tokens(huny
     so this test would have caught that."""
     F.import_comfy()
     import comfy.sample
-    from calibatt.kernels.reference import sparse_attention_reference
+    from calibatt.kernels.attention.naive import sparse_attention_reference
     from calibatt.nodes.actions import patch_model_attention
 
     model = F.load_model(hunyuan_sd)

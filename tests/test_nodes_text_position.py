@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from calibatt.kernels.reference import sparse_attention_reference
+from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner
 from calibatt.masks import BlockGeometry, MaskBundle, SkipLists
 from calibatt.nodes import model_info as mi

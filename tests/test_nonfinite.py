@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from calibatt.kernels.call import AttentionCall  # noqa: E402
-from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
 from calibatt.kernels.runner import SparseRunner  # noqa: E402
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid  # noqa: E402
 

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 
 from calibatt.kernels.call import AttentionCall
 from calibatt.kernels.dense import dense_attention
-from calibatt.kernels.reference import sparse_attention_reference
+from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner
-from calibatt.kernels.stats import block_energy
-from calibatt.kernels.stats_reference import block_energy_reference
+from calibatt.kernels.block_energy import block_energy
+from calibatt.kernels.block_energy.naive import block_energy_reference
 from calibatt.kernels.text_bias import as_text_bias, select_rows
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, RepetitionPlan, SkipLists, TokenGrid
 from calibatt.nodes import model_info as mi

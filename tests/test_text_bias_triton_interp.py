@@ -14,8 +14,8 @@ from triton_interp import interpreted_kernels  # noqa: E402
 
 TA, TS = interpreted_kernels()
 
-from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
-from calibatt.kernels.stats_reference import block_energy_reference  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
+from calibatt.kernels.block_energy.naive import block_energy_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
 import helpers_core  # noqa: E402
 from helpers_core import masked_sdpa64, rel, token_mask  # noqa: E402
@@ -101,12 +101,9 @@ def test_host_descriptor_loads_with_bias():
     layer = SkipLists.from_block_mask(torch.rand(1, H, g.nq, g.nk, generator=gen) < 0.5, g, plan).layer(0)
     q, k, v = make_inputs(1, H, n + n_text, D, "bhld", gen)
     bias = padded_bias(1, n_text, gen, shared=True)
-    TA.set_tile_override(TA.TileConfig(16, 16, 4, 2, 2))
-    try:
-        out = run_poisoned(q, k, v, layer, "bhld", H, bias)
-        e = TS.block_energy_triton(q, k, g, text_bias=bias)
-    finally:
-        TA.set_tile_override(None)
+    tiles = TA.TileConfig(16, 16, 4, 2, 2)
+    out = run_poisoned(q, k, v, layer, "bhld", H, bias, tiles=tiles)
+    e = TS.block_energy_triton(q, k, g, text_bias=bias, tiles=tiles)
     assert not torch.isnan(out).any()
     assert rel(out, sparse_attention_reference(q.float(), k.float(), v.float(), layer, text_bias=bias)) < 3e-3
     assert rel(out[:, 0], masked_sdpa64(q, k, v, bias, n, token_mask(layer, n, n_text))[:, 0]) < 3e-3

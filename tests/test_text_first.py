@@ -14,10 +14,10 @@ from calibatt.calibration.synthetic import planted_layer
 from calibatt.kernels.call import AttentionCall
 from calibatt.kernels.dense import dense_attention
 from calibatt.kernels.layouts import token_spans
-from calibatt.kernels.reference import sparse_attention_reference
+from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner
-from calibatt.kernels.stats import block_energy
-from calibatt.kernels.stats_reference import block_energy_reference
+from calibatt.kernels.block_energy import block_energy
+from calibatt.kernels.block_energy.naive import block_energy_reference
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid
 from helpers_core import (NEG, block_energy64, from_layout, masked_sdpa64, padded_bias, rel, sparse_rep_layer,
                           text_to_back, text_to_front, to_layout, token_mask)

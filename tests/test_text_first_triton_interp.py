@@ -15,8 +15,8 @@ from triton_interp import interpreted_kernels  # noqa: E402
 
 TA, TS = interpreted_kernels()
 
-from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
-from calibatt.kernels.stats_reference import block_energy_reference  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
+from calibatt.kernels.block_energy.naive import block_energy_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, SkipLists  # noqa: E402
 from helpers_core import (block_energy64, masked_sdpa64, padded_bias, rel, sparse_rep_layer,  # noqa: E402
                           text_to_back, text_to_front, to_layout, token_mask)
@@ -55,15 +55,11 @@ def test_sparse_text_first_equals_text_last_and_float64_spec(layout, bias_kind, 
     q, k, v = (torch.randn(B, H, n + T, D, generator=gen).half() for _ in range(3))
     qf, kf, vf = (text_to_front(t, n, 2) for t in (q, k, v))
     bias = make_bias(bias_kind, B, T, gen)
-    if tma:
-        TA.set_tile_override(TA.TileConfig(16, 16, 4, 2, tma))
-    try:
-        first = run_poisoned(*(to_layout(t, layout) for t in (qf, kf, vf)), layer, layout, H, text_bias=bias,
-                             video_start=T)
-        last = TA.sparse_attention_triton(*(to_layout(t, layout) for t in (q, k, v)), layer, layout=layout,
-                                          heads=H, text_bias=bias)
-    finally:
-        TA.set_tile_override(None)
+    tiles = TA.TileConfig(16, 16, 4, 2, tma) if tma else None
+    first = run_poisoned(*(to_layout(t, layout) for t in (qf, kf, vf)), layer, layout, H, text_bias=bias,
+                         video_start=T, tiles=tiles)
+    last = TA.sparse_attention_triton(*(to_layout(t, layout) for t in (q, k, v)), layer, layout=layout,
+                                      heads=H, text_bias=bias, tiles=tiles)
     assert not torch.isnan(first).any(), "some output element was never written"
     assert rel(text_to_back(first, n, sd), last) < 2e-3
     ref = sparse_attention_reference(*(to_layout(t.float(), layout) for t in (qf, kf, vf)), layer, layout=layout,

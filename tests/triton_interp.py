@@ -21,12 +21,15 @@ def interpreted_kernels():
 
         interp._patch_lang_tensor = patch
         interp._calibatt_index_patch = True
-    import calibatt.kernels.triton_attention as TA
-    import calibatt.kernels.triton_stats as TS
-    # Attention first: the statistics kernels call its @triton.jit helpers.
-    if not (isinstance(TA._load_tile, interp.InterpretedFunction)
+    import calibatt.kernels.attention.triton_fwd as TA
+    import calibatt.kernels.block_energy.triton_fwd as TS
+    import calibatt.kernels.triton_common as TC
+    # The shared pieces first: both kernel modules call its @triton.jit helpers.
+    if not (isinstance(TC.load_tile, interp.InterpretedFunction)
+            and isinstance(TA._sparse_video_fwd, interp.InterpretedFunction)
             and isinstance(TS._block_mass, interp.InterpretedFunction)
-            and TS._load_tile is TA._load_tile):
+            and TS.load_tile is TC.load_tile and TA.load_tile is TC.load_tile):
+        TC = importlib.reload(TC)
         TA = importlib.reload(TA)
         TS = importlib.reload(TS)
     return TA, TS

@@ -5,9 +5,9 @@ sets for the CPU, must be unset when @triton.jit decorates the kernels):
 
     python tests/triton_offline_compile.py 80 90 ...   ->  one JSON line per compiled launch
 
-How: the real host functions (kernels/triton_attention.py sparse_attention_triton, kernels/triton_stats.py
-block_energy_triton, kernels/triton_tables.py packed_to_table_triton) run on CPU tensors with the target's tile
-configuration, which `_pick_tiles` chooses from the capability we report for the target (torch.cuda.get_device_capability is answered with it, as on such a GPU).
+How: the real host functions (kernels/attention/triton_fwd.py sparse_attention_triton, kernels/block_energy/triton_fwd.py
+block_energy_triton, kernels/tables/triton_build.py packed_to_table_triton) run on CPU tensors with the target's tile
+configuration, which `triton_common._pick_tiles` chooses from the capability we report for the target (torch.cuda.get_device_capability is answered with it, as on such a GPU).
 Each kernel launch is recorded instead of run; Triton's own argument binder then specialises the recorded
 arguments for the target (pointer dtypes, 16-byte alignment, constexprs, TMA descriptor types), and
 triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)) runs every stage: TTIR, TTGIR, LLVM IR, PTX, and
@@ -112,9 +112,10 @@ def compile_target(cc: int):
     import triton
     from triton.backends.compiler import GPUTarget
 
-    import calibatt.kernels.triton_attention as ta
-    import calibatt.kernels.triton_stats as ts
-    import calibatt.kernels.triton_tables as tt
+    import calibatt.kernels.attention.triton_fwd as ta
+    import calibatt.kernels.block_energy.triton_fwd as ts
+    import calibatt.kernels.tables.triton_build as tt
+    import calibatt.kernels.triton_common as triton_common
     from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists
 
     target = GPUTarget("cuda", cc, 32)
@@ -122,8 +123,8 @@ def compile_target(cc: int):
     torch.cuda.get_device_capability = lambda *a, **k: cap  # what the kernel module asks to pick its tiles
     cuda = torch.device("cuda")
 
-    def tiles(head_dim, block_q, block_k, device):
-        return ta._pick_tiles(head_dim, block_q, block_k, cuda, None, False)
+    def tiles(head_dim, block_q, block_k, device, base=None):
+        return triton_common._pick_tiles(head_dim, block_q, block_k, cuda, base, False)
 
     ta.pick_tiles = ts.pick_tiles = tiles
     launches = []
@@ -158,7 +159,7 @@ def compile_target(cc: int):
             ta.sparse_attention_triton(q, k, v, layer, text_bias=tb)
             if stats and min_pairs in (None, 0):  # the statistics kernels take host descriptors only (mode 2)
                 ts.block_energy_triton(q, k, g, text_bias=tb)
-                # the per-call table builder (kernels/bucket_tables.py) at Wan 720p's 591 key blocks, with the
+                # the per-call table builder (kernels/tables/__init__.py) at Wan 720p's 591 key blocks, with the
                 # full-head flags of a mixed layer
                 nk, nq = 591, 4
                 packed = torch.randint(0, 256, (2, nq, (nk + 7) // 8), generator=gen, dtype=torch.uint8)

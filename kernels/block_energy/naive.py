@@ -19,9 +19,9 @@ import math
 
 import torch
 
-from ..masks.skiplists import BlockGeometry
-from .layouts import token_spans
-from .text_bias import as_text_bias
+from ...masks.skiplists import BlockGeometry
+from ..layouts import token_spans
+from ..text_bias import as_text_bias
 
 
 def sampled_rows(n: int, row_stride: int, row_offset: int) -> tuple[int, int]:

@@ -4,7 +4,7 @@ A layer's padded table ([H, nq, W] key-block indices, W its longest row) is what
 every layer's table for a bucket costs L * H * nq * W * 2 bytes: at Wan 14B 720p (40 layers, 40 heads, 591 x 591
 blocks) about 1.1 GB per bucket, and two buckets were kept (measured: a 720p step's peak grew by 2.1-3.1 GB, 11 % of
 the 28 GB of weights). The packed masks of the same bucket are 16x smaller (70 MB), and building one layer's table
-from them is one small launch (kernels/triton_tables.py) that reads 1.8 MB and writes at most 28 MB, nothing next
+from them is one small launch (kernels/tables/triton_build.py) that reads 1.8 MB and writes at most 28 MB, nothing next
 to the layer's attention (~160 ms at density 0.35, batch 2). So a bucket keeps its packed masks on the device,
 and `layer(l)` rebuilds layer l's table right before its call into one buffer that every layer reuses ("streamed";
 ~100 MB held at 720p in all).
@@ -25,15 +25,15 @@ from typing import Optional
 
 import torch
 
-from ..masks.skiplists import LayerSkipList, index_dtype, packed_to_table
-from ..masks.transfer import canonical_device, to_device_async
+from ...masks.skiplists import LayerSkipList, index_dtype, packed_to_table, row_tables
+from ...masks.transfer import canonical_device, to_device_async
+from ..support import KernelHealth
 
 # A bucket whose tables (every layer, mixed layers' full-head variants included) take at most this many bytes keeps
 # them ("resident"); above it one buffer is rebuilt per call ("streamed"). 32 MiB: Wan 1.3B at 480p (30 layers,
 # 12 heads, 256 x 256 blocks) needs up to 47 MB and streams; the tiny test models need kilobytes.
 RESIDENT_BYTES = 32 << 20
 
-_TRITON_BUILDER_BROKEN: dict = {}
 
 
 class BucketTables:
@@ -44,15 +44,18 @@ class BucketTables:
     layers: the layers that will be asked for (default: all); the others' masks are not copied to the device (the
     runner leaves out layers it routes dense).
     builder: "triton", "torch" or None (default_builder, else Triton on CUDA and torch elsewhere).
-    mode: "streamed", "resident" or None (by RESIDENT_BYTES)."""
+    mode: "streamed", "resident" or None (by RESIDENT_BYTES).
+    health: the runner's record of Triton paths that failed on this GPU (kernels/support.py)."""
 
     # Tests and the CPU smoke run of bench/memory_step.py set "triton" to run the Triton builder under Triton's
     # interpreter on the CPU.
     default_builder: Optional[str] = None
 
     def __init__(self, bundle, bucket: int, device, *, full_heads: Optional[torch.Tensor] = None, layers=None,
-                 builder: Optional[str] = None, mode: Optional[str] = None):
+                 builder: Optional[str] = None, mode: Optional[str] = None,
+                 health: Optional[KernelHealth] = None):
         device = canonical_device(device)
+        self._health = health if health is not None else KernelHealth()
         g = bundle.geometry
         self.geometry = g
         self.device = device
@@ -119,7 +122,7 @@ class BucketTables:
 
     def held_bytes(self, extra=()) -> int:
         """Bytes of the device tensors this object keeps (packed masks, flags, tables or the buffer, repetition
-        plans and the kernel's per-layer tables cached on the skip lists) and of `extra` tensors on its device,
+        plans and the kernel's row tables of each layer) and of `extra` tensors on its device,
         each storage counted once."""
         seen: dict = {}
 
@@ -137,13 +140,8 @@ class BucketTables:
             if rep is not None:
                 for t in (rep.head_slot, rep.anchors, rep.row_anchor):
                     add(t)
-            for name in ("_triton_rep", "_triton_skip_rows"):  # cached by kernels/triton_attention.py
-                cached = getattr(shell, name, None)
-                if cached is not None:
-                    obj = cached[1]
-                    for t in ([obj] if isinstance(obj, torch.Tensor) else
-                              list(vars(obj).values()) if obj is not None else []):
-                        add(t)
+            for t in shell.rows.tensors() if shell.rows is not None else ():
+                add(t)
         return sum(seen.values())
 
     # ---- internals --------------------------------------------------------------------------------------------
@@ -166,18 +164,20 @@ class BucketTables:
                 rep = None
         if rep is not None:
             rep = rep.to(self.device)  # keeps the host plan: the kernel reads which heads repeat from there
-        return LayerSkipList(self.geometry, idx, cnt, rep)
+        # Made once per (bucket, layer), kept with the shell: the kernel reads them at every call.
+        return LayerSkipList(self.geometry, idx, cnt, rep, row_tables(self.geometry, H, rep, self.device))
 
     def _build(self, layer: int, full: bool, shell: LayerSkipList):
         packed = self._packed[self._slot[layer]]
         flags = self._full[layer] if full else None
-        if self.builder == "triton" and not _TRITON_BUILDER_BROKEN.get(str(self.device)):
+        key = ("table builder", str(self.device))
+        if self.builder == "triton" and self._health.ok(key):
             try:
-                from .triton_tables import packed_to_table_triton
+                from .triton_build import packed_to_table_triton
                 packed_to_table_triton(packed, self.geometry.nk, shell.kv_indices, shell.kv_counts, flags)
                 return
             except Exception as e:  # noqa: BLE001 - a compile failure on an untested GPU must not stop sampling
-                _TRITON_BUILDER_BROKEN[str(self.device)] = True
+                self._health.mark_failed(key)
                 warnings.warn(f"calibatt: the Triton skip-list builder failed on {self.device} ({e}); building "
                               "tables with torch ops from now on", RuntimeWarning)
         idx, cnt = packed_to_table(packed, self.geometry.nk, shell.kv_indices.shape[-1], flags)

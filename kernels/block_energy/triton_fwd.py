@@ -27,11 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from ..masks.skiplists import BlockGeometry
-from .layouts import token_spans
-from .stats_reference import check_row_stride
-from .triton_attention import (LOG2E, TritonUnsupported, _bias_arg, _biased_scores, _descs, _ensure_allocator,
-                               _load_tile, _tile_source, _tma_ok, pick_tiles)
+from ...masks.skiplists import BlockGeometry
+from ..layouts import token_spans
+from ..support import check_triton
+from ..triton_common import (LOG2E, TileConfig, bias_arg, biased_scores, ensure_allocator, host_descs, load_tile,
+                             pick_tiles, tile_source, tma_ok)
+from .naive import check_row_stride
 
 
 @triton.jit
@@ -84,7 +85,7 @@ def _row_lse(Q, K, DK, LSE, TB, sqb, sqh, sql, skb, skh, skl, stb, H, N, NV, VS,
     q = tl.load(Q + b64 * sqb + h64 * sqh + (VS + rows).to(tl.int64)[:, None] * sql + offs_d[None, :],
                 mask=row_ok[:, None], other=0.0)
     k_base = K + b64 * skb + h64 * skh
-    desc_k = _tile_source(DK, k_base, N, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
+    desc_k = tile_source(DK, k_base, N, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     # Without a bias one loop covers video and text keys, in memory order; with one, the video keys
@@ -96,19 +97,19 @@ def _row_lse(Q, K, DK, LSE, TB, sqb, sqh, sql, skb, skh, skl, stb, H, N, NV, VS,
         key_end = VS + NV
     n_full = (key_end - key_start) // BLOCK_N
     for j in tl.range(0, n_full, num_stages=STAGES):
-        k = _load_tile(desc_k, k_base, b, h, key_start + j * BLOCK_N, key_end, skl, offs_n, offs_d, DESC_MODE,
+        k = load_tile(desc_k, k_base, b, h, key_start + j * BLOCK_N, key_end, skl, offs_n, offs_d, DESC_MODE,
                        False)
         l_i, m_i = _lse_step(l_i, m_i, q, k, qk_scale, offs_n, 0, False)
     start_n = key_start + n_full * BLOCK_N
     if start_n < key_end:
-        k = _load_tile(desc_k, k_base, b, h, start_n, key_end, skl, offs_n, offs_d, DESC_MODE, True)
+        k = load_tile(desc_k, k_base, b, h, start_n, key_end, skl, offs_n, offs_d, DESC_MODE, True)
         l_i, m_i = _lse_step(l_i, m_i, q, k, qk_scale, start_n + offs_n, key_end, True)
     if HAS_BIAS:
         bias_row = TB + b64 * stb
         for start_t in tl.range(TS, TS + N - NV, BLOCK_N, num_stages=STAGES):
             cols = start_t + offs_n
-            k = _load_tile(desc_k, k_base, b, h, start_t, TS + N - NV, skl, offs_n, offs_d, DESC_MODE, True)
-            s = _biased_scores(q, k, bias_row, cols, TS, TS + N - NV, qk_scale)
+            k = load_tile(desc_k, k_base, b, h, start_t, TS + N - NV, skl, offs_n, offs_d, DESC_MODE, True)
+            s = biased_scores(q, k, bias_row, cols, TS, TS + N - NV, qk_scale)
             m_ij = tl.maximum(m_i, tl.max(s, 1))
             l_i = l_i * tl.math.exp2(m_i - m_ij) + tl.sum(tl.math.exp2(s - m_ij[:, None]), 1)
             m_i = m_ij
@@ -157,7 +158,7 @@ def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H,
             seg_ok = (qb + segs) < NQ
             out_seg = OUT + h * so_h + (qb + segs) * so_q
     k_base = K + b64 * skb + h64 * skh
-    desc_k = _tile_source(DK, k_base, N, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
+    desc_k = tile_source(DK, k_base, N, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
     out_row = OUT + h * so_h + qb * so_q
     n_full = NK
     if TAIL_K:
@@ -169,7 +170,7 @@ def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H,
     for kb in tl.range(0, n_full, num_stages=STAGES):
         rows_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for s in tl.static_range(SUBK):
-            k = _load_tile(desc_k, k_base, b, h, VS + kb * BLOCK_K + s * BLOCK_N, N, skl, offs_n, offs_d, DESC_MODE,
+            k = load_tile(desc_k, k_base, b, h, VS + kb * BLOCK_K + s * BLOCK_N, N, skl, offs_n, offs_d, DESC_MODE,
                            False)
             qk = tl.dot(q, tl.trans(k))
             rows_sum += tl.sum(tl.math.exp2(qk * qk_scale - lse[:, None]), 1)
@@ -201,7 +202,7 @@ def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H,
         rows_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
         for t in range(0, TAIL_TILES):
             start_n = (NK - 1) * BLOCK_K + t * BLOCK_N
-            k = _load_tile(desc_k, k_base, b, h, VS + start_n, N, skl, offs_n, offs_d, DESC_MODE, True)
+            k = load_tile(desc_k, k_base, b, h, VS + start_n, N, skl, offs_n, offs_d, DESC_MODE, True)
             qk = tl.dot(q, tl.trans(k))
             p = tl.math.exp2(qk * qk_scale - lse[:, None])
             p = tl.where(((start_n + offs_n) < NV)[None, :], p, 0.0)
@@ -214,18 +215,21 @@ def _block_mass(Q, K, DK, LSE, OUT, sqb, sqh, sql, skb, skh, skl, so_h, so_q, H,
 
 # Key blocks per cross-warp reduction in the block-sum pass. H100, 32,760 tokens, 40 heads (bench/bench_kernels.py,
 # docs/BENCHMARKS.md "## Kernels"): group 1 -> 1.76x one cuDNN dense forward, 8 -> 1.47x, 16 -> 1.45x.
-STATS_GROUP = {"group": 16}
+STATS_GROUP = 16
 
 
 def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, *, scale: Optional[float] = None,
                         out: Optional[torch.Tensor] = None, row_stride: int = 1,
                         row_offset: int = 0, text_bias: Optional[torch.Tensor] = None,
-                        video_start: int = 0) -> torch.Tensor:
+                        video_start: int = 0, group: int = STATS_GROUP,
+                        tiles: Optional[TileConfig] = None) -> torch.Tensor:
     """q, k: (B, H, N, D) float16/bfloat16 (any strides with a unit last stride). out [H, nq, nk] float32 is
     accumulated into (created as zeros when None). row_stride / row_offset: estimate from a strided subsample of
     each query block's rows (stats_reference.block_energy_reference). text_bias: (T,), (1, T) or (B, T) additive bias
     on the text keys' scores (kernels/text_bias.py). video_start: 0 (text after the video) or the text token count
-    (text first; kernels/layouts.py token_spans)."""
+    (text first; kernels/layouts.py token_spans). group: key blocks per cross-warp reduction of the block-sum pass
+    (benchmarks sweep it). tiles: a tile configuration taken as given (benchmarks, tests), else the table's.
+    """
     row_stride, row_offset = check_row_stride(row_stride, row_offset)
     B, H, N, D = q.shape
     g = geometry
@@ -233,24 +237,20 @@ def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometr
     if N < Nv or k.shape != q.shape:
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must match and cover {Nv} video tokens")
     vs, ts, Nt = token_spans(N, Nv, video_start)
-    if D not in (16, 32, 64, 128):
-        raise TritonUnsupported(f"head_dim {D} is not supported by the Triton statistics kernel (16, 32, 64 or 128)")
-    if q.dtype not in (torch.float16, torch.bfloat16) or k.dtype != q.dtype:
-        raise TritonUnsupported(f"the Triton statistics kernel takes float16 or bfloat16 q and k, got "
-                                f"{q.dtype}/{k.dtype}")
+    check_triton(q, k, need_cuda=False)
     if out is None:
         out = torch.zeros(H, g.nq, g.nk, dtype=torch.float32, device=q.device)
     if out.shape != (H, g.nq, g.nk) or out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"out must be contiguous float32 [{H}, {g.nq}, {g.nk}], got {out.dtype} {tuple(out.shape)}")
     q, k = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k))
-    tb, stb = _bias_arg(text_bias, B, Nt, q.device)
+    tb, stb = bias_arg(text_bias, B, Nt, q.device)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     qk_scale = scale * LOG2E
-    cfg = pick_tiles(D, g.block_q, g.block_k, q.device)
-    mode = cfg.tma if _tma_ok(k) else 0
+    cfg = pick_tiles(D, g.block_q, g.block_k, q.device, tiles)
+    mode = cfg.tma if tma_ok(k) else 0
     if mode == 1:
-        _ensure_allocator()
-    dense_cfg = pick_tiles(D, 128, 128, q.device)
+        ensure_allocator()
+    dense_cfg = pick_tiles(D, 128, 128, q.device, tiles)
     if row_stride == 1:
         vb = seg = 1
         subq = g.block_q // cfg.block_m
@@ -267,7 +267,7 @@ def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometr
         mass_programs = triton.cdiv(rows_v, cfg.block_m)
     off = row_offset % row_stride
     lse = torch.empty(B * H, n_lse, dtype=torch.float32, device=q.device)
-    dk = _descs(k, k, dense_cfg.block_n, mode)[0]
+    dk = host_descs(k, k, dense_cfg.block_n, mode)[0]
     _row_lse[(lse_programs, B * H)](
         q, k, dk, lse, lse if tb is None else tb, q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), stb, H, N, Nv, vs, ts, qk_scale, g.nq, off, g.block_q, n_lse,
@@ -275,11 +275,11 @@ def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometr
         STRIDE=row_stride, VB=vb, HAS_BIAS=tb is not None, num_warps=dense_cfg.num_warps)
     tail_k = Nv % g.block_k != 0
     tail_tiles = triton.cdiv(Nv - (g.nk - 1) * g.block_k, cfg.block_n)
-    dk = dk if cfg.block_n == dense_cfg.block_n else _descs(k, k, cfg.block_n, mode)[0]
+    dk = dk if cfg.block_n == dense_cfg.block_n else host_descs(k, k, cfg.block_n, mode)[0]
     _block_mass[(mass_programs, B * H)](
         q, k, dk, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), H, N, Nv, vs, g.nk, tail_tiles, qk_scale, g.nq, off, n_lse,
         BLOCK_Q=g.block_q, BLOCK_K=g.block_k, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        TAIL_K=tail_k, DESC_MODE=mode, STAGES=cfg.stages, GROUP=STATS_GROUP["group"],
+        TAIL_K=tail_k, DESC_MODE=mode, STAGES=cfg.stages, GROUP=group,
         STRIDE=row_stride, VB=vb, SEG=seg, SUBQ=subq, num_warps=cfg.num_warps)
     return out

@@ -2,7 +2,7 @@
 
 The same table as masks/skiplists.py `packed_to_table` (kept key blocks ascending, padded to the layer's width by
 repeating the last one, counts per row), written into caller-owned memory: the sparse runner rebuilds a layer's
-table right before its attention call, into one buffer that every layer reuses (kernels/bucket_tables.py). The
+table right before its attention call, into one buffer that every layer reuses (kernels/tables/__init__.py). The
 torch version is ~10 launches and a few transient tensors; this is one launch that reads the packed bits (1.8 MB
 per layer at Wan 720p) and writes the table, with no transient memory and no host sync.
 """

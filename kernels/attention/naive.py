@@ -19,9 +19,9 @@ import math
 
 import torch
 
-from ..masks.skiplists import LayerSkipList
-from .layouts import from_bhld, to_bhld, token_spans
-from .text_bias import as_text_bias, full_key_bias
+from ...masks.skiplists import LayerSkipList
+from ..layouts import from_bhld, to_bhld, token_spans
+from ..text_bias import as_text_bias, full_key_bias
 
 
 def _attend(q, k, v, scale, key_mask=None, key_bias=None):

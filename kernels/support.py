@@ -1,0 +1,66 @@
+"""Which calls the Triton kernels take, in one place, and the one exception for a call they do not take.
+
+A call outside this (CPU tensors, float32, a head_dim the kernels were not built for, mask blocks without a
+power-of-two divisor >= 16) is valid input: the dispatchers (runner.py, block_energy/) run the plain-PyTorch
+reference or dense attention instead. KernelUnsupported is raised only for such calls, never for bad input (which
+raises a plain ValueError), so a dispatcher can tell "fall back" from "the caller made a mistake" by type.
+KernelHealth remembers, per runner, which (device, dtype, head_dim) failed to compile or launch, so one failure on
+an untested GPU costs one warning and the run goes on dense.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+TRITON_HEAD_DIMS = (16, 32, 64, 128)
+TRITON_DTYPES = (torch.float16, torch.bfloat16)
+
+
+class KernelUnsupported(ValueError):
+    """The call is valid but outside what the Triton kernels handle (device, dtype, head_dim, mask block size)."""
+
+
+def triton_unsupported(*tensors: torch.Tensor, need_cuda: bool = True) -> Optional[str]:
+    """Why the Triton kernels cannot take these q/k/v tensors, or None when they can: on a CUDA device (unless
+    need_cuda is False: the interpreter tests), float16 or bfloat16 all alike, head_dim 16, 32, 64 or 128 all
+    alike. Reads shapes and dtypes only (no host sync)."""
+    first = tensors[0]
+    if need_cuda and not first.is_cuda:
+        return f"tensors on {first.device}, the Triton kernels need a CUDA GPU"
+    if first.dtype not in TRITON_DTYPES or any(t.dtype != first.dtype for t in tensors):
+        return ("the Triton kernels take float16 or bfloat16 tensors of one dtype, got "
+                + "/".join(str(t.dtype) for t in tensors))
+    D = first.shape[-1]
+    if D not in TRITON_HEAD_DIMS or any(t.shape[-1] != D for t in tensors):
+        return (f"head_dim {'/'.join(str(t.shape[-1]) for t in tensors)} is not supported by the Triton kernels "
+                f"({', '.join(map(str, TRITON_HEAD_DIMS))})")
+    return None
+
+
+def check_triton(*tensors: torch.Tensor, need_cuda: bool = True):
+    """Raise KernelUnsupported with the reason unless the Triton kernels take these tensors."""
+    reason = triton_unsupported(*tensors, need_cuda=need_cuda)
+    if reason is not None:
+        raise KernelUnsupported(reason)
+
+
+class KernelHealth:
+    """Which Triton paths failed at run time (compile or launch errors on a GPU the kernels were not tried on),
+    per key, e.g. ("attention", device, dtype, head_dim). Owned by one runner: no module-level state."""
+
+    def __init__(self):
+        self._failed: set = set()
+
+    def ok(self, key) -> bool:
+        return key not in self._failed
+
+    @property
+    def failures(self) -> list:
+        """The keys that failed so far (benchmarks and tests report them)."""
+        return sorted(self._failed, key=str)
+
+    def mark_failed(self, key):
+        """Record a failure (the caller warns, naming the path and its fallback)."""
+        self._failed.add(key)
