@@ -29,7 +29,7 @@ from ..masks.transfer import canonical_device, to_device_async
 from .tables import BucketTables
 from .call import AttentionCall
 from .dense import dense_attention
-from .support import KernelHealth, KernelUnsupported, triton_unsupported
+from .support import FP8_ERROR_BOUND, PRECISIONS, KernelHealth, KernelUnsupported, triton_unsupported
 from .ops import is_compiling, runner_handle, sparse_attention_op, traced_sparse_attention
 from .attention.naive import sparse_attention_reference
 
@@ -52,13 +52,17 @@ def quality_cutoff(quality: float) -> float:
 
 class SparseRunner:
     def __init__(self, bundle: MaskBundle, *, dense_first: float = 0.0, dense_last: float = 0.0,
-                 dense_cutoff: float = DENSE_CUTOFF):
+                 dense_cutoff: float = DENSE_CUTOFF, precision: str = "bf16"):
         if not (0.0 <= dense_first <= 1.0 and 0.0 <= dense_last <= 1.0):
             raise ValueError("dense_first and dense_last are fractions of the steps in [0, 1]")
         if not (0.0 <= dense_cutoff <= 1.0 + 1e-9):
             raise ValueError("dense_cutoff is a key-block density in [0, 1]; heads denser than it run dense "
                              "(1.0 keeps every head sparse, 0.0 runs everything dense)")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         self.bundle = bundle
+        self.precision = precision
+        self._fp8 = {}  # layer -> its relative error in FP8 against bf16, measured on its first call of the run
         self.dense_first = dense_first
         self.dense_last = dense_last
         self.dense_cutoff = dense_cutoff
@@ -129,6 +133,7 @@ class SparseRunner:
         return self._tables.held_bytes([t for _, heads in self._routes if heads is not None for t in heads])
 
     def end(self):
+        self._fp8.clear()  # a new run (other prompts, other sizes) checks its layers again
         self._tables = None
         self._routes = None
         self._step_key = None
@@ -196,8 +201,7 @@ class SparseRunner:
             layer = self._tables.layer(call.layer, full=dense_heads is not None)
             dense_heads = None
             try:
-                from .attention.triton_fwd import sparse_attention_triton
-                out = sparse_attention_triton(q, k, v, layer, scale=call.scale, text_bias=bias, video_start=vs)
+                out = self._sparse_triton(q, k, v, layer, call)
             except Exception as e:  # noqa: BLE001 - see below
                 if isinstance(e, ValueError) and not isinstance(e, KernelUnsupported):
                     raise  # bad input: the caller must see it
@@ -216,6 +220,44 @@ class SparseRunner:
             out[:, idx] = dense_attention(q[:, idx], k[:, idx], v[:, idx], scale=call.scale,
                                           text_bias=bias, video_start=vs).to(out.dtype)
         return call.to_host_layout(out)
+
+    def _sparse_triton(self, q, k, v, layer, call: AttentionCall) -> torch.Tensor:
+        """The Triton kernel at the runner's precision. An FP8 layer is checked once per run against the same
+        layer in bf16 (one extra call and one host sync, on the layer's first call); a layer whose error exceeds
+        FP8_ERROR_BOUND runs bf16 from then on, with a warning. Where FP8 cannot run (no FP8 tensor cores, head_dim
+        under 32, a compile failure) the runner warns once and runs bf16."""
+        from .attention.triton_fwd import sparse_attention_triton
+        kw = dict(scale=call.scale, text_bias=call.text_bias, video_start=call.video_start)
+        key = ("fp8", str(q.device), q.shape[-1])
+        err = self._fp8.get(call.layer)
+        if self.precision == "bf16" or not self._health.ok(key) or (err is not None and not err <= FP8_ERROR_BOUND):
+            return sparse_attention_triton(q, k, v, layer, **kw)
+        try:
+            if q.shape[-1] < 32 or not _fp8_supported(q.device):
+                raise KernelUnsupported(f"needs an FP8 GPU (Ada or Hopper) and head_dim >= 32, got {q.device} with "
+                                        f"head_dim {q.shape[-1]}")
+            out = sparse_attention_triton(q, k, v, layer, precision=self.precision, **kw)
+        except Exception as e:  # noqa: BLE001 - FP8 is an option: bf16 is the exact fallback
+            if isinstance(e, ValueError) and not isinstance(e, KernelUnsupported):
+                raise
+            self._health.mark_failed(key)
+            warnings.warn(f"calibatt: precision {self.precision} is not available ({e}); running bf16",
+                          RuntimeWarning)
+            return sparse_attention_triton(q, k, v, layer, **kw)
+        if err is None:
+            exact = sparse_attention_triton(q, k, v, layer, **kw)
+            err = float((out.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30))
+            self._fp8[call.layer] = err
+            if not err <= FP8_ERROR_BOUND:  # NaN included
+                warnings.warn(f"calibatt: layer {call.layer} in {self.precision} is {err:.3f} (relative) from bf16, "
+                              f"over the bound {FP8_ERROR_BOUND}; it runs bf16 from now on", RuntimeWarning)
+                return exact
+        return out
+
+    @property
+    def fp8_errors(self) -> dict:
+        """layer -> relative error of its FP8 output against bf16 on its first call of the run (checked layers)."""
+        return dict(self._fp8)
 
     @property
     def triton_failures(self) -> list:
@@ -236,3 +278,8 @@ class SparseRunner:
         q, k, v = call.bhld()
         return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=call.text_bias,
                                                    video_start=call.video_start))
+
+
+def _fp8_supported(device) -> bool:
+    from .attention.triton_fp8 import fp8_supported
+    return fp8_supported(torch.device(device))

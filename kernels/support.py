@@ -16,6 +16,12 @@ import torch
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
+# Precision of the computed blocks (kernels/attention/triton_fp8.py): bf16 as given, or e4m3 for Q·K and P·V
+# ("fp8") or for Q·K only ("fp8-qk"). FP8 runs on Ada / Hopper (sm89+) with head_dim >= 32; elsewhere bf16.
+PRECISIONS = ("bf16", "fp8", "fp8-qk")
+# The largest relative error (L2, over a call's whole output) an FP8 layer may have against the same layer in bf16
+# for the runner to keep it in FP8; checked on each layer's first call of a run (docs/BENCHMARKS.md, "FP8").
+FP8_ERROR_BOUND = 0.05
 
 
 class KernelUnsupported(ValueError):

@@ -58,11 +58,11 @@ def random_block_mask(L, H, geometry, density, gen):
 
 
 def make_bundle(*, L=2, H=3, grid=None, block=16, steps=4, shared_steps=True, repetition=True, seed=0,
-                density=0.3, family="wan21"):
+                density=0.3, family="wan21", head_dim=16):
     gen = torch.Generator().manual_seed(seed)
     grid = grid or TokenGrid(frames=3, height=6, width=8)
     g = BlockGeometry(grid.video_tokens, block, block)
-    sig = ModelSignature(family, L, H, 16, 16 * H)
+    sig = ModelSignature(family, L, H, head_dim, head_dim * H)
     buckets = []
     base = random_block_mask(L, H, g, density, gen)
     for b in range(steps - 1 if shared_steps else steps):

@@ -263,3 +263,25 @@ def test_runner_text_first_mixed_route_on_gpu():
     skip = bundle.skip_lists(0, "cuda").layer(0)
     ref = sparse_attention_reference(q, k, v, skip, text_bias=bias, video_start=n_text)
     assert rel(out[:, 1], ref[:, 1]) < 1e-2
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8-qk"])
+@pytest.mark.parametrize("layout,n_text,rep,D", [("bld", 0, False, 128), ("bhld", 118, True, 128),
+                                                ("bld", 0, False, 64)])
+def test_fp8_real_shape_within_its_bound(precision, layout, n_text, rep, D):
+    """FP8 computed blocks at Wan 480p's shape (Ada / Hopper): within FP8_ERROR_BOUND of the reference, and really
+    quantized (further from it than bf16 is)."""
+    from calibatt.kernels.attention.triton_fwd import sparse_attention_triton
+    from calibatt.kernels.support import FP8_ERROR_BOUND
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 tensor cores need Ada (sm89) or Hopper (sm90)")
+    H = 8
+    layer, q, k, v = make_case(B=2, H=H, D=D, frames=21, T=1560, n_text=n_text, block=128, density=0.35,
+                               rep_head=1 if rep else None, layout=layout, dtype=torch.bfloat16, seed=D + n_text)
+    out = torch.full_like(q, float("nan"))
+    sparse_attention_triton(q, k, v, layer, layout=layout, heads=H, out=out, precision=precision)
+    assert not torch.isnan(out).any()
+    ref = sparse_attention_reference(q, k, v, layer, layout=layout, heads=H)
+    bf16 = sparse_attention_triton(q, k, v, layer, layout=layout, heads=H)
+    err = rel(out, ref)
+    assert err < FP8_ERROR_BOUND and err > 2 * rel(bf16, ref), (err, rel(bf16, ref))

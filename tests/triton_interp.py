@@ -6,6 +6,32 @@ import importlib
 import numpy as np
 
 
+def _fp8_aware(orig):
+    import torch
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+
+    as_torch = {tl.float32: torch.float32, tl.float16: torch.float16, tl.bfloat16: torch.bfloat16,
+                tl.float8e4nv: torch.float8_e4m3fn}
+    stored = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16,
+              torch.float8_e4m3fn: np.uint8}
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        s, d = src.dtype.scalar, dst_type.scalar
+        if tl.float8e4nv not in (s, d) or s not in as_torch or d not in as_torch:
+            return orig(self, src, dst_type, rounding_mode)
+        st, dt = as_torch[s], as_torch[d]
+        raw = np.ascontiguousarray(src.data)
+        t = torch.from_numpy(raw.view(stored[st]) if st in (torch.bfloat16, torch.float8_e4m3fn) else raw)
+        t = t.view(st) if st in (torch.bfloat16, torch.float8_e4m3fn) else t
+        out = t.to(dt)
+        out = out.view(torch.int16 if dt == torch.bfloat16 else torch.uint8) if dt in (
+            torch.bfloat16, torch.float8_e4m3fn) else out
+        return TensorHandle(out.numpy().view(stored[dt]), d)
+
+    return create_fp_to_fp
+
+
 def interpreted_kernels():
     """(triton_attention, triton_stats), reloaded if an earlier import compiled them for a GPU instead."""
     import triton.runtime.interpreter as interp
@@ -21,6 +47,11 @@ def interpreted_kernels():
 
         interp._patch_lang_tensor = patch
         interp._calibatt_index_patch = True
+    if not getattr(interp, "_calibatt_fp8_patch", False):
+        # Its float -> e4m3 rounding drops the carry into the exponent (0.49 becomes 0.25: values just under a power
+        # of two lose half their size), which the GPU does not do: e4m3 conversions go through torch's instead.
+        interp.InterpreterBuilder.create_fp_to_fp = _fp8_aware(interp.InterpreterBuilder.create_fp_to_fp)
+        interp._calibatt_fp8_patch = True
     import calibatt.kernels.attention.triton_fwd as TA
     import calibatt.kernels.block_energy.triton_fwd as TS
     import calibatt.kernels.triton_common as TC

@@ -31,7 +31,8 @@ import triton.language as tl
 
 from ...masks.skiplists import LayerSkipList
 from ..layouts import from_bhld, to_bhld, token_spans
-from ..support import check_triton
+from ..support import KernelUnsupported, check_triton
+from .triton_fp8 import PRECISIONS, _sparse_video_fp8_fwd, fp8_supported, quantize_kv, v_descriptor
 from ..triton_common import (LOG2E, TileConfig, bias_arg, biased_scores, ensure_allocator, host_descs,
                              interpreting, load_tile, pick_tiles, tile_source, tma_ok)
 
@@ -245,7 +246,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
                             skip_heads: Optional[torch.Tensor] = None,
                             out: Optional[torch.Tensor] = None,
                             text_bias: Optional[torch.Tensor] = None, video_start: int = 0,
-                            tiles: Optional[TileConfig] = None) -> torch.Tensor:
+                            tiles: Optional[TileConfig] = None, precision: str = "bf16") -> torch.Tensor:
     """Triton block-sparse attention; same contract as sparse_attention_reference.
 
     skip_heads: optional [H] bool on q's device; heads marked True are left unwritten here (the caller fills
@@ -253,7 +254,9 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     the output has q's memory order (a (B, L, H*D) call gets (B, L, H*D) back without a copy).
     text_bias: (T,), (1, T) or (B, T) additive bias on the text keys' scores (kernels/text_bias.py).
     video_start: 0 (text after the video) or the text token count (text first; kernels/layouts.py token_spans).
-    tiles: a tile configuration taken as given (benchmarks sweep variants through it); None picks from the table."""
+    tiles: a tile configuration taken as given (benchmarks sweep variants through it); None picks from the table.
+    precision: "bf16" (q, k, v as given), "fp8" (the video rows' Q·K and P·V in e4m3) or "fp8-qk" (Q·K only);
+    kernels/attention/triton_fp8.py. FP8 needs head_dim >= 32 and an sm89+ GPU (KernelUnsupported otherwise)."""
     qh, kh, vh = (to_bhld(t, layout, heads) for t in (q, k, v))
     B, H, N, D = qh.shape
     g = skip.geometry
@@ -264,6 +267,11 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     if skip.num_heads != H:
         raise ValueError(f"skip list has {skip.num_heads} heads, the call has {H}")
     check_triton(qh, kh, vh, need_cuda=False)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "bf16" and (D < 32 or not fp8_supported(qh.device)):
+        raise KernelUnsupported(f"precision {precision} needs head_dim >= 32 and a GPU with FP8 tensor cores (Ada "
+                                f"or Hopper, sm89+); this call has head_dim {D} on {qh.device}")
     qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = qh.device
@@ -302,15 +310,19 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     tail_tiles = triton.cdiv(Nv - (g.nk - 1) * g.block_k, cfg.block_n)
     grid = (g.nq * (g.block_q // cfg.block_m), B * H)
     tb_ptr = skip_rows if tb is None else tb  # never read without HAS_BIAS
-    _sparse_video_fwd[grid](
-        qh, kh, vh, out, dk, dv, idx, cnt, skip_rows, tb_ptr,
-        qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
-        vh.stride(0), vh.stride(1), vh.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        idx.stride(0), idx.stride(1), cnt.stride(0), stb,
-        H, N, Nv, vs, ts, g.nk, tail_tiles, qk_scale,
-        BLOCK_Q=g.block_q, BLOCK_K=g.block_k, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        TAIL_K=tail_k, HAS_TEXT=Nt > 0, DESC_MODE=mode, STAGES=cfg.stages, WARP_SPEC=cfg.warp_spec,
-        HAS_BIAS=tb is not None, num_warps=cfg.num_warps)
+    if precision == "bf16":
+        _sparse_video_fwd[grid](
+            qh, kh, vh, out, dk, dv, idx, cnt, skip_rows, tb_ptr,
+            qh.stride(0), qh.stride(1), qh.stride(2), kh.stride(0), kh.stride(1), kh.stride(2),
+            vh.stride(0), vh.stride(1), vh.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            idx.stride(0), idx.stride(1), cnt.stride(0), stb,
+            H, N, Nv, vs, ts, g.nk, tail_tiles, qk_scale,
+            BLOCK_Q=g.block_q, BLOCK_K=g.block_k, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+            TAIL_K=tail_k, HAS_TEXT=Nt > 0, DESC_MODE=mode, STAGES=cfg.stages, WARP_SPEC=cfg.warp_spec,
+            HAS_BIAS=tb is not None, num_warps=cfg.num_warps)
+    else:
+        _fp8_video_rows(qh, kh, vh, out, idx, cnt, skip_rows, tb, stb, g, cfg, mode, vs, ts, qk_scale, grid,
+                        pv_fp8=precision == "fp8")
     dense_cfg = pick_tiles(D, 128, 128, dev, tiles)
     dm = dense_cfg.block_m
     if Nt or rows.anchor_heads is not None:
@@ -341,3 +353,27 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         bcast = torch.gather(a5, 3, rows.row_anchor[None].expand(B, R, F_, T_, D))
         out[:, rows.anchor_heads.long(), vs:vs + rows.covered] = bcast.view(B, R, rows.covered, D)
     return from_bhld(out, layout)
+
+
+def _fp8_video_rows(qh, kh, vh, out, idx, cnt, skip_rows, tb, stb, g, cfg, mode, vs, ts, qk_scale, grid, *, pv_fp8):
+    """The video rows' launch with e4m3 computed blocks (kernels/attention/triton_fp8.py): K (and V) quantized
+    once for the call, Q per row in the kernel. Host descriptors where the bf16 launch would use them; pointer loads
+    for small calls (in-kernel descriptors are not wired for the transposed values)."""
+    B, H, N, D = qh.shape
+    Nv = g.num_tokens
+    mode = 2 if mode == 2 else 0
+    k8, ks, vq, v_scale, nvc = quantize_kv(kh, vh, video_tokens=Nv, video_start=vs, text_start=ts,
+                                           block_n=cfg.block_n, pv_fp8=pv_fp8)
+    dk = host_descs(k8, k8, cfg.block_n, mode)[0]
+    dv = v_descriptor(vq, cfg.block_n, pv_fp8, mode)
+    tail_tiles = triton.cdiv(Nv - (g.nk - 1) * g.block_k, cfg.block_n)
+    _sparse_video_fp8_fwd[grid](
+        qh, k8, vq, out, dk, dv, ks, ks if v_scale is None else v_scale, idx, cnt, skip_rows,
+        skip_rows if tb is None else tb,
+        qh.stride(0), qh.stride(1), qh.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
+        vq.stride(0), vq.stride(1), vq.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        idx.stride(0), idx.stride(1), cnt.stride(0), stb, ks.stride(0),
+        H, N, Nv, vs, ts, g.nk, nvc, k8.shape[2], tail_tiles, qk_scale,
+        BLOCK_Q=g.block_q, BLOCK_K=g.block_k, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        TAIL_K=Nv % g.block_k != 0, HAS_TEXT=N > Nv, DESC_MODE=mode, STAGES=cfg.stages, HAS_BIAS=tb is not None,
+        PV_FP8=pv_fp8, num_warps=cfg.num_warps)

@@ -1,0 +1,135 @@
+"""FP8 computed blocks (kernels/attention/triton_fp8.py) run by Triton's interpreter on the CPU, against the plain-
+PyTorch reference: every output row written, text first and last with a padding bias, a repetitive head, a partial
+last block, mask blocks wider than the tile; and the runner's precision option (the per-layer check against bf16,
+the fallback over the bound). The interpreter's own e4m3 rounding is replaced by torch's (tests/triton_interp.py).
+Accuracy at real shapes and the speed are measured on the GPU (test_kernels_gpu.py, bench/precision_kernels.py)."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernels' @triton.jit runs (it decides at decoration time)
+
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+from triton_interp import interpreted_kernels  # noqa: E402
+
+TA, TS = interpreted_kernels()
+
+from calibatt.kernels import runner as runner_module  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
+from calibatt.kernels.call import AttentionCall  # noqa: E402
+from calibatt.kernels.runner import SparseRunner  # noqa: E402
+from calibatt.kernels.support import FP8_ERROR_BOUND  # noqa: E402
+from helpers_core import make_bundle, padded_bias, rel, sparse_rep_layer, text_to_back, text_to_front  # noqa: E402
+
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.usefixtures("one_thread")]
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8-qk"])
+@pytest.mark.parametrize("text_first,bias,block,tma", [
+    (False, False, (32, 32), 0),
+    (False, True, (32, 64), 2),  # host TMA descriptors; a mask block of two tiles
+    (True, True, (64, 32), 0),  # text first: video and text chunks start off any tile boundary
+])
+def test_fp8_matches_reference_within_e4m3_rounding(precision, text_first, bias, block, tma):
+    gen = torch.Generator().manual_seed(sum(block) + tma + text_first)
+    B, H, frames, Tf, D, T = 2, 3, 3, 37, 32, 19
+    n = frames * Tf  # 111 tokens: the last mask block is partial
+    layer = sparse_rep_layer(gen, H, frames, Tf, block)  # the last head repeats its anchor rows
+    q, k, v = (torch.randn(B, H, n + T, D, generator=gen).half() for _ in range(3))
+    k = k + 2.0 * torch.randn(1, H, 1, D, generator=gen).half()  # a shared key offset: the smoothing removes it
+    tb = padded_bias(B, T, gen, shared=False, step=3) if bias else None
+    kw = dict(text_bias=tb)
+    qq, kk, vv = q, k, v
+    if text_first:
+        qq, kk, vv = (text_to_front(t, n, 2) for t in (q, k, v))
+        kw["video_start"] = T
+    tiles = TA.TileConfig(32, 32, 4, 2, tma)
+    out = torch.full_like(qq, float("nan"))
+    TA.sparse_attention_triton(qq, kk, vv, layer, out=out, tiles=tiles, precision=precision, **kw)
+    assert not torch.isnan(out).any(), "some output element was never written"
+    exact = TA.sparse_attention_triton(qq, kk, vv, layer, tiles=tiles, **kw)
+    ref = sparse_attention_reference(qq.float(), kk.float(), vv.float(), layer, **kw)
+    err = rel(out, ref)
+    # e4m3 keeps 3 mantissa bits: a few % at head_dim 32 on random inputs (the GPU test bounds head_dim 128);
+    # Q·K alone in e4m3 is more exact than with P·V too.
+    assert err < (0.06 if precision == "fp8" else 0.045), err
+    assert rel(exact, ref) < 3e-3 and err > 10 * rel(exact, ref)  # it really ran in e4m3
+    if text_first:  # the same answer as text last, up to the e4m3 rounding of a different chunking
+        last = TA.sparse_attention_triton(q, k, v, layer, tiles=tiles, precision=precision, text_bias=tb)
+        assert rel(text_to_back(out, n, 2), last) < 0.06
+
+
+def test_fp8_rejects_what_it_cannot_run():
+    gen = torch.Generator().manual_seed(1)
+    layer = sparse_rep_layer(gen, 2, 2, 20, (16, 16))
+    q = torch.randn(1, 2, 40, 16, generator=gen).half()
+    with pytest.raises(TA.KernelUnsupported, match="head_dim >= 32"):
+        TA.sparse_attention_triton(q, q, q, layer, precision="fp8")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        TA.sparse_attention_triton(q, q, q, layer, precision="int8")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        SparseRunner(make_bundle(L=1, H=2, block=16), precision="fp16")
+
+
+def _runner_case(monkeypatch, precision):
+    """A runner whose Triton path runs on the CPU (the interpreter stands in for the GPU), and one call per layer."""
+    monkeypatch.setattr(SparseRunner, "_triton_ok", staticmethod(lambda q: q.dtype == torch.float16))
+    monkeypatch.setattr(runner_module, "_fp8_supported", lambda device: True)
+    bundle = make_bundle(L=2, H=3, block=16, repetition=True, seed=3, head_dim=32)
+    grid = bundle.grid
+    gen = torch.Generator().manual_seed(5)
+    runner = SparseRunner(bundle, dense_cutoff=1.0, precision=precision)
+    q, k, v = (torch.randn(2, 3, grid.video_tokens, 32, generator=gen).half() for _ in range(3))
+    return runner, grid, q, k, v
+
+
+def test_runner_checks_each_fp8_layer_once_against_bf16(monkeypatch):
+    runner, grid, q, k, v = _runner_case(monkeypatch, "fp8")
+    bf16, _, _, _, _ = _runner_case(monkeypatch, "bf16")
+    sigma = 1.0
+    for layer in (0, 1, 0):
+        call = AttentionCall(q, k, v, "bhld", 3, layer, sigma, grid, scale=32 ** -0.5)
+        out = runner(call)
+        exact = bf16(AttentionCall(q, k, v, "bhld", 3, layer, sigma, grid, scale=32 ** -0.5))
+        err = rel(out, exact)
+        assert 1e-3 < err <= FP8_ERROR_BOUND, err  # e4m3, within the bound
+    assert sorted(runner.fp8_errors) == [0, 1]
+    assert all(0 < e <= FP8_ERROR_BOUND for e in runner.fp8_errors.values())
+    runner.end()
+    assert runner.fp8_errors == {}  # a new run checks again
+
+
+def test_runner_runs_a_layer_over_the_bound_in_bf16(monkeypatch):
+    runner, grid, q, k, v = _runner_case(monkeypatch, "fp8")
+    bf16, _, _, _, _ = _runner_case(monkeypatch, "bf16")
+    monkeypatch.setattr(runner_module, "FP8_ERROR_BOUND", 1e-6)  # every layer fails it
+    call = AttentionCall(q, k, v, "bhld", 3, 1, 1.0, grid, scale=32 ** -0.5)
+    want = bf16(call)
+    with pytest.warns(RuntimeWarning, match="over the bound"):
+        first = runner(call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per layer and run, not per call
+        second = runner(call)
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    torch.testing.assert_close(second, want, rtol=0, atol=0)
+
+
+def test_runner_without_fp8_hardware_runs_bf16_with_one_warning(monkeypatch):
+    runner, grid, q, k, v = _runner_case(monkeypatch, "fp8")
+    bf16, _, _, _, _ = _runner_case(monkeypatch, "bf16")
+    monkeypatch.setattr(runner_module, "_fp8_supported", lambda device: False)
+    call = AttentionCall(q, k, v, "bhld", 3, 0, 1.0, grid, scale=32 ** -0.5)
+    with pytest.warns(RuntimeWarning, match="not available"):
+        out = runner(call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = runner(call)
+    want = bf16(call)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(again, want, rtol=0, atol=0)
+    assert runner.triton_failures  # recorded on the runner
