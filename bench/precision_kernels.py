@@ -1,11 +1,13 @@
-"""FP8 computed blocks and head_dim 64 tiles against cuDNN dense and our bf16 kernel, in one device run.
+"""8-bit computed blocks and head_dim 64 tiles against cuDNN dense and our bf16 kernel, in one device run.
 
 Sections (each a JSON row; the run stops starting new sections after --budget-s):
   1. speed: Wan 720p (B 2, 40 heads x 128, 75,600 tokens) and 480p (32,760) with 3-D local-window masks at
-     --densities and 1.0; cuDNN SDPA dense, ours bf16, fp8-qk (Q·K e4m3) and fp8 (Q·K and P·V e4m3); time,
+     --densities and 1.0; cuDNN SDPA dense, ours in every precision (bf16; Q·K in e4m3 or int8, P·V in e4m3 or
+     bf16: kernels/support.py QUANTIZED); time,
      effective TFLOP/s, and the relative error of each against an independent float32 masked softmax on sampled
      query blocks and against our bf16 output;
   2. head_dim 64 (32 heads, LTX-Video's shape, 32,760 tokens): tile variants at density 1.0 and 0.38 against cuDNN;
+     and tile variants for the 8-bit precisions at Wan 720p;
   3. error sweep for the FP8 bound: many random and structured inputs (Gaussian, scaled peaky scores, a shared key
      offset, heavy-tailed values, text tokens first and last with a padding bias, a repetitive head), smaller
      shapes, rel error of fp8 / fp8-qk against float32 reference attention on the same skip list.
@@ -40,7 +42,7 @@ from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E40
 SMOKE = BK.SMOKE
 DEV = BK.DEV
 OUT = os.environ.get("OUT")
-RES = {"meta": {}, "speed": [], "hd64": [], "errors": []}
+RES = {"meta": {}, "speed": [], "hd64": [], "errors": [], "q8_tiles": []}
 T0 = time.time()
 
 
@@ -71,7 +73,7 @@ def speed(N, H, D, densities, B=2):
         qbs = [0, g.nq // 2, g.nq - 1]
         ref = BK.masked_rows_ref(q, k, v, m, g, 1 / math.sqrt(D), qbs)
         outs = {}
-        for prec in ("bf16", "fp8-qk", "fp8"):
+        for prec in PRECS:
             out = TA.sparse_attention_triton(q, k, v, layer, precision=prec)
             outs[prec] = out
             err = max(BK.rel(out[:, :, qb * 128:min(qb * 128 + 128, N)], ref[qb]) for qb in qbs)
@@ -85,9 +87,12 @@ def speed(N, H, D, densities, B=2):
         BK._empty()
 
 
-HD64_TILES = [None, TA.TileConfig(128, 64, 4, 3, 2), TA.TileConfig(128, 128, 4, 3, 2), TA.TileConfig(128, 64, 4, 4, 2),
-              TA.TileConfig(128, 128, 8, 4, 2), TA.TileConfig(128, 64, 8, 4, 2), TA.TileConfig(64, 128, 4, 3, 2),
-              TA.TileConfig(128, 128, 8, 2, 2), TA.TileConfig(128, 64, 4, 3, 0)]
+PRECS = ("bf16", "fp8-qk", "fp8", "int8-qk", "int8")
+# The table's tile (None) first; the 2026-12-01 sweep's other candidates (docs/BENCHMARKS.md) after it.
+HD64_TILES = [None, TA.TileConfig(128, 128, 8, 3, 2), TA.TileConfig(128, 64, 4, 4, 2)]
+# 8-bit tiles are half the bytes: more stages fit, and one warpgroup may suffice.
+Q8_TILES = [TA.TileConfig(128, 128, 8, 4, 2), TA.TileConfig(128, 128, 4, 3, 2), TA.TileConfig(128, 128, 8, 2, 2),
+            TA.TileConfig(128, 64, 8, 3, 2)]
 
 
 def hd64(N=32760, H=32, D=64, B=2, densities=(1.0, 0.38)):
@@ -101,7 +106,7 @@ def hd64(N=32760, H=32, D=64, B=2, densities=(1.0, 0.38)):
                                     else BK.local_window_mask(H, g, d, grid, 3, DEV), g).to(DEV) for d in densities}
     want = {d: sparse_attention_reference(q[:, :2], k[:, :2], v[:, :2], _heads(layers[d], 2)) for d in densities}
     for tiles in HD64_TILES if not SMOKE else HD64_TILES[:2]:
-        for prec in ("bf16", "fp8") if tiles is None else ("bf16",):
+        for prec in ("bf16", "fp8", "int8", "int8-qk") if tiles is None else ("bf16",):
             for d, layer in layers.items():
                 try:
                     out = TA.sparse_attention_triton(q, k, v, layer, tiles=tiles, precision=prec)
@@ -115,6 +120,28 @@ def hd64(N=32760, H=32, D=64, B=2, densities=(1.0, 0.38)):
                 except Exception as e:  # noqa: BLE001 - a tile that does not compile is a result
                     emit("hd64", dict(tiles=None if tiles is None else tiles.as_dict(), precision=prec, density=d,
                                       error=repr(e)[:300]))
+    BK._empty()
+
+
+def q8_tiles(N=75600, H=40, D=128, B=2, density=0.38):
+    """Tile variants for the 8-bit precisions at Wan 720p (the table's 128x128 / 8 warps / 3 stages is the base)."""
+    grid = BK.GRIDS[N]
+    g = BlockGeometry(N, 128, 128)
+    gen = torch.Generator(device=DEV).manual_seed(8)
+    dt = torch.float16 if SMOKE else torch.bfloat16
+    q, k, v = (torch.randn(B, H, N, D, device=DEV, generator=gen).to(dt) for _ in range(3))
+    layer = BK.layer_from_mask(BK.local_window_mask(H, g, density, grid, 7, DEV), g).to(DEV)
+    cd = BK.computed_density(layer)
+    base = {p: BK.bench_ms(lambda: TA.sparse_attention_triton(q, k, v, layer, precision=p)) for p in ("bf16", "int8")}
+    for tiles in Q8_TILES if not SMOKE else Q8_TILES[:1]:
+        for prec in ("int8", "fp8"):
+            try:
+                ms = BK.bench_ms(lambda: TA.sparse_attention_triton(q, k, v, layer, tiles=tiles, precision=prec))
+                emit("q8_tiles", dict(tiles=tiles.as_dict(), precision=prec, density=round(cd, 4), ms=ms,
+                                      table_bf16_ms=base["bf16"], table_int8_ms=base["int8"],
+                                      vs_bf16=base["bf16"] / ms))
+            except Exception as e:  # noqa: BLE001
+                emit("q8_tiles", dict(tiles=tiles.as_dict(), precision=prec, error=repr(e)[:300]))
     BK._empty()
 
 
@@ -134,7 +161,7 @@ def error_sweep(cases):
         kw = {key: (val.to(DEV) if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
         ref = sparse_attention_reference(q.float(), k.float(), v.float(), layer, **kw)
         row = {"case": name}
-        for prec in ("bf16", "fp8-qk", "fp8"):
+        for prec in PRECS:
             out = TA.sparse_attention_triton(q, k, v, layer, precision=prec, **kw)
             row[prec] = BK.rel(out, ref)
         emit("errors", row)
@@ -195,7 +222,7 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--budget-s", type=float, default=420)
     ap.add_argument("--densities", default="0.38,0.25")
-    ap.add_argument("--sections", default="errors,speed720,hd64,speed480")
+    ap.add_argument("--sections", default="errors,speed720,hd64,q8tiles,speed480")
     a = ap.parse_args()
     import triton
     RES["meta"] = dict(torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"),
@@ -212,6 +239,8 @@ def main():
             speed(400 if SMOKE else 75600, 2 if SMOKE else 40, 32 if SMOKE else 128, dens)
         elif sec == "speed480":
             speed(300 if SMOKE else 32760, 2 if SMOKE else 40, 32 if SMOKE else 128, dens)
+        elif sec == "q8tiles":
+            q8_tiles(*((400, 2, 32, 1, 0.5) if SMOKE else ()))
         elif sec == "hd64":
             if SMOKE:
                 hd64(N=300, H=2, D=64, B=1, densities=(1.0,))

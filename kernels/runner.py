@@ -233,8 +233,8 @@ class SparseRunner:
         if self.precision == "bf16" or not self._health.ok(key) or (err is not None and not err <= FP8_ERROR_BOUND):
             return sparse_attention_triton(q, k, v, layer, **kw)
         try:
-            if q.shape[-1] < 32 or not _fp8_supported(q.device):
-                raise KernelUnsupported(f"needs an FP8 GPU (Ada or Hopper) and head_dim >= 32, got {q.device} with "
+            if q.shape[-1] < 32 or not _precision_supported(self.precision, q.device):
+                raise KernelUnsupported(f"needs the GPU's 8-bit tensor cores and head_dim >= 32, got {q.device} with "
                                         f"head_dim {q.shape[-1]}")
             out = sparse_attention_triton(q, k, v, layer, precision=self.precision, **kw)
         except Exception as e:  # noqa: BLE001 - FP8 is an option: bf16 is the exact fallback
@@ -280,6 +280,6 @@ class SparseRunner:
                                                    video_start=call.video_start))
 
 
-def _fp8_supported(device) -> bool:
-    from .attention.triton_fp8 import fp8_supported
-    return fp8_supported(torch.device(device))
+def _precision_supported(precision: str, device) -> bool:
+    from .attention.triton_fp8 import precision_supported
+    return precision_supported(precision, torch.device(device))

@@ -16,9 +16,19 @@ import torch
 
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16)
-# Precision of the computed blocks (kernels/attention/triton_fp8.py): bf16 as given, or e4m3 for Q·K and P·V
-# ("fp8") or for Q·K only ("fp8-qk"). FP8 runs on Ada / Hopper (sm89+) with head_dim >= 32; elsewhere bf16.
-PRECISIONS = ("bf16", "fp8", "fp8-qk")
+# Precision of the computed blocks (kernels/attention/triton_fp8.py): bf16 as given, or 8-bit Q·K (e4m3 or int8)
+# with P·V in e4m3 or bf16. name -> (Q·K in int8 (else e4m3), P·V in e4m3 (else bf16)).
+QUANTIZED = {"fp8": (False, True), "fp8-qk": (False, False), "int8": (True, True), "int8-qk": (True, False)}
+PRECISIONS = ("bf16",) + tuple(QUANTIZED)
+
+
+def precision_capability(precision: str) -> tuple:
+    """The smallest CUDA capability a precision runs on: int8 tensor cores from Ampere (sm80), e4m3 from Ada
+    (sm89); bf16 everywhere the kernels run."""
+    if precision == "bf16":
+        return (0, 0)
+    qk_int8, pv_fp8 = QUANTIZED[precision]
+    return (8, 9) if pv_fp8 or not qk_int8 else (8, 0)
 # The largest relative error (L2, over a call's whole output) an FP8 layer may have against the same layer in bf16
 # for the runner to keep it in FP8; checked on each layer's first call of a run (docs/BENCHMARKS.md, "FP8").
 FP8_ERROR_BOUND = 0.05

@@ -89,8 +89,11 @@ class TileConfig:
 # "## Kernels"; 32,760 tokens, 40 heads, bf16): 128x128 tiles, 8 warps (two consumer warpgroups of 64 rows),
 # 3 stages, K/V through TMA: 559-564 TFLOP/s dense. Pointer loads: 474; 128x64/4 warps: 406; 64x128/4 warps: 476;
 # 2 stages: 454; 4 stages: out of shared memory; warp specialisation: within noise. Host and in-kernel descriptors
-# time the same; host ones need no scratch allocator, so they are the default. head_dim 64 was not measured.
-_HOPPER = {128: TileConfig(128, 128, 8, 3, 2), 64: TileConfig(128, 128, 8, 3, 2)}
+# time the same; host ones need no scratch allocator, so they are the default. head_dim 64 (LTX-Video's 32 heads x
+# 64, 32,760 tokens, B 2, bf16; H200, bench/precision_kernels.py, docs/BENCHMARKS.md "FP8 and head_dim 64"): 128x128
+# tiles with ONE warpgroup (4 warps), 3 stages, TMA: 1.08x / 1.06x cuDNN's TFLOP/s at density 1.0 / 0.38; the
+# head_dim 128 tile (8 warps) 0.88x; 128x64 / 4 warps 1.00x / 0.99x; 2 stages 0.76x.
+_HOPPER = {128: TileConfig(128, 128, 8, 3, 2), 64: TileConfig(128, 128, 4, 3, 2)}
 # Ampere / Ada: no TMA; the classic FA2 Triton shape.
 _AMPERE = {128: TileConfig(128, 64, 4, 3, 0), 64: TileConfig(128, 64, 4, 3, 0)}
 

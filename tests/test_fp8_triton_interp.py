@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWar
               pytest.mark.usefixtures("one_thread")]
 
 
-@pytest.mark.parametrize("precision", ["fp8", "fp8-qk"])
+@pytest.mark.parametrize("precision", ["fp8", "fp8-qk", "int8", "int8-qk"])
 @pytest.mark.parametrize("text_first,bias,block,tma", [
     (False, False, (32, 32), 0),
     (False, True, (32, 64), 2),  # host TMA descriptors; a mask block of two tiles
@@ -57,7 +57,7 @@ def test_fp8_matches_reference_within_e4m3_rounding(precision, text_first, bias,
     err = rel(out, ref)
     # e4m3 keeps 3 mantissa bits: a few % at head_dim 32 on random inputs (the GPU test bounds head_dim 128);
     # Q·K alone in e4m3 is more exact than with P·V too.
-    assert err < (0.06 if precision == "fp8" else 0.045), err
+    assert err < {"fp8": 0.06, "fp8-qk": 0.045, "int8": 0.045, "int8-qk": 0.01}[precision], err
     assert rel(exact, ref) < 3e-3 and err > 10 * rel(exact, ref)  # it really ran in e4m3
     if text_first:  # the same answer as text last, up to the e4m3 rounding of a different chunking
         last = TA.sparse_attention_triton(q, k, v, layer, tiles=tiles, precision=precision, text_bias=tb)
@@ -71,7 +71,7 @@ def test_fp8_rejects_what_it_cannot_run():
     with pytest.raises(TA.KernelUnsupported, match="head_dim >= 32"):
         TA.sparse_attention_triton(q, q, q, layer, precision="fp8")
     with pytest.raises(ValueError, match="precision must be one of"):
-        TA.sparse_attention_triton(q, q, q, layer, precision="int8")
+        TA.sparse_attention_triton(q, q, q, layer, precision="int4")
     with pytest.raises(ValueError, match="precision must be one of"):
         SparseRunner(make_bundle(L=1, H=2, block=16), precision="fp16")
 
@@ -79,7 +79,7 @@ def test_fp8_rejects_what_it_cannot_run():
 def _runner_case(monkeypatch, precision):
     """A runner whose Triton path runs on the CPU (the interpreter stands in for the GPU), and one call per layer."""
     monkeypatch.setattr(SparseRunner, "_triton_ok", staticmethod(lambda q: q.dtype == torch.float16))
-    monkeypatch.setattr(runner_module, "_fp8_supported", lambda device: True)
+    monkeypatch.setattr(runner_module, "_precision_supported", lambda precision, device: True)
     bundle = make_bundle(L=2, H=3, block=16, repetition=True, seed=3, head_dim=32)
     grid = bundle.grid
     gen = torch.Generator().manual_seed(5)
@@ -122,7 +122,7 @@ def test_runner_runs_a_layer_over_the_bound_in_bf16(monkeypatch):
 def test_runner_without_fp8_hardware_runs_bf16_with_one_warning(monkeypatch):
     runner, grid, q, k, v = _runner_case(monkeypatch, "fp8")
     bf16, _, _, _, _ = _runner_case(monkeypatch, "bf16")
-    monkeypatch.setattr(runner_module, "_fp8_supported", lambda device: False)
+    monkeypatch.setattr(runner_module, "_precision_supported", lambda precision, device: False)
     call = AttentionCall(q, k, v, "bhld", 3, 0, 1.0, grid, scale=32 ** -0.5)
     with pytest.warns(RuntimeWarning, match="not available"):
         out = runner(call)

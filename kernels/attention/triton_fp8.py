@@ -24,28 +24,35 @@ import torch
 import triton
 import triton.language as tl
 
-from ..support import PRECISIONS  # noqa: F401 - re-exported for the attention host code
+from ..support import precision_capability
 from ..triton_common import load_tile, tile_source
 
 E4M3_MAX = 448.0
 
 
-def fp8_supported(device: torch.device) -> bool:
-    """e4m3 tensor-core dot products: Ada (sm89) and Hopper (sm90) and newer; the interpreter emulates them."""
+def precision_supported(precision: str, device: torch.device) -> bool:
+    """Whether the GPU has the tensor cores the precision needs (support.precision_capability); the interpreter
+    emulates them all."""
     from ..triton_common import interpreting
     if interpreting():
         return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= precision_capability(precision)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # device code
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
+def _round_int8(x):
+    # Round half away from zero; |x| <= 127 by construction (the scale is the block's max / 127).
+    return tl.where(x >= 0, tl.floor(x + 0.5), -tl.floor(-x + 0.5)).to(tl.int8)
+
+
+@triton.jit
 def _quant_kv(K, V, KM, VSC, K8, KS, V8T,
               skb, skh, skl, svb, svh, svl, k8b, k8h, k8l, v8b, v8h, v8d, ks_bh,
               H, N, NV, VS, TS, NVC,
-              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr):
+              HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PV_FP8: tl.constexpr, QK_INT8: tl.constexpr):
     """One program per (key chunk, batch*head): chunk c < NVC holds video keys VS + c*BLOCK_N.., the others text keys
     TS + (c - NVC)*BLOCK_N..; writes the chunk's smoothed e4m3 keys (rows c*BLOCK_N..) and scale, and (PV_FP8) its
     e4m3 values transposed (columns c*BLOCK_N..)."""
@@ -68,8 +75,14 @@ def _quant_kv(K, V, KM, VSC, K8, KS, V8T,
     k = tl.load(K + b * skb + h * skh + r64[:, None] * skl + offs_d[None, :], mask=ok[:, None], other=0.0)
     km = tl.load(KM + bh * HEAD_DIM + offs_d)
     k = tl.where(ok[:, None], k.to(tl.float32) - km[None, :], 0.0)
-    ks = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), 1e-30) / 448.0
-    tl.store(K8 + b * k8b + h * k8h + dst[:, None] * k8l + offs_d[None, :], (k / ks).to(tl.float8e4nv))
+    ks = tl.maximum(tl.max(tl.max(tl.abs(k), 1), 0), 1e-30)
+    if QK_INT8:
+        ks = ks / 127.0
+        k8 = _round_int8(k / ks)
+    else:
+        ks = ks / 448.0
+        k8 = (k / ks).to(tl.float8e4nv)
+    tl.store(K8 + b * k8b + h * k8h + dst[:, None] * k8l + offs_d[None, :], k8)
     tl.store(KS + bh * ks_bh + c, ks)
     if PV_FP8:
         v = tl.load(V + b * svb + h * svh + r64[:, None] * svl + offs_d[None, :], mask=ok[:, None], other=0.0)
@@ -97,21 +110,36 @@ def _load_v(desc, base, b, h, chunk, start_n, n_rows, stride, offs_n, offs_d, DE
 
 
 @triton.jit
-def _scores(q8, k8, row_scale, ks):
-    # Log2-domain scores: the row's scale carries the softmax scale and log2(e), ks the key chunk's scale.
-    return tl.dot(q8, tl.trans(k8)) * (row_scale * ks)[:, None]
-
-
-@triton.jit
-def _update(acc, l_i, m_i, s, v, PV_FP8: tl.constexpr):
-    """One online-softmax step on scores s (float32 running max and sums, as the bf16 kernel)."""
-    m_ij = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_ij[:, None])
+def _step(acc, l_i, m_i, q8, k8, v, c, cols, limit, bias_row, key_start, MASK_COLS: tl.constexpr,
+          HAS_BIAS: tl.constexpr, QK_INT8: tl.constexpr, PV_FP8: tl.constexpr):
+    """One online-softmax step over a key tile, in the log2 domain; c [BLOCK_M] is the row's scale times the key
+    chunk's (the softmax scale and log2(e) folded in). Without a bias the scale is applied inside the exponent's
+    fused multiply-add, as the bf16 kernel does. With PV_FP8 the probabilities come out of exp2 already scaled by
+    448 (e4m3's largest value; log2(448) is folded into the subtracted max), and the row sums carry the same factor,
+    so it cancels in acc / l_i."""
+    if QK_INT8:
+        qk = tl.dot(q8, tl.trans(k8), out_dtype=tl.int32).to(tl.float32)
+    else:
+        qk = tl.dot(q8, tl.trans(k8))
+    if PV_FP8:
+        shift = 8.807354922057604  # log2(448)
+    else:
+        shift = 0.0
+    if HAS_BIAS:
+        bias = tl.load(bias_row + (cols - key_start), mask=cols < limit, other=float("-inf"))
+        s = qk * c[:, None] + (bias * 1.4426950408889634)[None, :]
+        m_ij = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - (m_ij - shift)[:, None])
+    else:
+        if MASK_COLS:
+            qk = tl.where((cols < limit)[None, :], qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1) * c)
+        p = tl.math.exp2(qk * c[:, None] - (m_ij - shift)[:, None])
     alpha = tl.math.exp2(m_i - m_ij)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
     if PV_FP8:
-        acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc)
+        acc = tl.dot(p.to(tl.float8e4nv), v, acc)
     else:
         acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_ij
@@ -125,7 +153,7 @@ def _sparse_video_fp8_fwd(Q, K8, V, O, DK, DV, KS, VSC, IDX, CNT, SKIP_ROWS, TB,
                           BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_K: tl.constexpr,
                           HAS_TEXT: tl.constexpr, DESC_MODE: tl.constexpr, STAGES: tl.constexpr,
-                          HAS_BIAS: tl.constexpr, PV_FP8: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, PV_FP8: tl.constexpr, QK_INT8: tl.constexpr):
     """triton_fwd._sparse_video_fwd with e4m3 Q·K (and P·V with PV_FP8). K8 (and with PV_FP8 the transposed values)
     are stored by chunk (NC rows = chunks * BLOCK_N); V's strides (svb, svh, svl) are those of the transposed e4m3
     values with PV_FP8 (svl: the stride between channels)."""
@@ -153,8 +181,13 @@ def _sparse_video_fp8_fwd(Q, K8, V, O, DK, DV, KS, VSC, IDX, CNT, SKIP_ROWS, TB,
         seq_m = (VS + offs_m).to(tl.int64)
         q = tl.load(Q + b64 * sqb + h64 * sqh + seq_m[:, None] * sql + offs_d[None, :], mask=row_ok[:, None],
                     other=0.0).to(tl.float32)
-        q_scale = tl.maximum(tl.max(tl.abs(q), 1), 1e-30) / 448.0
-        q8 = (q / q_scale[:, None]).to(tl.float8e4nv)
+        q_scale = tl.maximum(tl.max(tl.abs(q), 1), 1e-30)
+        if QK_INT8:
+            q_scale = q_scale / 127.0
+            q8 = _round_int8(q / q_scale[:, None])
+        else:
+            q_scale = q_scale / 448.0
+            q8 = (q / q_scale[:, None]).to(tl.float8e4nv)
         row_scale = q_scale * qk_scale
         desc_k = tile_source(DK, k_base, NC, skl, HEAD_DIM, BLOCK_N, DESC_MODE)
         desc_v = DV
@@ -175,7 +208,8 @@ def _sparse_video_fp8_fwd(Q, K8, V, O, DK, DV, KS, VSC, IDX, CNT, SKIP_ROWS, TB,
             k = load_tile(desc_k, k_base, b, h, chunk * BLOCK_N, NC, skl, offs_n, offs_d, DESC_MODE, False)
             v = _load_v(desc_v, v_base, b, h, chunk, start_n, N, svl, offs_n, offs_d, DESC_MODE, False, PV_FP8,
                         BLOCK_N)
-            acc, l_i, m_i = _update(acc, l_i, m_i, _scores(q8, k, row_scale, tl.load(ks_row + chunk)), v, PV_FP8)
+            c = tl.maximum(row_scale * tl.load(ks_row + chunk), 1e-30)
+            acc, l_i, m_i = _step(acc, l_i, m_i, q8, k, v, c, offs_n, 0, TB, 0, False, False, QK_INT8, PV_FP8)
         if TAIL_K:
             if n_blocks < cnt:
                 for t in range(0, TAIL_TILES):
@@ -184,9 +218,9 @@ def _sparse_video_fp8_fwd(Q, K8, V, O, DK, DV, KS, VSC, IDX, CNT, SKIP_ROWS, TB,
                     k = load_tile(desc_k, k_base, b, h, start_n, NC, skl, offs_n, offs_d, DESC_MODE, False)
                     v = _load_v(desc_v, v_base, b, h, chunk, VS + start_n, N, svl, offs_n, offs_d, DESC_MODE, True,
                                 PV_FP8, BLOCK_N)
-                    sc = _scores(q8, k, row_scale, tl.load(ks_row + chunk))
-                    sc = tl.where((start_n + offs_n < NV)[None, :], sc, float("-inf"))
-                    acc, l_i, m_i = _update(acc, l_i, m_i, sc, v, PV_FP8)
+                    c = tl.maximum(row_scale * tl.load(ks_row + chunk), 1e-30)
+                    acc, l_i, m_i = _step(acc, l_i, m_i, q8, k, v, c, start_n + offs_n, NV, TB, 0, True, False,
+                                          QK_INT8, PV_FP8)
         if HAS_TEXT:
             text_end = TS + N - NV
             for start_n in tl.range(TS, text_end, BLOCK_N, num_stages=STAGES):
@@ -195,17 +229,13 @@ def _sparse_video_fp8_fwd(Q, K8, V, O, DK, DV, KS, VSC, IDX, CNT, SKIP_ROWS, TB,
                 k = load_tile(desc_k, k_base, b, h, chunk * BLOCK_N, NC, skl, offs_n, offs_d, DESC_MODE, False)
                 v = _load_v(desc_v, v_base, b, h, chunk, start_n, text_end, svl, offs_n, offs_d, DESC_MODE, True,
                             PV_FP8, BLOCK_N)
-                sc = _scores(q8, k, row_scale, tl.load(ks_row + chunk))
-                if HAS_BIAS:
-                    # Natural-log units, as the host mask; columns past the text get -inf through the load.
-                    bias = tl.load(TB + b64 * stb + (cols - TS), mask=cols < text_end, other=float("-inf"))
-                    sc = sc + (bias * 1.4426950408889634)[None, :]
-                else:
-                    sc = tl.where((cols < text_end)[None, :], sc, float("-inf"))
-                acc, l_i, m_i = _update(acc, l_i, m_i, sc, v, PV_FP8)
+                c = tl.maximum(row_scale * tl.load(ks_row + chunk), 1e-30)
+                # The bias is in natural-log units, as the host mask; columns past the text get -inf.
+                acc, l_i, m_i = _step(acc, l_i, m_i, q8, k, v, c, cols, text_end, TB + b64 * stb, TS, True, HAS_BIAS,
+                                      QK_INT8, PV_FP8)
         out = acc / l_i[:, None]
         if PV_FP8:
-            out = out * (tl.load(VSC + bh * HEAD_DIM + offs_d) / 448.0)[None, :]
+            out = out * tl.load(VSC + bh * HEAD_DIM + offs_d)[None, :]
         tl.store(o_base + seq_m[:, None] * sol + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
 
@@ -213,7 +243,7 @@ def _sparse_video_fp8_fwd(Q, K8, V, O, DK, DV, KS, VSC, IDX, CNT, SKIP_ROWS, TB,
 # host side
 # ---------------------------------------------------------------------------------------------------------------
 def quantize_kv(kh: torch.Tensor, vh: torch.Tensor, *, video_tokens: int, video_start: int, text_start: int,
-                block_n: int, pv_fp8: bool):
+                block_n: int, pv_fp8: bool, qk_int8: bool):
     """(k8, k_scales, v_for_the_kernel, v_scales, video_chunks): smoothed e4m3 keys (B, H, chunks * block_n, D) with
     one scale per key chunk ([B*H, chunks] float32), and the values (the bf16 ones, or with pv_fp8 e4m3 transposed
     to (B, H, D, chunks * block_n) with one scale per channel, [B*H, D] float32). Two torch reductions (the mean key, the values' range per channel) and one
@@ -223,7 +253,7 @@ def quantize_kv(kh: torch.Tensor, vh: torch.Tensor, *, video_tokens: int, video_
     nvc = triton.cdiv(video_tokens, block_n)
     chunks = nvc + triton.cdiv(N - video_tokens, block_n)
     k_mean = torch.mean(kh, dim=2, dtype=torch.float32).contiguous()  # [B, H, D]
-    k8 = torch.empty(B, H, chunks * block_n, D, dtype=torch.float8_e4m3fn, device=dev)
+    k8 = torch.empty(B, H, chunks * block_n, D, dtype=torch.int8 if qk_int8 else torch.float8_e4m3fn, device=dev)
     ks = torch.empty(B * H, chunks, dtype=torch.float32, device=dev)
     if pv_fp8:
         lo, hi = torch.aminmax(vh, dim=2)
@@ -236,7 +266,7 @@ def quantize_kv(kh: torch.Tensor, vh: torch.Tensor, *, video_tokens: int, video_
         kh.stride(0), kh.stride(1), kh.stride(2), vh.stride(0), vh.stride(1), vh.stride(2),
         k8.stride(0), k8.stride(1), k8.stride(2), v8t.stride(0), v8t.stride(1), v8t.stride(2), ks.stride(0),
         H, N, video_tokens, video_start, text_start, nvc,
-        HEAD_DIM=D, BLOCK_N=block_n, PV_FP8=pv_fp8, num_warps=4)
+        HEAD_DIM=D, BLOCK_N=block_n, PV_FP8=pv_fp8, QK_INT8=qk_int8, num_warps=4)
     return k8, ks, (v8t if pv_fp8 else vh), (v_scale if pv_fp8 else None), nvc
 
 

@@ -31,8 +31,8 @@ import triton.language as tl
 
 from ...masks.skiplists import LayerSkipList
 from ..layouts import from_bhld, to_bhld, token_spans
-from ..support import KernelUnsupported, check_triton
-from .triton_fp8 import PRECISIONS, _sparse_video_fp8_fwd, fp8_supported, quantize_kv, v_descriptor
+from ..support import PRECISIONS, QUANTIZED, KernelUnsupported, check_triton
+from .triton_fp8 import _sparse_video_fp8_fwd, precision_supported, quantize_kv, v_descriptor
 from ..triton_common import (LOG2E, TileConfig, bias_arg, biased_scores, ensure_allocator, host_descs,
                              interpreting, load_tile, pick_tiles, tile_source, tma_ok)
 
@@ -255,8 +255,9 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     text_bias: (T,), (1, T) or (B, T) additive bias on the text keys' scores (kernels/text_bias.py).
     video_start: 0 (text after the video) or the text token count (text first; kernels/layouts.py token_spans).
     tiles: a tile configuration taken as given (benchmarks sweep variants through it); None picks from the table.
-    precision: "bf16" (q, k, v as given), "fp8" (the video rows' Q·K and P·V in e4m3) or "fp8-qk" (Q·K only);
-    kernels/attention/triton_fp8.py. FP8 needs head_dim >= 32 and an sm89+ GPU (KernelUnsupported otherwise)."""
+    precision: "bf16" (q, k, v as given) or a kernels/support.py QUANTIZED name: the video rows' Q·K in 8 bits (e4m3
+    "fp8*", int8 "int8*"), P·V in e4m3 too or in bf16 ("*-qk"); kernels/attention/triton_fp8.py. Needs head_dim >= 32
+    and the GPU's 8-bit tensor cores (KernelUnsupported otherwise)."""
     qh, kh, vh = (to_bhld(t, layout, heads) for t in (q, k, v))
     B, H, N, D = qh.shape
     g = skip.geometry
@@ -269,9 +270,10 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     check_triton(qh, kh, vh, need_cuda=False)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "bf16" and (D < 32 or not fp8_supported(qh.device)):
-        raise KernelUnsupported(f"precision {precision} needs head_dim >= 32 and a GPU with FP8 tensor cores (Ada "
-                                f"or Hopper, sm89+); this call has head_dim {D} on {qh.device}")
+    if precision != "bf16" and (D < 32 or not precision_supported(precision, qh.device)):
+        raise KernelUnsupported(f"precision {precision} needs head_dim >= 32 and a GPU with its 8-bit tensor cores "
+                                f"(int8: Ampere sm80+, e4m3: Ada / Hopper sm89+); this call has head_dim {D} on "
+                                f"{qh.device}")
     qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = qh.device
@@ -322,7 +324,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
             HAS_BIAS=tb is not None, num_warps=cfg.num_warps)
     else:
         _fp8_video_rows(qh, kh, vh, out, idx, cnt, skip_rows, tb, stb, g, cfg, mode, vs, ts, qk_scale, grid,
-                        pv_fp8=precision == "fp8")
+                        *QUANTIZED[precision])
     dense_cfg = pick_tiles(D, 128, 128, dev, tiles)
     dm = dense_cfg.block_m
     if Nt or rows.anchor_heads is not None:
@@ -355,7 +357,8 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     return from_bhld(out, layout)
 
 
-def _fp8_video_rows(qh, kh, vh, out, idx, cnt, skip_rows, tb, stb, g, cfg, mode, vs, ts, qk_scale, grid, *, pv_fp8):
+def _fp8_video_rows(qh, kh, vh, out, idx, cnt, skip_rows, tb, stb, g, cfg, mode, vs, ts, qk_scale, grid, qk_int8,
+                    pv_fp8):
     """The video rows' launch with e4m3 computed blocks (kernels/attention/triton_fp8.py): K (and V) quantized
     once for the call, Q per row in the kernel. Host descriptors where the bf16 launch would use them; pointer loads
     for small calls (in-kernel descriptors are not wired for the transposed values)."""
@@ -363,7 +366,7 @@ def _fp8_video_rows(qh, kh, vh, out, idx, cnt, skip_rows, tb, stb, g, cfg, mode,
     Nv = g.num_tokens
     mode = 2 if mode == 2 else 0
     k8, ks, vq, v_scale, nvc = quantize_kv(kh, vh, video_tokens=Nv, video_start=vs, text_start=ts,
-                                           block_n=cfg.block_n, pv_fp8=pv_fp8)
+                                           block_n=cfg.block_n, pv_fp8=pv_fp8, qk_int8=qk_int8)
     dk = host_descs(k8, k8, cfg.block_n, mode)[0]
     dv = v_descriptor(vq, cfg.block_n, pv_fp8, mode)
     tail_tiles = triton.cdiv(Nv - (g.nk - 1) * g.block_k, cfg.block_n)
@@ -376,4 +379,4 @@ def _fp8_video_rows(qh, kh, vh, out, idx, cnt, skip_rows, tb, stb, g, cfg, mode,
         H, N, Nv, vs, ts, g.nk, nvc, k8.shape[2], tail_tiles, qk_scale,
         BLOCK_Q=g.block_q, BLOCK_K=g.block_k, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         TAIL_K=Nv % g.block_k != 0, HAS_TEXT=N > Nv, DESC_MODE=mode, STAGES=cfg.stages, HAS_BIAS=tb is not None,
-        PV_FP8=pv_fp8, num_warps=cfg.num_warps)
+        PV_FP8=pv_fp8, QK_INT8=qk_int8, num_warps=cfg.num_warps)
