@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,9 +38,8 @@ from ..kernels.layouts import to_bhld
 from ..kernels.stats import block_energy, block_row_counts
 from ..masks.bundle import MaskBundle
 from ..masks.geometry import ModelSignature, TokenGrid
-from ..masks.packing import pack_bits, row_counts, unpack_bits
-from ..masks.skiplists import SkipLists
-from .repetition import anchor_plan, build_plan, decide_repetitive, repetition_scores
+from ..masks.packing import pack_bits, row_counts
+from .repetition import anchor_plan, decide_repetitive, repetition_scores
 from .selection import kept_mass, mean_block_mass, select_blocks, share_steps, vote
 from .settings import CalibrationSettings
 from .stats import CalibrationStats, StatsError, same_sigma
@@ -344,7 +342,8 @@ class Calibrator:
         step_bucket, bucket_masks, bucket_rep = share_steps([x[1] for x in steps], step_t, self.settings.share_iou,
                                                             self.settings.share_after, [x[2] for x in steps])
         del steps
-        buckets = _LazyBuckets(bucket_masks, bucket_rep, self.geometry, self.grid, self.anchors, self.row_anchor)
+        # Every repetitive head of a calibration shares its one anchor plan (row 0).
+        slots = [None if r is None else torch.where(r, 0, -1).to(torch.int32) for r in bucket_rep]
         A, C, k = self.settings.eps_params()
         settings = {
             "calibration": self.settings.to_dict(),
@@ -355,36 +354,9 @@ class Calibrator:
             "eps_per_step": [round(st.steps[i].eps, 6) for i in st.step_order()],
             "repetitive_entries": int(sum(int(r.sum()) for r in bucket_rep)),
         }
-        return MaskBundle.from_skip_lists(self.signature, self.grid, buckets, sigmas, step_bucket, settings=settings)
-
-
-class _LazyBuckets(Sequence):
-    """SkipLists per bucket, built when asked for, so only one bucket's unpacked masks exist at a time."""
-
-    def __init__(self, masks, reps, geometry, grid, anchors, row_anchor):
-        self.masks, self.reps = masks, reps
-        self.geometry, self.grid = geometry, grid
-        self.anchors, self.row_anchor = anchors, row_anchor
-        self._last = (None, None)
-
-    def __len__(self):
-        return len(self.masks)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        if self._last[0] == i:
-            return self._last[1]
-        mask = unpack_bits(self.masks[i], self.geometry.nk)
-        plan = build_plan(self.reps[i], self.grid, self.anchors, self.row_anchor) if self.reps[i] is not None \
-            else None
-        sl = SkipLists.from_block_mask(mask, self.geometry, plan)
-        self._last = (i, sl)
-        return sl
+        return MaskBundle.from_packed(self.signature, self.grid, self.geometry, bucket_masks, sigmas, step_bucket,
+                                      bucket_rep=slots, rep_anchors=self.anchors[None],
+                                      rep_row_anchor=self.row_anchor[None], settings=settings)
 
 
 def prompt_key(prompt) -> str:
