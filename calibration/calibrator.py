@@ -37,7 +37,7 @@ from ..kernels.dense import dense_attention
 from ..kernels.layouts import to_bhld
 from ..kernels.stats import block_energy, block_row_counts
 from ..masks.bundle import MaskBundle
-from ..masks.geometry import ModelSignature, TokenGrid
+from ..masks.geometry import ModelSignature, TokenGrid, anchor_share
 from ..masks.packing import pack_bits, row_counts
 from .repetition import anchor_plan, decide_repetitive, repetition_scores
 from .selection import kept_mass, mean_block_mass, select_blocks, share_steps, vote
@@ -308,8 +308,7 @@ class Calibrator:
         g = self.geometry
         L, H = st.num_layers, st.num_heads
         diag = g.diagonal()
-        frames = self.grid.frames
-        anchor_share = frames * int(self.anchors.numel()) / g.num_tokens
+        rep_share = anchor_share(g.num_tokens, self.grid.frame_tokens, int(self.anchors.numel()))
         s = self.settings
         out = []
         for sid in st.step_order():
@@ -328,7 +327,7 @@ class Calibrator:
             rep = torch.zeros(L, H, dtype=torch.bool)
             if s.repetition:
                 rep = decide_repetitive(st.rep_err[sid] / n, st.rep_frac[sid] / n, st.drop[sid] / n, density,
-                                        anchor_share, s.rep_min_fraction)
+                                        rep_share, s.rep_min_fraction)
                 rep &= (st.observed[sid] > 0)[:, None]
             out.append((st.steps[sid].sigma, packed, rep, st.steps[sid]))
         return out

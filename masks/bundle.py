@@ -16,7 +16,7 @@ import torch
 
 from ..version import __version__
 from .errors import BundleError
-from .geometry import ModelSignature, TokenGrid
+from .geometry import ModelSignature, TokenGrid, anchor_share
 from .packing import pack_bits, row_bytes, row_counts
 from .sigmas import SigmaBuckets, validate_sigmas
 from .skiplists import BlockGeometry, LayerSkipList, RepetitionPlan, SkipLists, packed_to_table
@@ -208,8 +208,7 @@ class MaskBundle:
         per_mask = self._mask_counts()[1].double() / (g.nq * g.nk)
         dens = per_mask[self.entry_mask.long()]
         if self.rep_anchors.shape[0]:
-            frames = max(1, g.num_tokens // self.grid.frame_tokens)
-            rep_share = min(1.0, frames * self.rep_anchors.shape[1] / g.num_tokens)
+            rep_share = anchor_share(g.num_tokens, self.grid.frame_tokens, self.rep_anchors.shape[1])
             dens = torch.where(self.entry_rep >= 0, torch.full_like(dens, rep_share), dens)
         return dens
 
