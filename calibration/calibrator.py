@@ -29,16 +29,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from ..kernels.call import AttentionCall
 from ..kernels.dense import dense_attention
-from ..kernels.layouts import to_bhld
+from ..kernels.layouts import as_layout
 from ..kernels.stats import block_energy, block_row_counts
 from ..masks.bundle import MaskBundle
 from ..masks.geometry import ModelSignature, TokenGrid, anchor_share
 from ..masks.packing import pack_bits, row_counts
+from ..masks.sigmas import SigmaSteps
 from .repetition import anchor_plan, decide_repetitive, repetition_scores
 from .selection import kept_mass, mean_block_mass, select_blocks, share_steps, vote
 from .settings import CalibrationSettings
@@ -98,7 +98,7 @@ class Calibrator:
             s = s[:-1]
         if not s:
             raise ValueError("sample_sigmas is empty: pass the sampler's sigma schedule (noisiest first)")
-        self._schedule = s
+        self._schedule = SigmaSteps(s)
 
     def abort_prompt(self):
         """Forget the prompt in progress; committed statistics are untouched."""
@@ -119,7 +119,8 @@ class Calibrator:
         self._record = None
         self._sigma = None
         if self.progress is not None:
-            self.progress(self._steps_seen, len(self._schedule) if self._schedule else self.settings.steps)
+            total = len(self._schedule) if self._schedule is not None else self.settings.steps
+            self.progress(self._steps_seen, total)
         if self._executor is None:
             self._commit(record, key, save_to)
         else:
@@ -162,7 +163,7 @@ class Calibrator:
         if self._sigma is None or not same_sigma(sigma, self._sigma):
             self._start_step(sigma)
         eps = self._record[self._step_key(sigma)]["eps"]
-        ob = out if out.dim() == 4 else to_bhld(out, "bld", call.heads)
+        ob = as_layout(out, "bhld", call.heads)
         if rows is not None and rows != list(range(q.shape[0])):
             if rows == list(range(rows[0], rows[0] + len(rows))):  # the usual case: a view, no copy
                 q, k, ob = (t[rows[0]:rows[0] + len(rows)] for t in (q, k, ob))
@@ -236,7 +237,7 @@ class Calibrator:
             return  # a step seen earlier in this prompt (second-order samplers revisit sigmas)
         if self._schedule is not None:
             T = len(self._schedule)
-            t = int(np.argmin([abs(s - sigma) for s in self._schedule]))
+            t = self._schedule.index(sigma)
         else:
             if self.settings.steps is None:
                 raise ValueError("eps(t) needs the schedule length: pass sample_sigmas to begin_prompt() or set "

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from ..adapters import diffusers_wan as adapter
 from ..calibration import Calibrator, CalibrationSettings
+from ..masks.sigmas import in_dense_window, step_fraction
 from . import pipeline
 
 HOOK_KW = {"vae_stride": (1, 1, 1)}  # pixel space: the "VAE" is the identity
@@ -20,7 +21,7 @@ def _on_step(hook, batch: int, guidance: float):
     rows = pipeline.positive_rows_for(2 * batch if guidance != 1.0 else batch, guidance)
 
     def on_step(i, sigma, n):
-        hook.begin_step(sigma, i / max(1, n - 1), rows)
+        hook.begin_step(sigma, step_fraction(i, n), rows)
     return on_step
 
 
@@ -100,8 +101,7 @@ def sampled_density(bundle, steps: int, *, dense_first: float = 0.0, dense_last:
     sig = pipeline.sigma_schedule(steps)
     out = []
     for i in range(steps):
-        frac = i / max(1, steps - 1)
-        if frac < dense_first or frac > 1.0 - dense_last - 1e-9:
+        if in_dense_window(step_fraction(i, steps), dense_first, dense_last):
             out.append(1.0)
             continue
         d = dens[bundle.bucket_for_sigma(sig[i])]
