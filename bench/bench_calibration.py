@@ -31,7 +31,7 @@ from _pkg import git_commit, load_package  # noqa: E402
 load_package()  # makes `calibatt` importable
 import torch  # noqa: E402
 
-from calibatt.calibration import CalibrationSettings, Calibrator  # noqa: E402
+from calibatt.calibration import CalibrationSettings, Calibrator, calibrate  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
 from calibatt.kernels.dense import dense_attention  # noqa: E402
 from calibatt.kernels.stats import block_energy  # noqa: E402
@@ -206,8 +206,9 @@ def quality_case(grid_fhw, block, noise, beta, strides, prompts=4, held_out=(17,
         cal = Calibrator(sig, grid, st, background=False)
         # Per-prompt selections from the strided estimate, judged by the full-row mass (the eps guarantee).
         short = []
-        for p in range(prompts):
-            cal.begin_prompt(sample_sigmas=sigmas)
+
+        def run_prompt(p, cal):
+            cal.set_schedule(sigmas)
             for t, s in enumerate(sigmas):
                 eps = st.eps(t, len(sigmas))
                 for layer in range(L):
@@ -217,9 +218,8 @@ def quality_case(grid_fhw, block, noise, beta, strides, prompts=4, held_out=(17,
                                                                  row_offset=(t + layer) % stride), g, 1)
                     keep = select_blocks(est, eps)
                     short.append((eps - kept_mass(full_mass(p, layer, s), keep)).clamp_min(0.0).flatten())
-            cal.end_prompt()
+        bundle = calibrate(run_prompt, range(prompts), cal)
         short = torch.cat(short)
-        bundle = cal.finish()
         masks = {s: bundle.skip_lists(bundle.bucket_for_sigma(s)).block_mask() for s in sigmas}
         eps_min = min(bundle.settings["eps_per_step"])
         # Planted blocks: blocks holding more than 1 - eps of a row's noise-free mass (+ margin) must be kept.
