@@ -55,11 +55,6 @@ def schedule_steps(sample_sigmas: Sequence[float]) -> SigmaSteps:
     return SigmaSteps(list(sample_sigmas)[:max(1, len(sample_sigmas) - 1)])
 
 
-def step_index(sample_sigmas: Sequence[float], sigma: float) -> int:
-    """Index of the step whose sigma is nearest to sigma (masks.sigmas.SigmaSteps)."""
-    return schedule_steps(sample_sigmas).index(sigma)
-
-
 def positive_rows(cond_or_uncond: Optional[Sequence[int]], batch: int) -> Optional[list]:
     """Batch rows of the positive prompt: ComfyUI concatenates equal chunks, one per entry (0 = positive)."""
     if not cond_or_uncond:
