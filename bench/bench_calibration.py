@@ -8,7 +8,7 @@ separately (it runs on a worker thread during the next prompt in real use).
 
 GPU (the lead runs this):  python3 bench/bench_calibration.py --json bench/bench_calibration.json [--row-stride 4]
 CPU smoke run (tiny):       .venv/bin/python bench/bench_calibration.py --tiny
-Selection quality vs stats_row_stride (CPU, planted structure, calibration/synthetic.py):
+Selection quality vs stats_row_stride (CPU, planted structure, tests/synthetic.py):
                             .venv/bin/python bench/bench_calibration.py --quality [--json q.json]
 
 The 720p estimate scales the measured per-step statistics overhead by (tokens_720 / tokens)^2 (block energy and the
@@ -26,6 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))  # the synthetic fixture (--quality)
 from _pkg import git_commit, load_package  # noqa: E402
 
 load_package()  # makes `calibatt` importable
@@ -165,7 +166,7 @@ def quality_case(grid_fhw, block, noise, beta, strides, prompts=4, held_out=(17,
                  repetition=True):
     """Calibrate the planted-structure layers once per stride and score each against the full-row energy."""
     from calibatt.calibration.selection import kept_mass, mean_block_mass, select_blocks
-    from calibatt.calibration.synthetic import global_columns, planted_layer
+    from synthetic import global_columns, planted_layer  # tests/synthetic.py, the planted-structure fixture
     from calibatt.kernels.reference import sparse_attention_reference
     from calibatt.kernels.stats_reference import block_energy_reference
     from calibatt.masks import BlockGeometry
