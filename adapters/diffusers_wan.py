@@ -14,24 +14,28 @@ Example: calibrate on one prompt, then sample sparse. It runs as written on the 
 
     import torch
     from calibatt.adapters.diffusers_wan import patch_calibrate, patch_sparse, wan_grid, wan_signature
-    from calibatt.calibration import CalibrationSettings, Calibrator
+    from calibatt.calibration import CalibrationSettings, Calibrator, calibrate
     from calibatt.tinywan.model import load_tinywan
 
     model = load_tinywan()                      # a diffusers WanTransformer3DModel and its caption encoder
     transformer = model.transformer
     latent = torch.randn(1, 3, 4, 32, 32)       # (B, C, F, H, W); the tiny model works on RGB pixels
-    context = model.text(["a blue circle moving left over a purple checkerboard"])
     sigmas = [1.0, 0.75, 0.5]                   # the sampler's schedule, noisiest first
     calibrator = Calibrator(wan_signature(transformer), wan_grid(transformer, latent.shape),
                             CalibrationSettings(block_q=64, block_k=64))
-    with patch_calibrate(transformer, calibrator) as hook, torch.no_grad():
-        calibrator.begin_prompt(sample_sigmas=sigmas)
+
+    def run_prompt(caption, calibrator):        # one whole denoising run of one prompt
+        context = model.text([caption])
+        calibrator.set_schedule(sigmas)
         for sigma in sigmas:
             hook.begin_step(sigma)              # a sampling loop says each step's sigma (see "Sigma" below)
             transformer(latent, torch.tensor([sigma * 1000.0]), context)
-        calibrator.end_prompt()
-    bundle = calibrator.finish()                # a MaskBundle: masks.save_bundle writes it for either host
+
+    with patch_calibrate(transformer, calibrator) as hook, torch.no_grad():
+        # A MaskBundle (masks.save_bundle writes it for either host); stats_path= resumes an interrupted run.
+        bundle = calibrate(run_prompt, ["a blue circle moving left over a purple checkerboard"], calibrator)
     calibrator.close()
+    context = model.text(["a blue circle moving left over a purple checkerboard"])
     with patch_sparse(transformer, bundle), torch.no_grad():
         sparse = transformer(latent, torch.tensor([600.0]), context).sample
 
@@ -311,8 +315,8 @@ def patch_sparse(transformer, bundle: MaskBundle, *, dense_first: float = 0.0, d
 
 
 def patch_calibrate(transformer, calibrator, **kw) -> WanAttentionHook:
-    """Dense attention plus calibration statistics (Calibrator.observe); the caller brackets each denoising run
-    with calibrator.begin_prompt(sample_sigmas) / end_prompt()."""
+    """Dense attention plus calibration statistics (Calibrator.observe); drive it with calibration.calibrate, whose
+    run_prompt does one denoising run (and calibrator.set_schedule(sample_sigmas))."""
     hook = WanAttentionHook(transformer, calibrator.observe, **kw)
     problems = calibrator.signature.mismatches(hook.signature)
     if problems:

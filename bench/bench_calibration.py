@@ -8,7 +8,7 @@ separately (it runs on a worker thread during the next prompt in real use).
 
 GPU (the lead runs this):  python3 bench/bench_calibration.py --json bench/bench_calibration.json [--row-stride 4]
 CPU smoke run (tiny):       .venv/bin/python bench/bench_calibration.py --tiny
-Selection quality vs stats_row_stride (CPU, planted structure, calibration/synthetic.py):
+Selection quality vs stats_row_stride (CPU, planted structure, tests/synthetic.py):
                             .venv/bin/python bench/bench_calibration.py --quality [--json q.json]
 
 The 720p estimate scales the measured per-step statistics overhead by (tokens_720 / tokens)^2 (block energy and the
@@ -26,12 +26,13 @@ import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
+sys.path.insert(1, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))  # the synthetic fixture (--quality)
 from _pkg import git_commit, load_package  # noqa: E402
 
 load_package()  # makes `calibatt` importable
 import torch  # noqa: E402
 
-from calibatt.calibration import CalibrationSettings, Calibrator  # noqa: E402
+from calibatt.calibration import CalibrationSettings, Calibrator, calibrate  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
 from calibatt.kernels.dense import dense_attention  # noqa: E402
 from calibatt.kernels.block_energy import block_energy  # noqa: E402
@@ -165,7 +166,7 @@ def quality_case(grid_fhw, block, noise, beta, strides, prompts=4, held_out=(17,
                  repetition=True):
     """Calibrate the planted-structure layers once per stride and score each against the full-row energy."""
     from calibatt.calibration.selection import kept_mass, mean_block_mass, select_blocks
-    from calibatt.calibration.synthetic import global_columns, planted_layer
+    from synthetic import global_columns, planted_layer  # tests/synthetic.py, the planted-structure fixture
     from calibatt.kernels.attention.naive import sparse_attention_reference
     from calibatt.kernels.block_energy.naive import block_energy_reference
     from calibatt.masks import BlockGeometry
@@ -206,8 +207,9 @@ def quality_case(grid_fhw, block, noise, beta, strides, prompts=4, held_out=(17,
         cal = Calibrator(sig, grid, st, background=False)
         # Per-prompt selections from the strided estimate, judged by the full-row mass (the eps guarantee).
         short = []
-        for p in range(prompts):
-            cal.begin_prompt(sample_sigmas=sigmas)
+
+        def run_prompt(p, cal):
+            cal.set_schedule(sigmas)
             for t, s in enumerate(sigmas):
                 eps = st.eps(t, len(sigmas))
                 for layer in range(L):
@@ -217,9 +219,8 @@ def quality_case(grid_fhw, block, noise, beta, strides, prompts=4, held_out=(17,
                                                                  row_offset=(t + layer) % stride), g, 1)
                     keep = select_blocks(est, eps)
                     short.append((eps - kept_mass(full_mass(p, layer, s), keep)).clamp_min(0.0).flatten())
-            cal.end_prompt()
+        bundle = calibrate(run_prompt, range(prompts), cal)
         short = torch.cat(short)
-        bundle = cal.finish()
         masks = {s: bundle.skip_lists(bundle.bucket_for_sigma(s)).block_mask() for s in sigmas}
         eps_min = min(bundle.settings["eps_per_step"])
         # Planted blocks: blocks holding more than 1 - eps of a row's noise-free mass (+ margin) must be kept.

@@ -37,9 +37,8 @@ from calibatt.calibration import CalibrationSettings, eps_spec  # noqa: E402
 from calibatt.calibration.calibrator import Calibrator  # noqa: E402
 from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, MaskBundle, SkipLists  # noqa: E402
-from calibatt.tinywan import data, evaluate, pipeline  # noqa: E402
+from calibatt.tinywan import data, evaluate  # noqa: E402
 from calibatt.tinywan.model import load_tinywan  # noqa: E402
-from calibatt.adapters import diffusers_wan as adapter  # noqa: E402
 
 
 def block_centres(grid, block: int) -> torch.Tensor:
@@ -103,15 +102,9 @@ def calibrate_both(model, caps, seeds, preset, steps, guidance, block, grid, fra
     st = CalibrationSettings(**eps_spec(preset), repetition=True, block_q=block, block_k=block, steps=steps,
                              rho=rho)
     cal = Calibrator(model.signature(), grid, st)
-    sched = pipeline.sigma_schedule(steps)[:-1]
     try:
-        with adapter.patch_calibrate(model.transformer, cal, **evaluate.HOOK_KW) as hook:
-            for cap, seed in zip(caps, seeds):
-                cal.begin_prompt(sample_sigmas=sched)
-                pipeline.generate(model, [cap], [seed], steps=steps, guidance=guidance,
-                                  on_step=evaluate._on_step(hook, 1, guidance), frames=frames)
-                cal.end_prompt()
-        with_rep = cal.finish()
+        with_rep = evaluate.run_calibration(model, cal, caps, seeds=seeds, steps=steps, guidance=guidance,
+                                            frames=frames)
         # Repetition is decided in step_masks() from statistics gathered either way; turning it off here gives
         # the block-sparse-only bundle of the same calibration.
         cal.settings.repetition = False

@@ -25,23 +25,21 @@ from __future__ import annotations
 
 import hashlib
 import warnings
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from ..kernels.call import AttentionCall
 from ..kernels.dense import dense_attention
-from ..kernels.layouts import to_bhld
 from ..kernels.block_energy import block_energy, block_row_counts
+from ..kernels.layouts import as_layout
 from ..masks.bundle import MaskBundle
-from ..masks.geometry import ModelSignature, TokenGrid
-from ..masks.packing import pack_bits, row_counts, unpack_bits
-from ..masks.skiplists import SkipLists
-from .repetition import anchor_plan, build_plan, decide_repetitive, repetition_scores
+from ..masks.geometry import ModelSignature, TokenGrid, anchor_share
+from ..masks.packing import pack_bits, row_counts
+from ..masks.sigmas import SigmaSteps
+from .repetition import anchor_plan, decide_repetitive, repetition_scores
 from .selection import kept_mass, mean_block_mass, select_blocks, share_steps, vote
 from .settings import CalibrationSettings
 from .stats import CalibrationStats, StatsError, same_sigma
@@ -100,7 +98,7 @@ class Calibrator:
             s = s[:-1]
         if not s:
             raise ValueError("sample_sigmas is empty: pass the sampler's sigma schedule (noisiest first)")
-        self._schedule = s
+        self._schedule = SigmaSteps(s)
 
     def abort_prompt(self):
         """Forget the prompt in progress; committed statistics are untouched."""
@@ -121,7 +119,8 @@ class Calibrator:
         self._record = None
         self._sigma = None
         if self.progress is not None:
-            self.progress(self._steps_seen, len(self._schedule) if self._schedule else self.settings.steps)
+            total = len(self._schedule) if self._schedule is not None else self.settings.steps
+            self.progress(self._steps_seen, total)
         if self._executor is None:
             self._commit(record, key, save_to)
         else:
@@ -164,7 +163,7 @@ class Calibrator:
         if self._sigma is None or not same_sigma(sigma, self._sigma):
             self._start_step(sigma)
         eps = self._record[self._step_key(sigma)]["eps"]
-        ob = out if out.dim() == 4 else to_bhld(out, "bld", call.heads)
+        ob = as_layout(out, "bhld", call.heads)
         if rows is not None and rows != list(range(q.shape[0])):
             if rows == list(range(rows[0], rows[0] + len(rows))):  # the usual case: a view, no copy
                 q, k, ob = (t[rows[0]:rows[0] + len(rows)] for t in (q, k, ob))
@@ -238,7 +237,7 @@ class Calibrator:
             return  # a step seen earlier in this prompt (second-order samplers revisit sigmas)
         if self._schedule is not None:
             T = len(self._schedule)
-            t = int(np.argmin([abs(s - sigma) for s in self._schedule]))
+            t = self._schedule.index(sigma)
         else:
             if self.settings.steps is None:
                 raise ValueError("eps(t) needs the schedule length: pass sample_sigmas to begin_prompt() or set "
@@ -310,8 +309,7 @@ class Calibrator:
         g = self.geometry
         L, H = st.num_layers, st.num_heads
         diag = g.diagonal()
-        frames = self.grid.frames
-        anchor_share = frames * int(self.anchors.numel()) / g.num_tokens
+        rep_share = anchor_share(g.num_tokens, self.grid.frame_tokens, int(self.anchors.numel()))
         s = self.settings
         out = []
         for sid in st.step_order():
@@ -330,7 +328,7 @@ class Calibrator:
             rep = torch.zeros(L, H, dtype=torch.bool)
             if s.repetition:
                 rep = decide_repetitive(st.rep_err[sid] / n, st.rep_frac[sid] / n, st.drop[sid] / n, density,
-                                        anchor_share, s.rep_min_fraction)
+                                        rep_share, s.rep_min_fraction)
                 rep &= (st.observed[sid] > 0)[:, None]
             out.append((st.steps[sid].sigma, packed, rep, st.steps[sid]))
         return out
@@ -344,7 +342,8 @@ class Calibrator:
         step_bucket, bucket_masks, bucket_rep = share_steps([x[1] for x in steps], step_t, self.settings.share_iou,
                                                             self.settings.share_after, [x[2] for x in steps])
         del steps
-        buckets = _LazyBuckets(bucket_masks, bucket_rep, self.geometry, self.grid, self.anchors, self.row_anchor)
+        # Every repetitive head of a calibration shares its one anchor plan (row 0).
+        slots = [None if r is None else torch.where(r, 0, -1).to(torch.int32) for r in bucket_rep]
         A, C, k = self.settings.eps_params()
         settings = {
             "calibration": self.settings.to_dict(),
@@ -355,36 +354,9 @@ class Calibrator:
             "eps_per_step": [round(st.steps[i].eps, 6) for i in st.step_order()],
             "repetitive_entries": int(sum(int(r.sum()) for r in bucket_rep)),
         }
-        return MaskBundle.from_skip_lists(self.signature, self.grid, buckets, sigmas, step_bucket, settings=settings)
-
-
-class _LazyBuckets(Sequence):
-    """SkipLists per bucket, built when asked for, so only one bucket's unpacked masks exist at a time."""
-
-    def __init__(self, masks, reps, geometry, grid, anchors, row_anchor):
-        self.masks, self.reps = masks, reps
-        self.geometry, self.grid = geometry, grid
-        self.anchors, self.row_anchor = anchors, row_anchor
-        self._last = (None, None)
-
-    def __len__(self):
-        return len(self.masks)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        if i < 0:
-            i += len(self)
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        if self._last[0] == i:
-            return self._last[1]
-        mask = unpack_bits(self.masks[i], self.geometry.nk)
-        plan = build_plan(self.reps[i], self.grid, self.anchors, self.row_anchor) if self.reps[i] is not None \
-            else None
-        sl = SkipLists.from_block_mask(mask, self.geometry, plan)
-        self._last = (i, sl)
-        return sl
+        return MaskBundle.from_packed(self.signature, self.grid, self.geometry, bucket_masks, sigmas, step_bucket,
+                                      bucket_rep=slots, rep_anchors=self.anchors[None],
+                                      rep_row_anchor=self.row_anchor[None], settings=settings)
 
 
 def prompt_key(prompt) -> str:

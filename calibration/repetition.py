@@ -26,7 +26,6 @@ from __future__ import annotations
 import torch
 
 from ..masks.geometry import TokenGrid
-from ..masks.skiplists import RepetitionPlan
 
 
 def anchor_plan(grid: TokenGrid, anchors: int):
@@ -79,12 +78,3 @@ def decide_repetitive(rep_err: torch.Tensor, rep_frac: torch.Tensor, bs_err: tor
                       mask_density: torch.Tensor, anchor_share: float, min_fraction: float) -> torch.Tensor:
     """[L, H] bool from mean scores over prompts (see the module docstring for the rule)."""
     return (rep_frac >= min_fraction) & (rep_err <= bs_err) & (anchor_share < mask_density)
-
-
-def build_plan(rep_heads: torch.Tensor, grid: TokenGrid, anchors: torch.Tensor, row_anchor: torch.Tensor):
-    """RepetitionPlan for one bucket (all repetitive heads share slot 0), or None when no head is repetitive."""
-    if not bool(rep_heads.any()):
-        return None
-    slot = torch.where(rep_heads, torch.zeros_like(rep_heads, dtype=torch.int32),
-                       torch.full_like(rep_heads, -1, dtype=torch.int32))
-    return RepetitionPlan(grid.frame_tokens, slot, anchors[None].clone(), row_anchor[None].clone())

@@ -29,9 +29,14 @@ EPS_PRESETS = {
 }
 
 
+# The preset of an eps schedule given as its three numbers (A, C and k all set): what the Calibrate node's "custom"
+# and an "A:C:k" command-line value both mean, recorded in the bundle as given.
+CUSTOM = "custom"
+
+
 def eps_spec(text: str) -> dict:
-    """CalibrationSettings keywords for a preset name ("quality", "balanced", "fast", "distilled") or an explicit eps schedule
-    "A:C:k" (e.g. "0.97:0.995:12"), the form command lines and benchmarks take."""
+    """CalibrationSettings keywords for a preset name ("quality", "balanced", "fast", "distilled") or an explicit eps
+    schedule "A:C:k" (e.g. "0.97:0.995:12" -> preset "custom"), the form command lines and benchmarks take."""
     text = str(text).strip()
     if ":" not in text:
         if text not in EPS_PRESETS:
@@ -42,7 +47,7 @@ def eps_spec(text: str) -> dict:
         A, C, k = (float(x) for x in text.split(":"))
     except ValueError:
         raise ValueError(f"eps setting {text!r}: A:C:k needs three numbers, e.g. 0.97:0.995:12") from None
-    return {"A": A, "C": C, "k": k}
+    return {"preset": CUSTOM, "A": A, "C": C, "k": k}
 
 
 # Largest stride whose quality loss on the planted-structure study stayed small (docs/BENCHMARKS.md: every
@@ -52,7 +57,7 @@ STATS_ROW_STRIDE_DEFAULT = 4
 
 @dataclass
 class CalibrationSettings:
-    preset: str = "balanced"
+    preset: str = "balanced"  # a name in EPS_PRESETS, or CUSTOM with A, C and k all given
     A: Optional[float] = None  # overrides the preset's A (eps after many steps)
     C: Optional[float] = None  # overrides the preset's C (eps at t = 0)
     k: Optional[float] = None  # overrides the preset's decay rate
@@ -74,8 +79,13 @@ class CalibrationSettings:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.preset not in EPS_PRESETS:
-            raise ValueError(f"CalibrationSettings.preset must be one of {sorted(EPS_PRESETS)}, got {self.preset!r}")
+        if self.preset not in EPS_PRESETS and self.preset != CUSTOM:
+            raise ValueError(f"CalibrationSettings.preset must be one of {sorted(EPS_PRESETS)} or {CUSTOM!r} (with A, "
+                             f"C and k), got {self.preset!r}")
+        if self.preset == CUSTOM and None in (self.A, self.C, self.k):
+            missing = [n for n in ("A", "C", "k") if getattr(self, n) is None]
+            raise ValueError(f"CalibrationSettings: preset {CUSTOM!r} is the eps schedule given by A, C and k; "
+                             f"{', '.join(missing)} not set (e.g. A=0.84, C=0.99, k=16)")
         A, C, k = self.eps_params()
         if not (0.0 < A <= C <= 1.0):
             raise ValueError(f"CalibrationSettings: eps needs 0 < A <= C <= 1, got A={A}, C={C}; "
@@ -100,7 +110,7 @@ class CalibrationSettings:
             raise ValueError(f"CalibrationSettings.steps must be positive or None, got {self.steps}")
 
     def eps_params(self):
-        A0, C0, k0 = EPS_PRESETS.get(self.preset, EPS_PRESETS["balanced"])
+        A0, C0, k0 = EPS_PRESETS[self.preset] if self.preset != CUSTOM else (None, None, None)
         return (float(self.A if self.A is not None else A0), float(self.C if self.C is not None else C0),
                 float(self.k if self.k is not None else k0))
 

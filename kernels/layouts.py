@@ -47,3 +47,13 @@ def token_spans(seq_len: int, video_tokens: int, video_start: int = 0) -> tuple:
     raise ValueError(f"video_start {video_start} does not fit a sequence of {seq_len} tokens with {video_tokens} "
                      f"video tokens: pass 0 (text after the video) or {text} (the text tokens first), e.g. "
                      "TokenGrid.video_start of the call's grid")
+
+
+def as_layout(x: torch.Tensor, layout: str, heads: int | None = None) -> torch.Tensor:
+    """x, given in either layout, in `layout`, told apart by its rank (4-D is "bhld", 3-D "bld"): for outputs of
+    backends that do not say which they return (ComfyUI's batch-split paths ignore skip_output_reshape)."""
+    if layout == "bhld" and x.dim() == 3:
+        return to_bhld(x, "bld", heads)
+    if layout == "bld" and x.dim() == 4:
+        return from_bhld(x, "bld")
+    return x

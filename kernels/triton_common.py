@@ -127,7 +127,7 @@ _PICKED: dict = {}
 
 
 def _pick_tiles(head_dim, block_q, block_k, device, base, interpret) -> TileConfig:
-    forced = base is not None  # an override (set_tile_override) is taken as given, warps included
+    forced = base is not None  # a tile passed in is taken as given, warps included
     if not forced:
         cc = (0, 0) if interpret or device.type != "cuda" else torch.cuda.get_device_capability(device)
         table = _HOPPER if cc[0] == 9 else _AMPERE

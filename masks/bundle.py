@@ -16,8 +16,8 @@ import torch
 
 from ..version import __version__
 from .errors import BundleError
-from .geometry import ModelSignature, TokenGrid
-from .packing import pack_bits, row_counts
+from .geometry import ModelSignature, TokenGrid, anchor_share
+from .packing import pack_bits, row_bytes, row_counts
 from .sigmas import SigmaBuckets, validate_sigmas
 from .skiplists import BlockGeometry, LayerSkipList, RepetitionPlan, SkipLists, packed_to_table
 from .transfer import to_device_async
@@ -55,32 +55,44 @@ class MaskBundle:
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_skip_lists(cls, signature: ModelSignature, grid: TokenGrid, buckets: list,
-                        calibrated_sigmas, step_bucket, settings: Optional[dict] = None) -> "MaskBundle":
-        """buckets: list of SkipLists (one per bucket, in bucket order)."""
-        if not buckets:
+    def from_packed(cls, signature: ModelSignature, grid: TokenGrid, geometry: BlockGeometry, bucket_masks,
+                    calibrated_sigmas, step_bucket, *, bucket_rep=None, rep_anchors: Optional[torch.Tensor] = None,
+                    rep_row_anchor: Optional[torch.Tensor] = None, settings: Optional[dict] = None) -> "MaskBundle":
+        """The bundle of packed masks, as calibration makes them (no table is built on the way).
+
+        bucket_masks: per bucket (in bucket order) [L, H, nq, ceil(nk/8)] uint8 (packing.pack_bits); the block
+        diagonal is added. bucket_rep: optional per bucket None or [L, H] int, -1 for ordinary heads, else a row of
+        rep_anchors [R, K] / rep_row_anchor [R, frame_tokens]. Identical masks and plans are stored once, numbered
+        by first use (bucket, layer, head); plans no head uses are dropped."""
+        if len(bucket_masks) == 0:
             raise BundleError("a bundle needs at least one bucket", field="buckets")
-        geometry = buckets[0].geometry
         if geometry.num_tokens != grid.video_tokens:
-            raise BundleError(f"skip lists cover {geometry.num_tokens} tokens; the grid has {grid.video_tokens} "
+            raise BundleError(f"the masks cover {geometry.num_tokens} tokens; the grid has {grid.video_tokens} "
                               f"video tokens", field="blocks.num_tokens")
-        L, H = buckets[0].num_layers, buckets[0].num_heads
-        if (L, H) != (signature.num_layers, signature.num_heads):
-            raise BundleError(f"skip lists cover {L} layers x {H} heads; the signature says "
-                              f"{signature.num_layers} x {signature.num_heads}", field="model")
+        L, H = signature.num_layers, signature.num_heads
+        shape = (L, H, geometry.nq, row_bytes(geometry.nk))
+        frame_tokens = grid.frame_tokens
+        if rep_anchors is None:
+            rep_anchors = torch.zeros(0, 1, dtype=torch.int64)
+            rep_row_anchor = torch.zeros(0, frame_tokens, dtype=torch.int64)
+        if rep_row_anchor is None or rep_row_anchor.shape[-1] != frame_tokens:
+            got = None if rep_row_anchor is None else rep_row_anchor.shape[-1]
+            raise BundleError(f"repetition plan uses {got}-token frames; the grid has {frame_tokens}",
+                              field="repetition.frame_tokens")
+        diag = pack_bits(geometry.diagonal())
         mask_ids: dict = {}
         packed: list = []
         rep_ids: dict = {}
-        anchors: list = []
-        rows: list = []
-        B = len(buckets)
+        used_plans: list = []
+        B = len(bucket_masks)
         entry_mask = torch.empty(B, L, H, dtype=torch.int32)
         entry_rep = torch.full((B, L, H), -1, dtype=torch.int32)
-        frame_tokens = grid.frame_tokens
-        for b, sl in enumerate(buckets):
-            if sl.geometry != geometry or (sl.num_layers, sl.num_heads) != (L, H):
-                raise BundleError(f"bucket {b} has a different geometry or layer/head count", field="buckets")
-            bits = pack_bits(sl.block_mask().cpu())
+        for b in range(B):
+            bits = bucket_masks[b].cpu()
+            if tuple(bits.shape) != shape or bits.dtype != torch.uint8:
+                raise BundleError(f"bucket {b}: packed masks must be uint8 {list(shape)} (layers, heads, nq, "
+                                  f"ceil(nk/8)); got {bits.dtype} {list(bits.shape)}", field="buckets")
+            bits = bits | diag
             for l in range(L):
                 for h in range(H):
                     key = bits[l, h].numpy().tobytes()
@@ -89,34 +101,66 @@ class MaskBundle:
                         mid = mask_ids[key] = len(packed)
                         packed.append(bits[l, h])
                     entry_mask[b, l, h] = mid
-            rep = sl.repetition
-            if rep is not None:
-                if rep.frame_tokens != frame_tokens:
-                    raise BundleError(f"repetition plan uses {rep.frame_tokens}-token frames; the grid has "
-                                      f"{frame_tokens}", field="repetition.frame_tokens")
-                for l, h in (rep.head_slot >= 0).nonzero().tolist():
-                    s = int(rep.head_slot[l, h])
-                    a, r = rep.anchors[s], rep.row_anchor[s]
-                    key = a.numpy().tobytes() + b"|" + r.to(torch.uint8).numpy().tobytes()
-                    rid = rep_ids.get(key)
-                    if rid is None:
-                        rid = rep_ids[key] = len(anchors)
-                        anchors.append(a)
-                        rows.append(r)
-                    entry_rep[b, l, h] = rid
-        K = anchors[0].numel() if anchors else 1
-        if any(a.numel() != K for a in anchors):
-            raise BundleError("all repetitive heads must use the same number of anchors per frame",
-                              field="repetition.anchors")
+            rep = bucket_rep[b] if bucket_rep is not None else None
+            if rep is None:
+                continue
+            if tuple(rep.shape) != (L, H):
+                raise BundleError(f"bucket {b}: the repetition plan covers {tuple(rep.shape)} (layers, heads); "
+                                  f"the masks cover {(L, H)}", field="repetition.head_slot")
+            for l, h in (rep >= 0).nonzero().tolist():
+                s = int(rep[l, h])
+                a, r = rep_anchors[s], rep_row_anchor[s]
+                key = a.numpy().tobytes() + b"|" + r.to(torch.uint8).numpy().tobytes()
+                rid = rep_ids.get(key)
+                if rid is None:
+                    rid = rep_ids[key] = len(used_plans)
+                    used_plans.append(s)
+                entry_rep[b, l, h] = rid
+        K = rep_anchors.shape[1] if used_plans else 1
+        idx = torch.tensor(used_plans, dtype=torch.long)
         return cls(
             signature=signature, grid=grid, geometry=geometry,
             calibrated_sigmas=[float(s) for s in calibrated_sigmas], step_bucket=[int(b) for b in step_bucket],
             packed_masks=torch.stack(packed), entry_mask=entry_mask, entry_rep=entry_rep,
-            rep_anchors=torch.stack(anchors).long() if anchors else torch.zeros(0, K, dtype=torch.int64),
-            rep_row_anchor=(torch.stack(rows).long() if rows
+            rep_anchors=rep_anchors[idx].long() if used_plans else torch.zeros(0, K, dtype=torch.int64),
+            rep_row_anchor=(rep_row_anchor[idx].long() if used_plans
                             else torch.zeros(0, frame_tokens, dtype=torch.int64)),
             settings=dict(settings or {}),
         )
+
+    @classmethod
+    def from_skip_lists(cls, signature: ModelSignature, grid: TokenGrid, buckets: list,
+                        calibrated_sigmas, step_bucket, settings: Optional[dict] = None) -> "MaskBundle":
+        """buckets: list of SkipLists (one per bucket, in bucket order); tests and tools that write masks by hand."""
+        if not buckets:
+            raise BundleError("a bundle needs at least one bucket", field="buckets")
+        geometry = buckets[0].geometry
+        L, H = buckets[0].num_layers, buckets[0].num_heads
+        if (L, H) != (signature.num_layers, signature.num_heads):
+            raise BundleError(f"skip lists cover {L} layers x {H} heads; the signature says "
+                              f"{signature.num_layers} x {signature.num_heads}", field="model")
+        masks, reps, anchors, rows = [], [], [], []
+        for b, sl in enumerate(buckets):
+            if sl.geometry != geometry or (sl.num_layers, sl.num_heads) != (L, H):
+                raise BundleError(f"bucket {b} has a different geometry or layer/head count", field="buckets")
+            masks.append(pack_bits(sl.block_mask().cpu()))
+            rep = sl.repetition
+            if rep is None:
+                reps.append(None)
+                continue
+            if rep.frame_tokens != grid.frame_tokens:
+                raise BundleError(f"repetition plan uses {rep.frame_tokens}-token frames; the grid has "
+                                  f"{grid.frame_tokens}", field="repetition.frame_tokens")
+            if anchors and rep.anchors.shape[1] != anchors[0].shape[1]:
+                raise BundleError("all repetitive heads must use the same number of anchors per frame",
+                                  field="repetition.anchors")
+            first = sum(a.shape[0] for a in anchors)
+            reps.append(torch.where(rep.head_slot >= 0, rep.head_slot + first, rep.head_slot))
+            anchors.append(rep.anchors)
+            rows.append(rep.row_anchor)
+        return cls.from_packed(signature, grid, geometry, masks, calibrated_sigmas, step_bucket, bucket_rep=reps,
+                               rep_anchors=torch.cat(anchors) if anchors else None,
+                               rep_row_anchor=torch.cat(rows) if rows else None, settings=settings)
 
     # ---- shape facts ------------------------------------------------------------------------------------------
     @property
@@ -164,8 +208,7 @@ class MaskBundle:
         per_mask = self._mask_counts()[1].double() / (g.nq * g.nk)
         dens = per_mask[self.entry_mask.long()]
         if self.rep_anchors.shape[0]:
-            frames = max(1, g.num_tokens // self.grid.frame_tokens)
-            rep_share = min(1.0, frames * self.rep_anchors.shape[1] / g.num_tokens)
+            rep_share = anchor_share(g.num_tokens, self.grid.frame_tokens, self.rep_anchors.shape[1])
             dens = torch.where(self.entry_rep >= 0, torch.full_like(dens, rep_share), dens)
         return dens
 

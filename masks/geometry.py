@@ -180,3 +180,10 @@ class TokenGrid:
 
 def num_blocks(tokens: int, block: int) -> int:
     return int(math.ceil(tokens / block))
+
+
+def anchor_share(num_tokens: int, frame_tokens: int, anchors_per_frame: int) -> float:
+    """The key-block density a repetitive head counts as: only its anchor rows (anchors_per_frame per frame of
+    frame_tokens) attend, to every key, so its work is their share of the num_tokens video rows."""
+    frames = max(1, num_tokens // frame_tokens)
+    return min(1.0, frames * anchors_per_frame / num_tokens)

@@ -47,14 +47,6 @@ def unpack_bits(packed: torch.Tensor, nk: int) -> torch.Tensor:
     return bits.reshape(*packed.shape[:-1], -1)[..., :nk].to(torch.bool)
 
 
-def padding_bits_clear(packed: torch.Tensor, nk: int) -> bool:
-    pad = row_bytes(nk) * 8 - nk
-    if pad == 0 or packed.numel() == 0:
-        return True
-    low = (1 << pad) - 1
-    return not bool((packed[..., -1] & low).any())
-
-
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
 
 

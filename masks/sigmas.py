@@ -1,4 +1,5 @@
-"""Sigma -> bucket lookup. Buckets are sigma intervals, so any sampler and step count finds its masks."""
+"""Sigma -> step and sigma -> bucket. Buckets are sigma intervals, so any sampler and step count finds its masks;
+every host and the calibrator find a sigma's step in their schedule by the same rule (SigmaSteps)."""
 
 from __future__ import annotations
 
@@ -27,19 +28,53 @@ def validate_sigmas(calibrated_sigmas, step_bucket, num_buckets: int, path=None)
                           path=path, field="sigmas.step_bucket")
 
 
-class SigmaBuckets:
-    """Maps a sigma to the bucket of the nearest calibrated sigma (boundaries at midpoints)."""
+class SigmaSteps:
+    """The one sigma -> step rule: the index of the nearest entry of a schedule (noisiest first). Exactly halfway
+    between two entries the less noisy one wins, so entry i serves the sigmas in (midpoint below, midpoint above]:
+    the ranges a bundle file records. A schedule out of order (hand-made sigmas) is searched entry by entry."""
 
-    def __init__(self, calibrated_sigmas, step_bucket):
-        self.sigmas = [float(x) for x in calibrated_sigmas]  # strictly decreasing
-        self.step_bucket = [int(b) for b in step_bucket]
+    def __init__(self, sigmas):
+        self.sigmas = [float(x) for x in sigmas]
+        if not self.sigmas:
+            raise ValueError("a sigma schedule needs at least one sigma")
+        self._ordered = all(a >= b for a, b in zip(self.sigmas, self.sigmas[1:]))
         # Ascending midpoints for bisect.
         self._mid = sorted((a + b) / 2 for a, b in zip(self.sigmas, self.sigmas[1:]))
 
+    def __len__(self) -> int:
+        return len(self.sigmas)
+
+    def index(self, sigma: float) -> int:
+        sigma = float(sigma)
+        if not self._ordered:
+            return min(range(len(self.sigmas)), key=lambda i: (abs(self.sigmas[i] - sigma), self.sigmas[i]))
+        # Index counted from the low-sigma end, then flipped (sigmas are noisiest first).
+        return len(self.sigmas) - 1 - bisect.bisect_left(self._mid, sigma)
+
+
+def step_fraction(index: int, num_steps: int) -> float:
+    """Where step `index` of a `num_steps`-step run starts in the schedule: 0 for the first, (n - 1) / n for the
+    last (the share of the run already done)."""
+    return index / max(1, num_steps)
+
+
+def in_dense_window(fraction, dense_first: float, dense_last: float) -> bool:
+    """The step at schedule fraction `fraction` (step_fraction; None = unknown) is in the first `dense_first` or the
+    last `dense_last` of the run (fractions of the steps), which run dense."""
+    return fraction is not None and (fraction < dense_first or fraction > 1.0 - dense_last - 1e-9)
+
+
+class SigmaBuckets:
+    """Maps a sigma to the bucket of the nearest calibrated sigma (SigmaSteps)."""
+
+    def __init__(self, calibrated_sigmas, step_bucket):
+        self._steps = SigmaSteps(calibrated_sigmas)  # strictly decreasing (validate_sigmas)
+        self.sigmas = self._steps.sigmas
+        self.step_bucket = [int(b) for b in step_bucket]
+        self._mid = self._steps._mid
+
     def step_for_sigma(self, sigma: float) -> int:
-        # Index counted from the low-sigma end, then flipped (sigmas are stored noisiest first).
-        from_low = bisect.bisect_left(self._mid, float(sigma))
-        return len(self.sigmas) - 1 - from_low
+        return self._steps.index(sigma)
 
     def bucket_for_sigma(self, sigma: float) -> int:
         return self.step_bucket[self.step_for_sigma(sigma)]

@@ -10,9 +10,8 @@ import re
 
 import torch
 
-from ..calibration.settings import CalibrationSettings
+from ..calibration.settings import CUSTOM, CalibrationSettings
 
-PRESETS_CUSTOM = "custom"
 EXTENSION = ".safetensors"
 # The stem's limit: the file name, its temp file ".<name>.<8 characters>.partial" and room to spare stay well
 # inside the 255 bytes file systems allow (the issue: a ~225-character name failed with ENAMETOOLONG at the save,
@@ -90,8 +89,8 @@ def prompt_conditionings(prompts: str, clip=None, negative_prompt: str = "", pos
 
 def make_settings(preset: str, eps_A: float, eps_C: float, eps_k: float, rho: float, block_size: int, seed: int,
                   steps: int, sampler_name: str):
-    custom = preset == PRESETS_CUSTOM
-    return CalibrationSettings(preset="balanced" if custom else preset,
+    custom = preset == CUSTOM  # eps_* are the schedule; with a named preset they are ignored
+    return CalibrationSettings(preset=preset,
                                A=eps_A if custom else None, C=eps_C if custom else None, k=eps_k if custom else None,
                                rho=float(rho), block_q=int(block_size), block_k=int(block_size), seed=int(seed),
                                steps=int(steps), sampler=str(sampler_name))

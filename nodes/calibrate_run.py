@@ -33,7 +33,7 @@ def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, 
                                eps_C: float, eps_k: float, rho: float, filename: str, block_size: int = 128,
                                clip=None, negative_prompt: str = "", positive=None, negative=None, latent=None):
     """-> (MaskBundle, preview IMAGE, summary STRING); the bundle is saved in models/sparse_attention/."""
-    from ..calibration import Calibrator
+    from ..calibration import Calibrator, calibrate
 
     try:
         mcfg = describe_model(model)
@@ -52,7 +52,7 @@ def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, 
     router = AttentionRouter(signature, layout, mcfg, handler=calibrator.observe, name="Calibrate Sparse Attention")
 
     def on_begin(_grid):
-        calibrator.begin_prompt(router.sample_sigmas)
+        calibrator.set_schedule(router.sample_sigmas)
 
     patched = install(model, router, mcfg, on_begin=on_begin)
     pbar = comfy.utils.ProgressBar(len(pairs) * int(steps))
@@ -61,25 +61,27 @@ def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, 
         pbar.update(1)
         comfy.model_management.throw_exception_if_processing_interrupted()
 
+    def run_prompt(i, _calibrator):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        pos, neg = pairs[i]
+        noise = comfy.sample.prepare_noise(latent, int(seed) + i)
+        comfy.sample.sample(patched, noise, int(steps), float(cfg), sampler_name, scheduler, pos, neg, latent,
+                            denoise=1.0, noise_mask=noise_mask, callback=on_step, disable_pbar=True,
+                            seed=int(seed) + i)
+        if router.routed == 0:
+            raise RuntimeError("Calibrate Sparse Attention: no self-attention call reached the calibrator; "
+                               "this model's attention path is not one the package recognises")
+
+    def after_prompt(done, total):
+        # The last one runs after the last prompt and before the masks are voted: a cancel there writes nothing.
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
     log.info("Calibrate Sparse Attention: %d prompts, %s, %d steps, blocks %d", len(pairs), grid.describe(),
              steps, block_size)
     try:
-        for i, (pos, neg) in enumerate(pairs):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            noise = comfy.sample.prepare_noise(latent, int(seed) + i)
-            try:
-                comfy.sample.sample(patched, noise, int(steps), float(cfg), sampler_name, scheduler, pos, neg,
-                                    latent, denoise=1.0, noise_mask=noise_mask, callback=on_step,
-                                    disable_pbar=True, seed=int(seed) + i)
-            except BaseException:
-                calibrator.abort_prompt()
-                raise
-            if router.routed == 0:
-                raise RuntimeError("Calibrate Sparse Attention: no self-attention call reached the calibrator; "
-                                   "this model's attention path is not one the package recognises")
-            calibrator.end_prompt()
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        bundle = calibrator.finish()
+        # Prompt keys by position: conditionings have no stable text form, and this run resumes nothing.
+        bundle = calibrate(run_prompt, range(len(pairs)), calibrator, keys=[f"prompt {i}" for i in range(len(pairs))],
+                           progress=after_prompt)
     finally:
         calibrator.close()
     save_bundle(bundle, out_path)

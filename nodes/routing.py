@@ -23,9 +23,11 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..kernels.call import AttentionCall
+from ..kernels.layouts import as_layout
 from ..kernels.ops import is_compiling
 from ..kernels.text_bias import as_text_bias
 from ..masks.geometry import ModelSignature, TokenGrid
+from ..masks.sigmas import SigmaSteps, step_fraction
 from .model_info import FamilyLayout, grid_from_latent, layer_offset
 
 log = logging.getLogger("calibatt")
@@ -48,10 +50,9 @@ class StepState:
     positive_rows: Optional[list]
 
 
-def step_index(sample_sigmas: Sequence[float], sigma: float) -> int:
-    """Index of the schedule entry nearest to sigma (the last entry, usually 0, is not a step)."""
-    steps = max(1, len(sample_sigmas) - 1)
-    return min(range(steps), key=lambda i: abs(sample_sigmas[i] - sigma))
+def schedule_steps(sample_sigmas: Sequence[float]) -> SigmaSteps:
+    """The steps of a sampler's schedule: every entry but the last (the sigma the run ends at, usually 0)."""
+    return SigmaSteps(list(sample_sigmas)[:max(1, len(sample_sigmas) - 1)])
 
 
 def positive_rows(cond_or_uncond: Optional[Sequence[int]], batch: int) -> Optional[list]:
@@ -88,6 +89,7 @@ class AttentionRouter:
         self.name = name
         self.grid: Optional[TokenGrid] = None
         self.sample_sigmas: list = []
+        self._steps: Optional[SigmaSteps] = None  # the schedule's steps (sigma -> step index), per sampling run
         self.step: Optional[StepState] = None
         self._grids: dict = {}
         self._warned: set = set()
@@ -116,6 +118,7 @@ class AttentionRouter:
         _compile_helpers()
         self.grid = grid_from_latent(self.layout, latent_shape)
         self.sample_sigmas = [float(s) for s in sample_sigmas]
+        self._steps = schedule_steps(self.sample_sigmas) if len(self.sample_sigmas) >= 2 else None
         self._grids = {}
         self.step = None
         self._reset_run_facts()
@@ -132,8 +135,8 @@ class AttentionRouter:
     def begin_model_call(self, sigma: float, cond_or_uncond, batch: int, device) -> StepState:
         _compile_helpers()
         frac = None
-        if len(self.sample_sigmas) >= 2:
-            frac = step_index(self.sample_sigmas, sigma) / (len(self.sample_sigmas) - 1)
+        if self._steps is not None:
+            frac = step_fraction(self._steps.index(sigma), len(self._steps))
         self.step = StepState(float(sigma), frac, positive_rows(cond_or_uncond, batch))
         if self.step_hook is not None:
             self.step_hook(self.step.sigma, device, frac)
@@ -149,6 +152,7 @@ class AttentionRouter:
         self.step = None
         self._reset_run_facts()
         self.sample_sigmas = []
+        self._steps = None
 
     def note_block(self, args: dict):
         """Our per-block patch calls this before each block runs with the block's arguments. A joint-text model
@@ -393,7 +397,7 @@ class AttentionRouter:
         call = AttentionCall(q=q, k=k, v=v, layout=layout, heads=H, layer=layer,
                              sigma=float("nan") if compiling else step.sigma, grid=self._call_grid(text, position),
                              positive_rows=None if compiling else step.positive_rows,
-                             dense=lambda: _as_layout(func(*args, **kwargs), layout, H), text_bias=text_bias)
+                             dense=lambda: as_layout(func(*args, **kwargs), layout, H), text_bias=text_bias)
         out = self.handler(call)
         if not compiling:
             self.routed += 1
@@ -490,18 +494,6 @@ def rope_text_position(pe, video: int):
                   f"{video} video tokens")
 
 
-def _as_layout(out: torch.Tensor, layout: str, heads: int) -> torch.Tensor:
-    """A backend's output in the call's input layout (what AttentionCall.dense promises). Backends differ in
-    whether they honour skip_output_reshape (batch-split paths ignore it), so go by the tensor's rank."""
-    if layout == "bhld" and out.dim() == 3:
-        B, L, C = out.shape
-        return out.view(B, L, heads, C // heads).transpose(1, 2)
-    if layout == "bld" and out.dim() == 4:
-        B, H, L, D = out.shape
-        return out.transpose(1, 2).reshape(B, L, H * D)
-    return out
-
-
 def _to_output_layout(out: torch.Tensor, layout: str, skip_output_reshape: bool, heads: int) -> torch.Tensor:
     """ComfyUI backends return (B, H, L, D) with skip_output_reshape, else (B, L, H*D)."""
-    return _as_layout(out, "bhld" if skip_output_reshape else "bld", heads)
+    return as_layout(out, "bhld" if skip_output_reshape else "bld", heads)

@@ -108,9 +108,9 @@ _PRESETS_FIRST = ("quality", "balanced", "fast", "custom")
 
 
 def _presets():
-    from ..calibration.settings import EPS_PRESETS
+    from ..calibration.settings import CUSTOM, EPS_PRESETS
 
-    return list(_PRESETS_FIRST) + [p for p in EPS_PRESETS if p not in _PRESETS_FIRST]
+    return list(_PRESETS_FIRST) + [p for p in (*EPS_PRESETS, CUSTOM) if p not in _PRESETS_FIRST]
 
 
 LOAD = NodeSpec(
@@ -140,9 +140,13 @@ PATCH = NodeSpec(
            "speed).", default=0.0, min=0.0, max=100.0, step=1.0),
         In("dense_last_percent", "FLOAT", "Run the last N% of the sampler's steps dense (helps few-step LoRAs "
            "keep fine detail).", default=0.0, min=0.0, max=100.0, step=1.0),
+        # Not the calibration preset "quality" (Calibrate Sparse Attention's eps schedule), though it shares the
+        # name: renaming it would break saved workflows, which name it (API-format prompts; widgets turned into
+        # inputs link by name), so the tooltip tells them apart.
         In("quality", "FLOAT", "0 follows the bundle as calibrated. Raising it runs the densest heads dense: every "
            "head whose mask computes more than (1 - quality) of its key blocks; 1 is fully dense. Trades speed "
-           "for fidelity without re-calibrating.", default=0.0, min=0.0, max=1.0, step=0.05),
+           "for fidelity without re-calibrating (unlike the calibration preset of the same name).", default=0.0,
+           min=0.0, max=1.0, step=0.05),
     ),
     outputs=(Out("model", "MODEL", "The patched model (a clone; the input model is unchanged)."),),
 )

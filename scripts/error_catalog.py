@@ -86,7 +86,6 @@ MODULE_NOTES = {
     "calibration/calibrator.py": "Calibrator use out of order or on calls it was not made for (library users): "
                                  "follow begin_prompt -> observe ... -> end_prompt -> finish.",
     "calibration/stats.py": "Resuming a calibration from a statistics file that does not match: start a new file.",
-    "calibration/synthetic.py": "Synthetic test attention: parameters out of range (tests and benchmarks only).",
     "kernels/layouts.py": "Attention tensors in a layout the engine does not know, or of mismatched shapes (host "
                           "adapter bug or an unsupported model).",
     "kernels/attention/naive.py": "The reference attention got tensors that do not fit the skip lists.",

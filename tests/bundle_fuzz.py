@@ -79,7 +79,7 @@ def _bundle(family, grid, *, L, H, block=(16, 16), steps=4, shared=True, repetit
 def _calibrated():
     """A bundle from the real Calibrator on planted synthetic attention (2 layers, 4 heads, 2 prompts)."""
     from calibatt.calibration import CalibrationSettings, Calibrator
-    from calibatt.calibration.synthetic import planted_layer
+    from synthetic import planted_layer
 
     grid, sig = TokenGrid(2, 4, 8), ModelSignature("generic", 2, 4, 16, 64)
     sigmas = [3.0, 1.0, 0.3]

@@ -74,7 +74,7 @@ def preview_bundle():
     windows sharpen as sigma falls), so its preview has the structure a real one has: Wan 2.1 style signature, 4
     layers x 4 heads, 4 x 8 x 8 tokens in blocks of 16, 8 steps, 3 prompts."""
     from calibatt.calibration import Calibrator, CalibrationSettings
-    from calibatt.calibration.synthetic import planted_layer
+    from synthetic import planted_layer
     from calibatt.kernels.call import AttentionCall
     from calibatt.masks import ModelSignature, TokenGrid
 

@@ -63,6 +63,20 @@ def test_sigma_lookup_any_schedule():
         assert b.bucket_for_sigma(s) == b.step_bucket[nearest]
 
 
+def test_one_sigma_to_step_rule_and_dense_window():
+    from calibatt.masks.sigmas import SigmaSteps, in_dense_window, step_fraction
+    steps = SigmaSteps([1.0, 0.5, 0.25])
+    assert [steps.index(s) for s in (2.0, 0.76, 0.75, 0.74, 0.375, 0.3, 0.0)] == [0, 0, 1, 1, 2, 2, 2]
+    # a hand-made schedule out of order: still the nearest entry, halfway to the less noisy one
+    odd = SigmaSteps([0.25, 1.0, 0.75])
+    assert [odd.index(s) for s in (0.1, 0.5, 0.6, 0.9)] == [0, 0, 2, 1]
+    # 4 steps, the first and last quarter dense; without windows no step (the last included) is dense
+    fr = [step_fraction(i, 4) for i in range(4)]
+    assert [in_dense_window(f, 0.25, 0.25) for f in fr] == [True, False, False, True]
+    assert not any(in_dense_window(f, 0.0, 0.0) for f in fr)
+    assert not in_dense_window(None, 1.0, 1.0)
+
+
 def test_check_compatible_names_the_mismatch():
     b = make_bundle(L=2, H=3)
     b.check_compatible(b.signature, b.grid)  # fits itself

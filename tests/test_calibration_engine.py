@@ -1,7 +1,7 @@
 """The calibrator end to end on synthetic attention with planted structure (CPU, small grid).
 
 Planted per layer: a 3D local window, temporal stripes, a repetitive head and a head with global columns (see
-calibration/synthetic.py); every prompt adds its own noise and values."""
+tests/synthetic.py); every prompt adds its own noise and values."""
 
 
 import numpy as np
@@ -10,7 +10,7 @@ import torch
 
 from calibatt.calibration import CalibrationSettings, CalibrationStats, Calibrator, StatsError, calibrate
 from calibatt.calibration.selection import kept_mass, mean_block_mass, select_blocks
-from calibatt.calibration.synthetic import global_columns, planted_layer, sparse_error
+from synthetic import global_columns, planted_layer, sparse_error
 from calibatt.kernels.call import AttentionCall
 from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner

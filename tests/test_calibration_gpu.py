@@ -7,7 +7,7 @@ import torch
 
 from calibatt.calibration import CalibrationSettings, Calibrator
 from calibatt.calibration.selection import kept_mass, mean_block_mass
-from calibatt.calibration.synthetic import planted_layer
+from synthetic import planted_layer
 from calibatt.kernels.call import AttentionCall
 from calibatt.kernels.block_energy.naive import block_energy_reference
 from calibatt.masks import BlockGeometry, ModelSignature, TokenGrid

@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 from calibatt.calibration import CalibrationSettings, Calibrator  # noqa: E402
 from calibatt.calibration.selection import kept_mass, mean_block_mass, select_blocks  # noqa: E402
 from calibatt.calibration.settings import STATS_ROW_STRIDE_DEFAULT  # noqa: E402
-from calibatt.calibration.synthetic import global_columns, planted_layer, sparse_error  # noqa: E402
+from synthetic import global_columns, planted_layer, sparse_error  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
 from calibatt.kernels.block_energy import block_energy  # noqa: E402
 from calibatt.kernels.block_energy.naive import block_energy_reference, sampled_rows  # noqa: E402

@@ -7,7 +7,7 @@ import torch
 
 from calibatt.calibration.repetition import anchor_plan
 from calibatt.calibration.selection import kept_mass, mean_block_mass, packed_iou, select_blocks, share_steps, vote
-from calibatt.calibration.settings import EPS_PRESETS, CalibrationSettings
+from calibatt.calibration.settings import EPS_PRESETS, CalibrationSettings, eps_spec
 from calibatt.kernels.block_energy import block_energy
 from calibatt.masks import BlockGeometry, TokenGrid
 from calibatt.masks.packing import _pack_bits_torch, pack_bits
@@ -30,6 +30,12 @@ def test_eps_schedule_presets_and_overrides():
     assert s.eps(0, 4) == pytest.approx(0.863)
     assert s.eps(2, 4) == pytest.approx(0.763 + 0.1 * math.exp(-5.64 * 0.5))
     assert CalibrationSettings.from_dict(s.to_dict()) == s
+    # one spelling for an explicit schedule: preset "custom" with A, C and k, as the node and "A:C:k" give it
+    c = CalibrationSettings(**eps_spec("0.7:0.95:8"))
+    assert (c.preset, c.eps_params()) == ("custom", (0.7, 0.95, 8.0))
+    assert eps_spec("fast") == {"preset": "fast"}
+    with pytest.raises(ValueError, match="k not set"):
+        CalibrationSettings(preset="custom", A=0.7, C=0.95)
 
 
 @pytest.mark.parametrize("bad", [dict(A=0.99, C=0.9), dict(rho=0.0), dict(gamma=1.5), dict(anchors=0),

@@ -13,6 +13,7 @@ def test_presets_and_custom_eps():
     assert (s.rho, s.block_q, s.block_k, s.seed, s.steps, s.sampler) == (0.6, 32, 32, 5, 20, "euler")
     c = make_settings("custom", 0.7, 0.95, 8.0, 0.5, 128, 0, 30, "uni_pc")
     assert c.eps_params() == (0.7, 0.95, 8.0)
+    assert c.preset == "custom"  # recorded as given (it was recorded as "balanced")
     assert c.eps(0, 30) == pytest.approx(0.95)
     with pytest.raises(ValueError, match="A <= C"):
         make_settings("custom", 0.99, 0.5, 8.0, 0.5, 128, 0, 30, "euler")

@@ -10,7 +10,7 @@ from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner
 from calibatt.masks import BlockGeometry, MaskBundle, SkipLists
 from calibatt.nodes import model_info as mi
-from calibatt.nodes.routing import CALLS_KEY, LAYER_KEY, AttentionRouter, positive_rows, step_index
+from calibatt.nodes.routing import CALLS_KEY, LAYER_KEY, AttentionRouter, positive_rows, schedule_steps
 from helpers_core import comfy_attention
 
 WAN = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "num_heads": 2, "num_layers": 3, "in_dim": 16}
@@ -160,8 +160,8 @@ def test_router_survives_model_option_deepcopies():
 
 
 def test_step_and_row_helpers():
-    assert step_index([14.6, 5.0, 1.2, 0.03, 0.0], 1.19) == 2
-    assert step_index([1.0, 0.0], 0.0) == 0
+    assert schedule_steps([14.6, 5.0, 1.2, 0.03, 0.0]).index(1.19) == 2
+    assert schedule_steps([1.0, 0.0]).index(0.0) == 0
     assert positive_rows([1, 0], 4) == [2, 3]
     assert positive_rows([0], 2) is None  # every row is positive
     assert positive_rows(None, 2) is None

@@ -176,6 +176,101 @@ def test_the_import_check_catches_planted_violations(tmp_path):
     assert "comfy.ops" in found["kernels/call.py"] and "comfy_api.latest" in found["newengine/thing.py"]
 
 
+# The engine's layers, lowest first: each package folder may import only the folders listed for it (and the root
+# modules, e.g. version.py); nodes/ (the ComfyUI side) may import anything. A new package folder must be placed here.
+ENGINE_LAYERS = {
+    "masks": set(),
+    "kernels": {"masks"},
+    "calibration": {"masks", "kernels"},
+    "hub": {"masks"},
+    "adapters": {"masks", "kernels", "calibration"},
+    "tinywan": {"masks", "kernels", "calibration", "adapters"},
+}
+
+
+def package_imports(path: pathlib.Path, root: pathlib.Path) -> list:
+    """(top-level folder or module of the package, line) of every import in `path` that reaches the package rooted
+    at `root`: relative imports resolved against the module's package, absolute `calibatt.x` imports, and
+    constant-string __import__ / importlib.import_module calls."""
+    package = list(path.relative_to(root).parent.parts)
+    out = []
+
+    def relative(level: int, module, names, line: int):
+        base = package[:max(0, len(package) - (level - 1))]
+        for t in ([base + module.split(".")] if module else [base + [n] for n in names]):
+            out.append((t[0], line))
+
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name.split(".")[1], node.lineno) for a in node.names
+                    if a.name.startswith("calibatt.")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                relative(node.level, node.module, [a.name for a in node.names], node.lineno)
+            elif (node.module or "").startswith("calibatt."):
+                out.append((node.module.split(".")[1], node.lineno))
+            elif node.module == "calibatt":
+                out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) \
+                and isinstance(node.args[0].value, str):
+            f = node.func
+            name = f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+            target = node.args[0].value
+            if name in ("__import__", "import_module"):
+                if target.startswith("."):
+                    relative(len(target) - len(target.lstrip(".")), target.lstrip(".") or None, [], node.lineno)
+                elif target.startswith("calibatt."):
+                    out.append((target.split(".")[1], node.lineno))
+    return out
+
+
+def layer_violations(root: pathlib.Path) -> list:
+    """Sentences for every import of an engine module that goes up or across the layers of ENGINE_LAYERS, and for
+    every package folder ENGINE_LAYERS does not place."""
+    folders = {d.name for d in _visible_dirs(root) if (d / "__init__.py").is_file()}
+    out = [f"{d}/ is a package folder with no place in ENGINE_LAYERS: add it (the folders it may import)"
+           for d in sorted(folders - set(ENGINE_LAYERS) - {COMFYUI_SIDE})]
+    for f in engine_modules(root):
+        parts = f.relative_to(root).parts
+        if len(parts) == 1:
+            continue  # root modules (version.py) import nothing of the package
+        allowed = ENGINE_LAYERS.get(parts[0], set()) | {parts[0]}
+        for target, line in package_imports(f, root):
+            if target in folders and target not in allowed:
+                out.append(f"{f.relative_to(root)}:{line}: imports {target} (the {parts[0]} layer may import "
+                           f"{', '.join(sorted(allowed - {parts[0]})) or 'no other folder'})")
+    return out
+
+
+def test_engine_layers_import_downward():
+    assert not layer_violations(ROOT), "\n".join(layer_violations(ROOT))
+
+
+def test_the_layer_check_catches_planted_violations(tmp_path):
+    files = {
+        "__init__.py": "", "version.py": "",
+        "nodes/__init__.py": "from ..calibration import x\n",  # the ComfyUI side may import anything
+        "masks/__init__.py": "from ..version import v\n",
+        "masks/up.py": "from ..kernels import call\n",
+        "masks/up_abs.py": "def f():\n    from calibatt.calibration import Calibrator\n",
+        "kernels/__init__.py": "from ..masks import geometry\n",
+        "kernels/deep/__init__.py": "from ...calibration import stats\n",
+        "calibration/__init__.py": "import importlib\nimportlib.import_module('..tinywan', __package__)\n",
+        "tinywan/__init__.py": "from ..adapters import x\nfrom ..calibration import y\n",
+        "adapters/__init__.py": "from .. import tinywan\n",
+        "hub/__init__.py": "from ..masks import x\n",
+        "newlayer/__init__.py": "",
+    }
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    found = layer_violations(tmp_path)
+    where = sorted(p.split(":")[0].split(" ")[0] for p in found)
+    assert where == sorted(["masks/up.py", "masks/up_abs.py", "kernels/deep/__init__.py", "calibration/__init__.py",
+                            "adapters/__init__.py", "newlayer/"]), found
+    assert any("masks/up.py:1: imports kernels (the masks layer may import no other folder)" == p for p in found)
+
+
 def test_no_pickle_anywhere():
     pat = re.compile(r"\b(import pickle|torch\.load\(|torch\.save\(|pickle\.(loads?|dumps?)\()")
     for f in ROOT.rglob("*.py"):

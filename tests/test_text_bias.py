@@ -313,7 +313,7 @@ def _calibrate_with(mode):
     which the positive prompt pads the last 7 and the negative the last 3. mode 'bias': the padding as a per-batch
     text bias; 'crop': the positive row alone with its padded text keys removed; 'ignore': no bias at all."""
     from calibatt.calibration import CalibrationSettings, Calibrator
-    from calibatt.calibration.synthetic import planted_layer
+    from synthetic import planted_layer
     video = TokenGrid(2, 4, 8)
     Nv, T, keep = video.video_tokens, 11, 4
     cal = Calibrator(ModelSignature("hunyuan", 1, 2, 16, 32), video,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from calibatt.calibration import CalibrationSettings, Calibrator
-from calibatt.calibration.synthetic import planted_layer
+from synthetic import planted_layer
 from calibatt.kernels.call import AttentionCall
 from calibatt.kernels.dense import dense_attention
 from calibatt.kernels.layouts import token_spans

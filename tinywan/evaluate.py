@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import diffusers_wan as adapter
+from .. import calibration
 from ..calibration import Calibrator, CalibrationSettings
+from ..masks.sigmas import in_dense_window, step_fraction
 from . import pipeline
 
 HOOK_KW = {"vae_stride": (1, 1, 1)}  # pixel space: the "VAE" is the identity
@@ -20,7 +22,7 @@ def _on_step(hook, batch: int, guidance: float):
     rows = pipeline.positive_rows_for(2 * batch if guidance != 1.0 else batch, guidance)
 
     def on_step(i, sigma, n):
-        hook.begin_step(sigma, i / max(1, n - 1), rows)
+        hook.begin_step(sigma, step_fraction(i, n), rows)
     return on_step
 
 
@@ -29,18 +31,27 @@ def calibrate(model, captions, settings: CalibrationSettings, *, steps: int, see
     """MaskBundle from dense runs of `captions` (one prompt each, conditional rows observed)."""
     grid = grid or model.cfg.grid(frames=frames)
     cal = Calibrator(model.signature(), grid, settings)
-    seeds = list(seeds) if seeds is not None else list(range(100, 100 + len(captions)))
-    sched = pipeline.sigma_schedule(steps)[:-1]
     try:
-        with adapter.patch_calibrate(model.transformer, cal, **HOOK_KW) as hook:
-            for cap, seed in zip(captions, seeds):
-                cal.begin_prompt(sample_sigmas=sched)
-                pipeline.generate(model, [cap], [seed], steps=steps, guidance=guidance,
-                                  on_step=_on_step(hook, 1, guidance), progress=progress, frames=frames)
-                cal.end_prompt()
-        return cal.finish()
+        return run_calibration(model, cal, captions, steps=steps, seeds=seeds, guidance=guidance, progress=progress,
+                               frames=frames)
     finally:
         cal.close()
+
+
+def run_calibration(model, cal: Calibrator, captions, *, steps: int, seeds=None, guidance: float = 4.0,
+                    progress: Optional[Callable[[int], None]] = None, frames: Optional[int] = None,
+                    stats_path=None):
+    """calibration.calibrate over `captions` (prompt i with seeds[i]) on the tiny model: each prompt one dense
+    denoising run through the diffusers adapter. stats_path: save the statistics there and resume from them."""
+    seeds = list(seeds) if seeds is not None else list(range(100, 100 + len(captions)))
+    sched = pipeline.sigma_schedule(steps)[:-1]
+    with adapter.patch_calibrate(model.transformer, cal, **HOOK_KW) as hook:
+        def run_prompt(prompt, calibrator):
+            cap, seed = prompt
+            calibrator.set_schedule(sched)
+            pipeline.generate(model, [cap], [seed], steps=steps, guidance=guidance,
+                              on_step=_on_step(hook, 1, guidance), progress=progress, frames=frames)
+        return calibration.calibrate(run_prompt, list(zip(captions, seeds)), cal, stats_path=stats_path)
 
 
 def generate(model, captions, seeds, *, steps: int, guidance: float = 4.0, mode: str = "dense", bundle=None,
@@ -100,8 +111,7 @@ def sampled_density(bundle, steps: int, *, dense_first: float = 0.0, dense_last:
     sig = pipeline.sigma_schedule(steps)
     out = []
     for i in range(steps):
-        frac = i / max(1, steps - 1)
-        if frac < dense_first or frac > 1.0 - dense_last - 1e-9:
+        if in_dense_window(step_fraction(i, steps), dense_first, dense_last):
             out.append(1.0)
             continue
         d = dens[bundle.bucket_for_sigma(sig[i])]

@@ -1,4 +1,5 @@
-"""Synthetic attention with planted structure, for tests, demos and benchmarks of the calibrator.
+"""Synthetic attention with planted structure, for tests and benchmarks of the calibrator (a test fixture: bench/
+scripts put tests/ on sys.path to import it).
 
 q/k are built so that the attention of each head has a known shape over a (frames, height, width) token grid:
   "local"   3D window: logits -beta * |p_i - p_j|^2 over (t, h, w)
@@ -15,7 +16,7 @@ import math
 
 import torch
 
-from ..masks.geometry import TokenGrid
+from calibatt.masks.geometry import TokenGrid
 
 KINDS = ("local", "stripes", "repeat", "global")
 
@@ -91,7 +92,7 @@ def planted_layer(grid: TokenGrid, kinds, head_dim: int, *, prompt: int, layer: 
 def sparse_error(bundle, qkv, prompt: int, sigmas, layers: int) -> float:
     """Mean relative error of the bundle's sparse attention (the reference) against dense attention, over the
     given steps and layers of one synthetic prompt; qkv(prompt, layer, sigma) -> (q, k, v) with scale 1."""
-    from ..kernels.attention.naive import sparse_attention_reference
+    from calibatt.kernels.attention.naive import sparse_attention_reference
 
     errs = []
     for s in sigmas:
