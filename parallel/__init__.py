@@ -4,6 +4,7 @@ at module level (parallel/usp.py imports yunchang only when asked to patch it). 
 
 from .heads import HeadAssignment, assign_heads, contiguous_heads, head_costs, slice_layer
 from .ring import RingPlan, merge_partial, partial_attention, ring_sparse_attention
+from .usp import SequenceParallelSparse
 
 __all__ = ["HeadAssignment", "assign_heads", "contiguous_heads", "head_costs", "slice_layer", "RingPlan",
-           "merge_partial", "partial_attention", "ring_sparse_attention"]
+           "merge_partial", "partial_attention", "ring_sparse_attention", "SequenceParallelSparse"]

@@ -1,0 +1,161 @@
+"""Calibrated sparse attention inside yunchang's USP (Ulysses + Ring), the sequence parallelism xDiT (xfuser) uses.
+
+The seam. yunchang's `LongContextAttention.forward` (and xfuser's `xFuserLongContextAttention`, its subclass) runs
+the Ulysses all-to-all (each rank: its ring chunk of the sequence, H / U heads) and then calls the instance
+attribute `ring_attn_fn(q, k, v, ..., softmax_scale=, group=ring_pg, ...)` with q, k, v of shape (B, S / R, H / U,
+D); `UlyssesAttention.forward` calls `attn_fn(q, k, v, ..., softmax_scale=)` the same way with the whole sequence.
+Both are plain attributes set in __init__, so `install` replaces them on one module instance (nothing in yunchang is
+edited or copied) with `ring_attn_fn` below, which runs our skip lists on the heads this rank holds:
+  - the heads: before yunchang's all-to-all, `attention` reorders q, k, v's heads into the balanced assignment's
+    slot order (parallel/heads.py: LPT on the calibrated costs, ceil(H / U) slots per rank, zero padding heads
+    when U does not divide H), so yunchang's contiguous head split hands each rank the heads we chose; the output
+    is put back in the model's head order after. Padding slots are never computed.
+  - the sequence: with R = 1 every rank holds the whole sequence and runs the reference on its heads' skip list;
+    with R > 1 (USP hybrid / pure ring) it runs parallel/ring.py on its chunk, ring rank = chunk index.
+Contract (checked where it can be): the model splits the sequence into world-size contiguous shards in global-rank
+order (xfuser's and raylight's `chunk(..., dim=seq)[rank]`) and yunchang's groups come from
+`set_seq_parallel_pg(..., use_ulysses_low=True)` (its default), so that a ring rank's Ulysses group gathers the
+contiguous chunk `ring rank`. The text tokens are part of that sequence (text after or before the video).
+Not supported: xfuser's `joint_tensor_*` (text kept replicated beside the shards: SD3 / Flux style) -- refused with
+an error; calls are not thread-safe (the call's skip list is held on the object while yunchang runs).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..kernels.reference import sparse_attention_reference
+from ..masks.skiplists import SkipLists
+from .heads import PAD, HeadAssignment, assign_heads, contiguous_heads, head_costs, slice_layer
+from .ring import RingPlan, ring_sparse_attention
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def _rank(group) -> int:
+    return dist.get_rank(group) if group is not None else 0
+
+
+class SequenceParallelSparse:
+    """One rank's sparse attention for one sigma bucket of a bundle, under Ulysses degree U and ring degree R.
+
+    skip_lists: the bucket's SkipLists (MaskBundle.skip_lists(bucket)); costs: [L, H] per-head costs (default:
+    parallel/heads.py head_costs of the skip lists' densities, i.e. MaskBundle.entry_densities()[bucket]); balance:
+    False keeps the engine's contiguous head split (for comparison)."""
+
+    def __init__(self, skip_lists: SkipLists, *, ulysses_group=None, ring_group=None, costs=None,
+                 dense_cutoff: float = 1.0, balance: bool = True):
+        self.skip_lists = skip_lists
+        self.ulysses_group, self.ring_group = ulysses_group, ring_group
+        self.U, self.R = _size(ulysses_group), _size(ring_group)
+        self.u_rank, self.r_rank = _rank(ulysses_group), _rank(ring_group)
+        if dist.is_initialized() and (self.U > 1 or self.R > 1):
+            g = dist.get_rank() % (self.U * self.R)
+            if g != self.r_rank * self.U + self.u_rank:
+                raise ValueError(
+                    f"rank {dist.get_rank()} is Ulysses rank {self.u_rank} of {self.U} and ring rank {self.r_rank} of "
+                    f"{self.R}: its Ulysses group would not gather one contiguous chunk of the sequence. Make the "
+                    "groups with yunchang's set_seq_parallel_pg(..., use_ulysses_low=True) (the default)")
+        c = head_costs(skip_lists.head_densities() if costs is None else costs, dense_cutoff)
+        H = skip_lists.num_heads
+        self.assignments = [assign_heads(c[l], self.U) if balance else contiguous_heads(H, self.U)
+                            for l in range(skip_lists.num_layers)]
+        self._local = {}
+        self._index = {}
+        self._call = None
+
+    # -- heads ---------------------------------------------------------------------------------------------------
+    def assignment(self, layer: int) -> HeadAssignment:
+        return self.assignments[layer]
+
+    def _indices(self, layer: int, device):
+        key = (layer, str(device))
+        if key not in self._index:
+            a = self.assignments[layer]
+            order = torch.tensor([a.num_heads if h == PAD else h for h in a.order], dtype=torch.long)
+            inv = torch.tensor([a.order.index(h) for h in range(a.num_heads)], dtype=torch.long)
+            self._index[key] = (order.to(device), inv.to(device))
+        return self._index[key]
+
+    def to_slots(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """(B, S, H, D) -> (B, S, U * slots, D) in the assignment's slot order, zeros in padding slots."""
+        order, _ = self._indices(layer, x.device)
+        pad = x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])
+        return torch.cat([x, pad], dim=2).index_select(2, order)
+
+    def from_slots(self, y: torch.Tensor, layer: int) -> torch.Tensor:
+        _, inv = self._indices(layer, y.device)
+        return y.index_select(2, inv)
+
+    def local_layer(self, layer: int, seq_len: int, video_start: int):
+        """(this rank's skip list, its real head count, its RingPlan or None): built once per layer and shape."""
+        key = (layer, seq_len, video_start)
+        if key not in self._local:
+            heads = self.assignments[layer].ranks[self.u_rank]
+            skip = slice_layer(self.skip_lists.layer(layer), heads)
+            plan = RingPlan.build(skip, seq_len, self.R, video_start) if self.R > 1 else None
+            self._local[key] = (skip, len(heads), plan)
+        return self._local[key]
+
+    # -- the call ------------------------------------------------------------------------------------------------
+    def attention(self, module, q, k, v, *, layer: int, video_start: int = 0, text_bias=None,
+                  scale: Optional[float] = None) -> torch.Tensor:
+        """Our sparse attention through yunchang's module (LongContextAttention / UlyssesAttention with `install`
+        done): q, k, v (B, S_local, H, D), this rank's contiguous shard; returns (B, S_local, H, D)."""
+        if module is not None and getattr(module, "_calibatt_sp", None) is not self:
+            raise ValueError("call SequenceParallelSparse.install(module) on this yunchang module first")
+        seq_len = q.shape[1] * self.U * self.R
+        self._call = (layer, seq_len, video_start, text_bias)
+        try:
+            out = module(self.to_slots(q, layer), self.to_slots(k, layer), self.to_slots(v, layer),
+                         softmax_scale=scale)
+        finally:
+            self._call = None
+        return self.from_slots(out, layer)
+
+    def ring_attn_fn(self, q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, *args, group=None, **kwargs):
+        """yunchang's ring_attn_fn / attn_fn signature. q, k, v: (B, S / R, slots, D) after the all-to-all."""
+        if self._call is None:
+            raise RuntimeError("this yunchang module runs calibrated sparse attention: call it through "
+                               "SequenceParallelSparse.attention (which knows the layer and the token layout)")
+        if causal or dropout_p:
+            raise ValueError("calibrated sparse attention is non-causal self-attention without dropout (video DiTs)")
+        if any(kwargs.get(n) is not None for n in ("joint_tensor_key", "joint_tensor_value")):
+            raise ValueError("xfuser's joint_tensor_* (text kept beside the sequence shards) is not supported: put "
+                             "the text tokens in the sequence (text after or before the video)")
+        if group is not None and _size(group) != self.R:
+            raise ValueError(f"the module's ring group has {_size(group)} ranks; this object was made for {self.R}")
+        layer, seq_len, video_start, text_bias = self._call
+        skip, n, plan = self.local_layer(layer, seq_len, video_start)
+        qh, kh, vh = (t[:, :, :n].transpose(1, 2) for t in (q, k, v))  # real heads first, then padding
+        if self.R == 1:
+            o = sparse_attention_reference(qh, kh, vh, skip, scale=softmax_scale, text_bias=text_bias,
+                                           video_start=video_start)
+        else:
+            o = ring_sparse_attention(qh, kh, vh, skip, seq_len=seq_len, group=self.ring_group,
+                                      video_start=video_start, scale=softmax_scale, text_bias=text_bias, plan=plan)
+        out = q.new_zeros(q.shape)
+        out[:, :, :n] = o.transpose(1, 2)
+        return out
+
+    def install(self, module):
+        """Make a yunchang LongContextAttention (ring_attn_fn) or UlyssesAttention (attn_fn) instance run this
+        object's sparse attention. Returns the module."""
+        if hasattr(module, "ring_attn_fn"):
+            if self.R != _size(getattr(module, "ring_pg", None)) or self.U != _size(getattr(module, "ulysses_pg", None)):
+                raise ValueError("the module's Ulysses / ring groups are not the ones this object was made with")
+            module.ring_attn_fn = self.ring_attn_fn
+        elif hasattr(module, "attn_fn"):
+            if self.R != 1 or self.U != _size(getattr(module, "spg", None)):
+                raise ValueError("UlyssesAttention has no ring: make this object with its sequence group as "
+                                 "ulysses_group and no ring_group")
+            module.attn_fn = self.ring_attn_fn
+        else:
+            raise TypeError(f"{type(module).__name__} is not a yunchang LongContextAttention or UlyssesAttention")
+        module._calibatt_sp = self
+        return module
