@@ -142,3 +142,33 @@ def slice_layer(skip: LayerSkipList, heads) -> LayerSkipList:
     i = idx.to(dev)
     return LayerSkipList(skip.geometry, skip.kv_indices.index_select(0, i).contiguous(),
                          skip.kv_counts.index_select(0, i).contiguous(), rep)
+
+
+class SlotLayout:
+    """Moves a tensor's heads between the model's order and an assignment's slot order (rank by rank, real heads
+    first, zero padding slots), so an engine's contiguous equal split of the head dimension hands every rank the
+    heads the assignment chose. Index tensors are made once per device."""
+
+    def __init__(self, assignment: HeadAssignment):
+        self.assignment = assignment
+        a = assignment
+        self._order = torch.tensor([a.num_heads if h == PAD else h for h in a.order], dtype=torch.long)
+        self._inv = torch.tensor([a.order.index(h) for h in range(a.num_heads)], dtype=torch.long)
+        self._dev: dict = {}
+
+    def _on(self, device):
+        key = str(device)
+        if key not in self._dev:
+            self._dev[key] = (self._order.to(device), self._inv.to(device))
+        return self._dev[key]
+
+    def to_slots(self, x: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        """H heads along `dim` -> world_size * slots, padding slots zero (one copy, as the all-to-all makes)."""
+        order, _ = self._on(x.device)
+        shape = list(x.shape)
+        shape[dim] = 1
+        return torch.cat([x, x.new_zeros(shape)], dim=dim).index_select(dim, order)
+
+    def from_slots(self, y: torch.Tensor, dim: int = 2) -> torch.Tensor:
+        _, inv = self._on(y.device)
+        return y.index_select(dim, inv)

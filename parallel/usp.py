@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..kernels.reference import sparse_attention_reference
 from ..masks.skiplists import SkipLists
-from .heads import PAD, HeadAssignment, assign_heads, contiguous_heads, head_costs, slice_layer
+from .heads import HeadAssignment, SlotLayout, assign_heads, contiguous_heads, head_costs, slice_layer
 from .ring import RingPlan, ring_sparse_attention
 
 
@@ -65,32 +65,20 @@ class SequenceParallelSparse:
         H = skip_lists.num_heads
         self.assignments = [assign_heads(c[l], self.U) if balance else contiguous_heads(H, self.U)
                             for l in range(skip_lists.num_layers)]
+        self.layouts = [SlotLayout(a) for a in self.assignments]
         self._local = {}
-        self._index = {}
         self._call = None
 
     # -- heads ---------------------------------------------------------------------------------------------------
     def assignment(self, layer: int) -> HeadAssignment:
         return self.assignments[layer]
 
-    def _indices(self, layer: int, device):
-        key = (layer, str(device))
-        if key not in self._index:
-            a = self.assignments[layer]
-            order = torch.tensor([a.num_heads if h == PAD else h for h in a.order], dtype=torch.long)
-            inv = torch.tensor([a.order.index(h) for h in range(a.num_heads)], dtype=torch.long)
-            self._index[key] = (order.to(device), inv.to(device))
-        return self._index[key]
-
     def to_slots(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """(B, S, H, D) -> (B, S, U * slots, D) in the assignment's slot order, zeros in padding slots."""
-        order, _ = self._indices(layer, x.device)
-        pad = x.new_zeros(x.shape[0], x.shape[1], 1, x.shape[3])
-        return torch.cat([x, pad], dim=2).index_select(2, order)
+        """(B, S, H, D) -> (B, S, U * slots, D) in the layer's assignment's slot order, zeros in padding slots."""
+        return self.layouts[layer].to_slots(x)
 
     def from_slots(self, y: torch.Tensor, layer: int) -> torch.Tensor:
-        _, inv = self._indices(layer, y.device)
-        return y.index_select(2, inv)
+        return self.layouts[layer].from_slots(y)
 
     def local_layer(self, layer: int, seq_len: int, video_start: int):
         """(this rank's skip list, its real head count, its RingPlan or None): built once per layer and shape."""
@@ -146,16 +134,21 @@ class SequenceParallelSparse:
     def install(self, module):
         """Make a yunchang LongContextAttention (ring_attn_fn) or UlyssesAttention (attn_fn) instance run this
         object's sparse attention. Returns the module."""
-        if hasattr(module, "ring_attn_fn"):
-            if self.R != _size(getattr(module, "ring_pg", None)) or self.U != _size(getattr(module, "ulysses_pg", None)):
-                raise ValueError("the module's Ulysses / ring groups are not the ones this object was made with")
-            module.ring_attn_fn = self.ring_attn_fn
-        elif hasattr(module, "attn_fn"):
-            if self.R != 1 or self.U != _size(getattr(module, "spg", None)):
-                raise ValueError("UlyssesAttention has no ring: make this object with its sequence group as "
-                                 "ulysses_group and no ring_group")
-            module.attn_fn = self.ring_attn_fn
-        else:
-            raise TypeError(f"{type(module).__name__} is not a yunchang LongContextAttention or UlyssesAttention")
-        module._calibatt_sp = self
-        return module
+        return install_attention(self, module, self.U, self.R)
+
+
+def install_attention(owner, module, U: int, R: int):
+    """Set owner.ring_attn_fn as the attention function of one yunchang module instance (the seam above)."""
+    if hasattr(module, "ring_attn_fn"):
+        if R != _size(getattr(module, "ring_pg", None)) or U != _size(getattr(module, "ulysses_pg", None)):
+            raise ValueError("the module's Ulysses / ring groups are not the ones this object was made with")
+        module.ring_attn_fn = owner.ring_attn_fn
+    elif hasattr(module, "attn_fn"):
+        if R != 1 or U != _size(getattr(module, "spg", None)):
+            raise ValueError("UlyssesAttention has no ring: make this object with its sequence group as "
+                             "ulysses_group and no ring_group")
+        module.attn_fn = owner.ring_attn_fn
+    else:
+        raise TypeError(f"{type(module).__name__} is not a yunchang LongContextAttention or UlyssesAttention")
+    module._calibatt_sp = owner
+    return module
