@@ -27,7 +27,7 @@ from ..calibration.stats import CalibrationStats, StatsError, StepRecord
 from ..kernels.call import AttentionCall
 from ..masks.geometry import ModelSignature, TokenGrid
 from .heads import SlotLayout, contiguous_heads
-from .usp import _rank, _size, install_attention
+from .usp import _rank, _size, call_module, install_attention
 
 
 class SequenceParallelCalibration:
@@ -76,7 +76,7 @@ class SequenceParallelCalibration:
             raise ValueError("call SequenceParallelCalibration.install(module) on this yunchang module first")
         self._call = (layer, sigma, grid, positive_rows, text_bias)
         try:
-            out = module(*(self.layout.to_slots(t) for t in (q, k, v)), softmax_scale=scale)
+            out = call_module(module, *(self.layout.to_slots(t) for t in (q, k, v)), scale)
         finally:
             self._call = None
         return self.layout.from_slots(out)

@@ -22,6 +22,7 @@ an error; calls are not thread-safe (the call's skip list is held on the object 
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -100,8 +101,8 @@ class SequenceParallelSparse:
         seq_len = q.shape[1] * self.U * self.R
         self._call = (layer, seq_len, video_start, text_bias)
         try:
-            out = module(self.to_slots(q, layer), self.to_slots(k, layer), self.to_slots(v, layer),
-                         softmax_scale=scale)
+            out = call_module(module, self.to_slots(q, layer), self.to_slots(k, layer), self.to_slots(v, layer),
+                              scale)
         finally:
             self._call = None
         return self.from_slots(out, layer)
@@ -135,6 +136,15 @@ class SequenceParallelSparse:
         """Make a yunchang LongContextAttention (ring_attn_fn) or UlyssesAttention (attn_fn) instance run this
         object's sparse attention. Returns the module."""
         return install_attention(self, module, self.U, self.R)
+
+
+def call_module(module, q, k, v, scale):
+    """Run a yunchang / xfuser attention module on q, k, v: xfuser's xFuserLongContextAttention.forward takes the
+    host's attention layer first (attn, query, key, value, ...; None when no KV cache is used)."""
+    params = list(inspect.signature(type(module).forward).parameters)
+    if len(params) > 1 and params[1] == "attn":
+        return module(None, q, k, v, softmax_scale=scale)
+    return module(q, k, v, softmax_scale=scale)
 
 
 def install_attention(owner, module, U: int, R: int):
