@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.reference import sparse_attention_reference
+from ..kernels.runner import SparseRunner
 from ..masks.skiplists import SkipLists
 from .heads import HeadAssignment, SlotLayout, assign_heads, contiguous_heads, head_costs, slice_layer
 from .ring import RingPlan, ring_sparse_attention
@@ -45,11 +46,15 @@ def _rank(group) -> int:
 class SequenceParallelSparse:
     """One rank's sparse attention for one sigma bucket of a bundle, under Ulysses degree U and ring degree R.
 
-    skip_lists: the bucket's SkipLists (MaskBundle.skip_lists(bucket)); costs: [L, H] per-head costs (default:
-    parallel/heads.py head_costs of the skip lists' densities, i.e. MaskBundle.entry_densities()[bucket]); balance:
-    False keeps the engine's contiguous head split (for comparison)."""
+    skip_lists: the bucket's SkipLists (MaskBundle.skip_lists(bucket)); densities: [L, H] calibrated key-block
+    densities (MaskBundle.entry_densities()[bucket], host-side; default: the skip lists' own); dense_cutoff: heads
+    denser than it run dense, as in SparseRunner (their tables list every key block: exact dense attention in the
+    same launch) and cost 1.0 in the head balance; balance: False keeps the engine's contiguous head split.
+    Where the runner would use the Triton kernel (CUDA, fp16 / bf16, head_dim 16-128) a Ulysses-only rank (R = 1)
+    does too; elsewhere, and for every ring step, the PyTorch reference computes (parallel/ring.py says what the
+    kernel needs per ring step)."""
 
-    def __init__(self, skip_lists: SkipLists, *, ulysses_group=None, ring_group=None, costs=None,
+    def __init__(self, skip_lists: SkipLists, *, ulysses_group=None, ring_group=None, densities=None,
                  dense_cutoff: float = 1.0, balance: bool = True):
         self.skip_lists = skip_lists
         self.ulysses_group, self.ring_group = ulysses_group, ring_group
@@ -62,12 +67,18 @@ class SequenceParallelSparse:
                     f"rank {dist.get_rank()} is Ulysses rank {self.u_rank} of {self.U} and ring rank {self.r_rank} of "
                     f"{self.R}: its Ulysses group would not gather one contiguous chunk of the sequence. Make the "
                     "groups with yunchang's set_seq_parallel_pg(..., use_ulysses_low=True) (the default)")
-        c = head_costs(skip_lists.head_densities() if costs is None else costs, dense_cutoff)
+        dens = torch.as_tensor(skip_lists.head_densities() if densities is None else densities, dtype=torch.float64)
         H = skip_lists.num_heads
+        if tuple(dens.shape) != (skip_lists.num_layers, H):
+            raise ValueError(f"densities must be [layers, heads] = [{skip_lists.num_layers}, {H}], got "
+                             f"{tuple(dens.shape)}: pass MaskBundle.entry_densities()[bucket]")
+        self.dense_heads = dens > dense_cutoff  # [L, H] host
+        c = head_costs(dens, dense_cutoff)
         self.assignments = [assign_heads(c[l], self.U) if balance else contiguous_heads(H, self.U)
                             for l in range(skip_lists.num_layers)]
         self.layouts = [SlotLayout(a) for a in self.assignments]
         self._local = {}
+        self._on_device = {}
         self._call = None
 
     # -- heads ---------------------------------------------------------------------------------------------------
@@ -86,10 +97,20 @@ class SequenceParallelSparse:
         key = (layer, seq_len, video_start)
         if key not in self._local:
             heads = self.assignments[layer].ranks[self.u_rank]
-            skip = slice_layer(self.skip_lists.layer(layer), heads)
+            skip = slice_layer(self.skip_lists.layer(layer), heads).to("cpu")
+            full = self.dense_heads[layer][list(heads)]
+            if bool(full.any()):
+                skip = skip.with_full_heads(full)
             plan = RingPlan.build(skip, seq_len, self.R, video_start) if self.R > 1 else None
             self._local[key] = (skip, len(heads), plan)
         return self._local[key]
+
+    def _skip_on(self, layer: int, skip, device):
+        # one copy per layer and device, made on first use: no host-to-device copy per call
+        key = (layer, id(skip), str(device))
+        if key not in self._on_device:
+            self._on_device[key] = skip.to(device)
+        return self._on_device[key]
 
     # -- the call ------------------------------------------------------------------------------------------------
     def attention(self, module, q, k, v, *, layer: int, video_start: int = 0, text_bias=None,
@@ -122,7 +143,13 @@ class SequenceParallelSparse:
         layer, seq_len, video_start, text_bias = self._call
         skip, n, plan = self.local_layer(layer, seq_len, video_start)
         qh, kh, vh = (t[:, :, :n].transpose(1, 2) for t in (q, k, v))  # real heads first, then padding
-        if self.R == 1:
+        skip = self._skip_on(layer, skip, q.device)
+        if self.R == 1 and SparseRunner._triton_ok(qh):
+            from ..kernels.triton_attention import sparse_attention_triton
+
+            o = sparse_attention_triton(qh, kh, vh, skip, scale=softmax_scale, text_bias=text_bias,
+                                        video_start=video_start)
+        elif self.R == 1:
             o = sparse_attention_reference(qh, kh, vh, skip, scale=softmax_scale, text_bias=text_bias,
                                            video_start=video_start)
         else:

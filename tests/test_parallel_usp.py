@@ -36,7 +36,7 @@ def mixed_lists(L, H, seed):
     return SkipLists.from_block_mask(m, g, plan)
 
 
-def _usp_worker(rank, world, U, R, H, text_first, module_kind):
+def _usp_worker(rank, world, U, R, H, text_first, module_kind, cutoff=1.0):
     from yunchang import LongContextAttention, UlyssesAttention, set_seq_parallel_pg
     from yunchang.globals import PROCESS_GROUP
     from yunchang.kernels import AttnType
@@ -46,10 +46,11 @@ def _usp_worker(rank, world, U, R, H, text_first, module_kind):
     if module_kind == "ulysses":
         # TORCH_MATH only so the constructor does not ask for flash_attn; install replaces the function
         module = UlyssesAttention(PROCESS_GROUP.ULYSSES_PG, attn_type=AttnType.TORCH_MATH)
-        sp = SequenceParallelSparse(lists, ulysses_group=PROCESS_GROUP.ULYSSES_PG)
+        sp = SequenceParallelSparse(lists, ulysses_group=PROCESS_GROUP.ULYSSES_PG, dense_cutoff=cutoff)
     else:
         module = LongContextAttention(ring_impl_type="basic_pytorch", attn_type=AttnType.TORCH_MATH)
-        sp = SequenceParallelSparse(lists, ulysses_group=PROCESS_GROUP.ULYSSES_PG, ring_group=PROCESS_GROUP.RING_PG)
+        sp = SequenceParallelSparse(lists, ulysses_group=PROCESS_GROUP.ULYSSES_PG, ring_group=PROCESS_GROUP.RING_PG,
+                                    densities=lists.head_densities(), dense_cutoff=cutoff)
     sp.install(module)
     N = FRAMES * FT + TEXT
     vs = TEXT if text_first else 0
@@ -60,19 +61,21 @@ def _usp_worker(rank, world, U, R, H, text_first, module_kind):
     S = N // world
     for layer in range(2):
         q, k, v = (torch.randn(B, N, H, D, generator=gen, dtype=torch.float64) for _ in range(3))  # (B, S, H, D)
-        want = sparse_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                          lists.layer(layer), text_bias=bias, video_start=vs).transpose(1, 2)
+        # heads above the dense cutoff run dense, as in SparseRunner
+        spec = lists.layer(layer).with_full_heads(lists.layer(layer).head_densities() > cutoff)
+        want = sparse_attention_reference(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), spec,
+                                          text_bias=bias, video_start=vs).transpose(1, 2)
         sl = slice(rank * S, (rank + 1) * S)
         got = sp.attention(module, q[:, sl], k[:, sl], v[:, sl], layer=layer, video_start=vs, text_bias=bias)
         err = float((got - want[:, sl]).abs().max())
         assert err < 1e-12, f"rank {rank} layer {layer}: max error {err}"
 
 
-@pytest.mark.parametrize("U,R,H,text_first,kind", [
-    (2, 1, 5, False, "usp"),   # pure Ulysses through LongContextAttention, 5 heads on 2 ranks (one padding slot)
-    (2, 2, 5, True, "usp"),    # USP hybrid: 2 x 2, text first
-    (1, 2, 4, False, "usp"),   # pure ring through LongContextAttention
-    (2, 1, 3, True, "ulysses"),  # UlyssesAttention's attn_fn seam
+@pytest.mark.parametrize("U,R,H,text_first,kind,cutoff", [
+    (2, 1, 5, False, "usp", 1.0),   # pure Ulysses through LongContextAttention, 5 heads on 2 ranks (a padding slot)
+    (2, 2, 5, True, "usp", 0.3),    # USP hybrid 2 x 2, text first; heads above density 0.3 routed dense
+    (1, 2, 4, False, "usp", 1.0),   # pure ring through LongContextAttention
+    (2, 1, 3, True, "ulysses", 0.3),  # UlyssesAttention's attn_fn seam
 ])
-def test_yunchang_usp_equals_one_process(U, R, H, text_first, kind):
-    dist_harness.run_ranks(_usp_worker, U * R, U, R, H, text_first, kind)
+def test_yunchang_usp_equals_one_process(U, R, H, text_first, kind, cutoff):
+    dist_harness.run_ranks(_usp_worker, U * R, U, R, H, text_first, kind, cutoff)
