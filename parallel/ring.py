@@ -13,7 +13,9 @@ anchors' queries (a few rows per frame) are summed into every rank once per call
 computes all anchor rows against each shard it holds, and each local row then takes its anchor's output; the
 heads' other video rows compute nothing in the ring.
 
-Compute here is plain PyTorch (the reference's semantics, kernels/reference.py, in float32 / float64). The Triton
+Compute here is plain PyTorch (the reference's semantics, kernels/reference.py, in float32 / float64), a
+correctness path: it builds per-step token masks and selects the anchors' rows with boolean indexing (device
+syncs on a GPU), which the kernel path below would not. The Triton
 kernel (kernels/triton_attention.py) could run each step instead; it would need (1) the log-sum-exp of every row
 returned beside the output (it keeps m and l per row already), (2) a key window [c0, c1) of global key positions
 whose outside is masked (partial blocks at shard borders) with the k/v pointers offset to the shard, (3) a query
@@ -192,9 +194,10 @@ def ring_sparse_attention(q, k, v, skip: LayerSkipList, *, seq_len: int, group=N
     rep_heads = _repetitive_heads(skip)
     if rep_heads:
         rep = skip.repetition.to(q.device)
+        slots = [int(rep.on_host().head_slot[h]) for h in rep_heads]  # host copy: no device read
         frames = g.num_tokens // rep.frame_tokens
         anchor_rows = torch.stack([(vs + torch.arange(frames, device=q.device)[:, None] * rep.frame_tokens
-                                    + rep.anchors[int(rep.head_slot[h])][None, :]).reshape(-1) for h in rep_heads])
+                                    + rep.anchors[s][None, :]).reshape(-1) for s in slots])
         qa = torch.zeros(B, len(rep_heads), anchor_rows.shape[1], D, dtype=cdt, device=q.device)
         mine = (anchor_rows >= rows.start) & (anchor_rows < rows.stop)
         for i, h in enumerate(rep_heads):
@@ -227,7 +230,6 @@ def ring_sparse_attention(q, k, v, skip: LayerSkipList, *, seq_len: int, group=N
         covered = (r >= vs) & (r < vs + frames * T)
         pos = r[covered] - vs
         for i, h in enumerate(rep_heads):
-            slot = int(rep.head_slot[h])
-            src_row = (pos // T) * K + rep.row_anchor[slot][pos % T]
+            src_row = (pos // T) * K + rep.row_anchor[slots[i]][pos % T]
             out[:, h, covered] = a_out[:, i, src_row]
     return out.to(q.dtype)
