@@ -81,6 +81,12 @@ class SequenceParallelSparse:
         self._on_device = {}
         self._call = None
 
+    @classmethod
+    def for_bucket(cls, bundle, bucket: int, **kw) -> "SequenceParallelSparse":
+        """The object for one sigma bucket of a MaskBundle: its skip lists (CPU) and its host-side densities. Make
+        one per bucket the sampler visits (MaskBundle.bucket_for_sigma) and `install` it when the bucket changes."""
+        return cls(bundle.skip_lists(bucket), densities=bundle.entry_densities()[bucket], **kw)
+
     # -- heads ---------------------------------------------------------------------------------------------------
     def assignment(self, layer: int) -> HeadAssignment:
         return self.assignments[layer]

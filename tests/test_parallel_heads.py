@@ -93,3 +93,29 @@ def test_sliced_skip_list_gives_the_full_layers_output_on_its_heads(text_first):
     rep = slice_layer(layer, [2, 1]).repetition
     assert rep.head_slot.tolist() == [-1, 0] and rep.anchors.shape[0] == 1
     assert torch.equal(rep.anchors[0], layer.repetition.anchors[int(layer.repetition.head_slot[1])])
+
+
+def test_for_bucket_routes_the_bundles_dense_heads_and_balances_its_costs():
+    """One rank, no process group: the per-rank skip list of a bundle bucket lists every key block for the heads
+    above the cutoff (exact dense, as SparseRunner routes them) and keeps the others' masks."""
+    from helpers_core import make_bundle
+
+    from calibatt.parallel import SequenceParallelSparse
+
+    bundle = make_bundle(L=2, H=4, density=0.3)
+    dens = bundle.entry_densities()[0]
+    cutoff = float(dens.flatten().sort().values[5])  # some heads on each side
+    sp = SequenceParallelSparse.for_bucket(bundle, 0, dense_cutoff=cutoff)
+    assert torch.equal(sp.dense_heads, dens > cutoff)
+    lists = bundle.skip_lists(0)
+    N = bundle.grid.video_tokens
+    for layer in range(2):
+        skip, n, plan = sp.local_layer(layer, N, 0)
+        assert n == 4 and plan is None and sp.assignment(layer).ranks == ((0, 1, 2, 3),)
+        full = skip.block_mask().flatten(1).all(-1)
+        want = lists.layer(layer).block_mask()
+        for h in range(4):
+            if dens[layer, h] > cutoff:
+                assert bool(full[h]) and (skip.repetition is None or int(skip.repetition.head_slot[h]) < 0)
+            else:
+                assert torch.equal(skip.block_mask()[h], want[h])
