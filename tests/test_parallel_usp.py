@@ -73,6 +73,7 @@ def _usp_worker(rank, world, U, R, H, text_first, module_kind, cutoff=1.0):
 
 @pytest.mark.parametrize("U,R,H,text_first,kind,cutoff", [
     (2, 1, 5, False, "usp", 1.0),   # pure Ulysses through LongContextAttention, 5 heads on 2 ranks (a padding slot)
+    (4, 1, 5, True, "usp", 0.3),    # 5 heads on 4 Ulysses ranks: 2 slots each, 3 padding slots
     (2, 2, 5, True, "usp", 0.3),    # USP hybrid 2 x 2, text first; heads above density 0.3 routed dense
     (1, 2, 4, False, "usp", 1.0),   # pure ring through LongContextAttention
     (2, 1, 3, True, "ulysses", 0.3),  # UlyssesAttention's attn_fn seam
