@@ -12,8 +12,10 @@ STAMP := $(VENV)/.setup-done
 # PyTorch reference, and triton is 640 MB to unpack (a third of the setup time on the 2-core machine).
 DEMO_PACKAGES := numpy==2.4.6 safetensors==0.8.0 tqdm==4.70.1 pillow==13.0.0 diffusers==0.42.1 \
 	$(if $(shell command -v nvidia-smi 2>/dev/null),triton==3.6.0)
-# What the tests add (the Triton kernels run on the CPU under triton's interpreter there).
-TEST_PACKAGES := triton==3.6.0 hypothesis==6.170.15 pytest==9.2.0 pytest-timeout==2.4.0
+# What the tests add (the Triton kernels run on the CPU under triton's interpreter there). yunchang (xDiT's
+# sequence-parallel engine, pure Python) for tests/test_parallel_usp.py; its one dependency is torch (already pinned
+# above: pip keeps it), flash-attn is an optional extra it imports lazily.
+TEST_PACKAGES := triton==3.6.0 hypothesis==6.170.15 pytest==9.2.0 pytest-timeout==2.4.0 yunchang==0.6.4
 # --no-compile: Python compiles what it imports on first use; compiling all of torch up front costs CPU time
 PIP := $(PY) -m pip install -q --disable-pip-version-check --no-compile
 

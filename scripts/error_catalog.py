@@ -21,7 +21,7 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "ERRORS.md"
-PACKAGE_DIRS = ("nodes", "masks", "calibration", "kernels", "adapters", "tinywan", "demo", "hub")
+PACKAGE_DIRS = ("nodes", "masks", "calibration", "kernels", "adapters", "tinywan", "demo", "hub", "parallel")
 ROOT_MODULES = ("__init__.py",)
 
 # Functions that raise or warn with a message their callers pass: each call is listed with the helper's own
@@ -112,6 +112,14 @@ MODULE_NOTES = {
     "tinywan/data.py": "A prompt for the tiny model is not in its grammar (the message lists the words).",
     "tinywan/evaluate.py": "Demo / benchmark helper called with an unknown mode.",
     "demo/run_demo.py": "`make demo` / demo/run_demo.py options: fix the option the message names.",
+    "parallel/heads.py": "Sequence parallelism (docs/PARALLEL.md): a Ulysses head split the message says cannot work "
+                         "(more ranks than heads, bad costs); change the degrees as it says.",
+    "parallel/ring.py": "Ring attention (docs/PARALLEL.md): the sequence or shard does not fit the ring; pad the "
+                        "sequence or change the degree.",
+    "parallel/usp.py": "Sparse attention inside yunchang / xDiT USP (docs/PARALLEL.md): the module or the process "
+                       "groups are not set up as the message says.",
+    "parallel/calibration.py": "Calibrating under sequence parallelism (docs/PARALLEL.md): ring degree, or ranks that "
+                               "saw different prompts.",
 }
 
 
