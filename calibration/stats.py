@@ -149,6 +149,11 @@ class CalibrationStats:
             new = s.astype(np.uint8)
         return zlib.compress(np.ascontiguousarray(new, dtype=np.uint8).tobytes(), 1)
 
+    def add_votes(self, step: int, layer: int, votes: np.ndarray):
+        """votes: uint8 [H, nq, nk] (0/1 for one prompt, or another run's counters: parallel/calibration.py merges
+        the ranks' statistics through it)."""
+        self.counts[(step, layer)] = self._added(step, layer, votes)
+
     def _add_many(self, items):
         """[(step, layer, votes or a callable returning them)], distinct keys: decompress-add-recompress in
         parallel (zlib and numpy release the GIL), then store all at once."""

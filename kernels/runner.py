@@ -25,6 +25,7 @@ import torch
 
 from ..masks.bundle import MaskBundle
 from ..masks.errors import BundleError
+from ..masks.sigmas import in_dense_window
 from ..masks.transfer import canonical_device, to_device_async
 from .tables import BucketTables
 from .call import AttentionCall
@@ -78,8 +79,7 @@ class SparseRunner:
     def begin_step(self, sigma: float, device, step_fraction: Optional[float] = None):
         """Call once per denoising step with the host-side sigma and, when known, the position in the schedule
         (0 = first step, 1 = last). Cheap when the bucket did not change."""
-        self._dense_step = step_fraction is not None and (
-            step_fraction < self.dense_first or step_fraction > 1.0 - self.dense_last - 1e-9)
+        self._dense_step = in_dense_window(step_fraction, self.dense_first, self.dense_last)
         bucket = self.bundle.bucket_for_sigma(float(sigma))
         self._hold(bucket, device)
         return bucket

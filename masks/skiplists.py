@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .errors import BundleError
-from .geometry import num_blocks
+from .geometry import anchor_share, num_blocks
 from .packing import unpack_bits
 from .transfer import to_device_async
 
@@ -87,10 +87,6 @@ class LayerRepetition:
         plan = self.on_host()
         slot = torch.where(heads.to(torch.bool), torch.full_like(plan.head_slot, -1), plan.head_slot)
         return LayerRepetition(plan.frame_tokens, slot, plan.anchors, plan.row_anchor)
-
-    @property
-    def num_repetitive(self) -> int:
-        return int((self.head_slot >= 0).sum())
 
 
 @dataclass
@@ -215,11 +211,10 @@ class LayerSkipList:
         dens = self.kv_counts.sum(-1).double() / (g.nq * g.nk)
         rep = self.repetition
         if rep is not None:
-            frames = max(1, g.num_tokens // rep.frame_tokens)
+            share = anchor_share(g.num_tokens, rep.frame_tokens, rep.anchors.shape[1])
             for h in range(self.num_heads):
-                slot = int(rep.head_slot[h])
-                if slot >= 0:
-                    dens[h] = min(1.0, frames * rep.anchors.shape[1] / g.num_tokens)
+                if int(rep.head_slot[h]) >= 0:
+                    dens[h] = share
         return dens
 
     @property

@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.layouts import token_spans
-from ..kernels.reference import sparse_attention_reference
+from ..kernels.attention.naive import sparse_attention_reference
 from ..kernels.text_bias import as_text_bias, full_key_bias
 from ..masks.skiplists import LayerSkipList
 

@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ..kernels.reference import sparse_attention_reference
-from ..kernels.runner import SparseRunner
+from ..kernels.attention.naive import sparse_attention_reference
+from ..kernels.support import triton_unsupported
 from ..masks.skiplists import SkipLists
 from .heads import HeadAssignment, SlotLayout, assign_heads, contiguous_heads, head_costs, slice_layer
 from .ring import RingPlan, ring_sparse_attention
@@ -150,8 +150,8 @@ class SequenceParallelSparse:
         skip, n, plan = self.local_layer(layer, seq_len, video_start)
         qh, kh, vh = (t[:, :, :n].transpose(1, 2) for t in (q, k, v))  # real heads first, then padding
         skip = self._skip_on(layer, skip, q.device)
-        if self.R == 1 and SparseRunner._triton_ok(qh):
-            from ..kernels.triton_attention import sparse_attention_triton
+        if self.R == 1 and triton_unsupported(qh) is None:
+            from ..kernels.attention.triton_fwd import sparse_attention_triton
 
             o = sparse_attention_triton(qh, kh, vh, skip, scale=softmax_scale, text_bias=text_bias,
                                         video_start=video_start)

@@ -185,6 +185,7 @@ ENGINE_LAYERS = {
     "hub": {"masks"},
     "adapters": {"masks", "kernels", "calibration"},
     "tinywan": {"masks", "kernels", "calibration", "adapters"},
+    "parallel": {"masks", "kernels", "calibration"},
 }
 
 

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("yunchang", reason="yunchang (xDiT's USP engine) is not installed: make setup installs it")
 
 from calibatt.calibration import CalibrationSettings, Calibrator  # noqa: E402
-from calibatt.calibration.synthetic import planted_layer  # noqa: E402
+from synthetic import planted_layer  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
 from calibatt.masks import ModelSignature, TokenGrid  # noqa: E402
 from calibatt.parallel import SequenceParallelCalibration  # noqa: E402

@@ -15,8 +15,8 @@ pytest.importorskip("yunchang", reason="yunchang (xDiT's USP engine) is not inst
 
 import torch.distributed as dist  # noqa: E402
 
-import calibatt.kernels.triton_attention as triton_attention  # noqa: E402
-from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
+import calibatt.kernels.attention.triton_fwd as triton_attention  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
 from calibatt.parallel import SequenceParallelSparse  # noqa: E402
 

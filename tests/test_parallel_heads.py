@@ -6,7 +6,7 @@ repetitive heads; text after and before the video)."""
 import torch
 import pytest
 
-from calibatt.kernels.reference import sparse_attention_reference
+from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists
 from calibatt.parallel import assign_heads, contiguous_heads, head_costs, slice_layer
 from calibatt.parallel.heads import PAD, HeadAssignment

@@ -8,7 +8,7 @@ import dist_harness  # noqa: F401  (first: makes `calibatt` importable in the sp
 import pytest
 import torch
 
-from calibatt.kernels.reference import sparse_attention_reference
+from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists
 from calibatt.parallel import RingPlan, merge_partial, partial_attention, ring_sparse_attention
 

@@ -11,7 +11,7 @@ import torch
 
 pytest.importorskip("yunchang", reason="yunchang (xDiT's USP engine) is not installed: make setup installs it")
 
-from calibatt.kernels.reference import sparse_attention_reference  # noqa: E402
+from calibatt.kernels.attention.naive import sparse_attention_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
 from calibatt.parallel import SequenceParallelSparse  # noqa: E402
 
