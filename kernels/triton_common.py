@@ -1,5 +1,5 @@
 """Triton pieces shared by the attention and block-energy kernels: K/V tile loads (pointers or TMA descriptors),
-biased text-key scores, the tile table per GPU architecture, and the host-side argument helpers.
+the video-row program's position and skip-list row (bf16 and 8-bit kernels), biased text-key scores, the tile table per GPU architecture, and the host-side argument helpers.
 
 Public so that each kernel module imports what it uses from here instead of from another kernel's private names.
 Imported only by the Triton modules (which the dispatchers import lazily), never by the package itself.
@@ -59,6 +59,30 @@ def load_tile(desc, base, b, h, start_n, n_rows, stride_row, offs_n, offs_d, DES
         else:
             t = tl.load(ptrs)
     return t
+
+
+@triton.jit
+def video_program(H, NV, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Where a video-row program of the sparse attention works: grid (query tiles, batch * heads), BLOCK_Q // BLOCK_M
+    tiles per mask row. Returns batch, head, mask row, first video row and the end of its rows."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    row0 = pid_m * BLOCK_M
+    return bh // H, bh % H, pid_m // (BLOCK_Q // BLOCK_M), row0, tl.minimum(row0 + BLOCK_M, NV)
+
+
+@triton.jit
+def listed_blocks(IDX, CNT, h64, qb, idx_sh, idx_sq, cnt_sh, NK, TAIL_K: tl.constexpr):
+    """One mask row of a skip list: its index row, the count of listed key blocks, and how many of them the
+    unmasked main loop takes. Indices ascend within a row, so with TAIL_K (the last video key block is partial) a
+    listed last block is the row's last entry, and is left to the masked tail loop."""
+    idx_row = IDX + h64 * idx_sh + qb * idx_sq
+    cnt = tl.load(CNT + h64 * cnt_sh + qb)
+    n_blocks = cnt
+    if TAIL_K:
+        last = tl.load(idx_row + cnt - 1).to(tl.int32)
+        n_blocks = cnt - (last == NK - 1).to(tl.int32)
+    return idx_row, cnt, n_blocks
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..support import precision_capability
-from ..triton_common import load_tile, tile_source
+from ..triton_common import listed_blocks, load_tile, tile_source, video_program
 
 E4M3_MAX = 448.0
 
@@ -157,15 +157,9 @@ def _sparse_video_fp8_fwd(Q, K8, V, O, DK, DV, KS, VSC, IDX, CNT, SKIP_ROWS, TB,
     """triton_fwd._sparse_video_fwd with e4m3 Q·K (and P·V with PV_FP8). K8 (and with PV_FP8 the transposed values)
     are stored by chunk (NC rows = chunks * BLOCK_N); V's strides (svb, svh, svl) are those of the transposed e4m3
     values with PV_FP8 (svl: the stride between channels)."""
-    SUBQ: tl.constexpr = BLOCK_Q // BLOCK_M
     SUBK: tl.constexpr = BLOCK_K // BLOCK_N
-    pid_m = tl.program_id(0)
+    b, h, qb, row0, row_end = video_program(H, NV, BLOCK_Q, BLOCK_M)
     bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    qb = pid_m // SUBQ
-    row0 = pid_m * BLOCK_M
-    row_end = tl.minimum(row0 + BLOCK_M, NV)
     skip_rows = tl.load(SKIP_ROWS + h)
     if row_end > skip_rows:
         offs_m = row0 + tl.arange(0, BLOCK_M)
@@ -195,12 +189,7 @@ def _sparse_video_fp8_fwd(Q, K8, V, O, DK, DV, KS, VSC, IDX, CNT, SKIP_ROWS, TB,
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-        idx_row = IDX + h64 * idx_sh + qb * idx_sq
-        cnt = tl.load(CNT + h64 * cnt_sh + qb)
-        n_blocks = cnt
-        if TAIL_K:
-            last = tl.load(idx_row + cnt - 1).to(tl.int32)
-            n_blocks = cnt - (last == NK - 1).to(tl.int32)
+        idx_row, cnt, n_blocks = listed_blocks(IDX, CNT, h64, qb, idx_sh, idx_sq, cnt_sh, NK, TAIL_K)
         for j in tl.range(0, n_blocks * SUBK, num_stages=STAGES):
             kb = tl.load(idx_row + j // SUBK).to(tl.int32)
             chunk = kb * SUBK + (j % SUBK)

@@ -34,7 +34,8 @@ from ..layouts import from_bhld, to_bhld, token_spans
 from ..support import PRECISIONS, QUANTIZED, KernelUnsupported, check_triton
 from .triton_fp8 import _sparse_video_fp8_fwd, precision_supported, quantize_kv, v_descriptor
 from ..triton_common import (LOG2E, TileConfig, bias_arg, biased_scores, ensure_allocator, host_descs,
-                             interpreting, load_tile, pick_tiles, tile_source, tma_ok)
+                             interpreting, listed_blocks, load_tile, pick_tiles, tile_source, tma_ok,
+                             video_program)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,15 +105,8 @@ def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS, TB,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_K: tl.constexpr, HAS_TEXT: tl.constexpr,
                       DESC_MODE: tl.constexpr, STAGES: tl.constexpr, WARP_SPEC: tl.constexpr = False,
                       HAS_BIAS: tl.constexpr = False):
-    SUBQ: tl.constexpr = BLOCK_Q // BLOCK_M
     SUBK: tl.constexpr = BLOCK_K // BLOCK_N
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    qb = pid_m // SUBQ
-    row0 = pid_m * BLOCK_M
-    row_end = tl.minimum(row0 + BLOCK_M, NV)
+    b, h, qb, row0, row_end = video_program(H, NV, BLOCK_Q, BLOCK_M)
     # Rows that another path writes (anchor broadcast of a repetitive head, dense-routed heads) are skipped.
     skip_rows = tl.load(SKIP_ROWS + h)
     if row_end > skip_rows:
@@ -135,12 +129,7 @@ def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS, TB,
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-        idx_row = IDX + h64 * idx_sh + qb * idx_sq
-        cnt = tl.load(CNT + h64 * cnt_sh + qb)
-        n_blocks = cnt
-        if TAIL_K:
-            last = tl.load(idx_row + cnt - 1).to(tl.int32)
-            n_blocks = cnt - (last == NK - 1).to(tl.int32)
+        idx_row, cnt, n_blocks = listed_blocks(IDX, CNT, h64, qb, idx_sh, idx_sq, cnt_sh, NK, TAIL_K)
         # Main loop: listed blocks that lie wholly inside the video part, each as SUBK kernel tiles.
         for j in tl.range(0, n_blocks * SUBK, num_stages=STAGES, warp_specialize=WARP_SPEC):
             kb = tl.load(idx_row + j // SUBK).to(tl.int32)
