@@ -193,6 +193,10 @@ class SparseRunner:
         vs = call.video_start
         if kind == "dense":
             return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias, video_start=vs))
+        if not self._health.ok(self._triton_key(q)):
+            # The kernel failed on this shape earlier in the run: dense, as the warning said (on a GPU the
+            # PyTorch reference would give the sparse result, but slower than dense attention and with more memory).
+            return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=bias, video_start=vs))
         out = None
         if self._triton_ok(q):
             # A mixed layer: its dense heads list every key block, so one launch computes them exactly. Our kernel is

@@ -5,7 +5,7 @@ power-of-two divisor >= 16) is valid input: the dispatchers (runner.py, block_en
 reference or dense attention instead. KernelUnsupported is raised only for such calls, never for bad input (which
 raises a plain ValueError), so a dispatcher can tell "fall back" from "the caller made a mistake" by type.
 KernelHealth remembers, per runner, which (device, dtype, head_dim) failed to compile or launch, so one failure on
-an untested GPU costs one warning and the run goes on dense.
+an untested GPU costs one warning and that shape runs dense attention from then on (runner.py).
 """
 
 from __future__ import annotations

@@ -87,6 +87,39 @@ def test_outputs_per_route(layout):
     runner.end()
 
 
+def test_a_kernel_failure_runs_dense_from_then_on(monkeypatch):
+    """A Triton compile or launch failure (an untested GPU) costs one warning; that call and every later call of
+    the shape run dense attention, as the warning says, not the kernel again and not the slower reference."""
+    import warnings
+
+    from calibatt.kernels.attention import triton_fwd
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("PTX compile failed (simulated)")
+
+    # The CPU stands in for a GPU: the runner believes the kernel can take the call, and the kernel then fails.
+    monkeypatch.setattr(SparseRunner, "_triton_ok", lambda self, q: True)
+    monkeypatch.setattr(triton_fwd, "sparse_attention_triton", broken)
+    bundle, grid, sl = _bundle(1)
+    runner = SparseRunner(bundle)
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 3, grid.video_tokens, 16, generator=gen) for _ in range(3))
+    call = AttentionCall(q, k, v, "bhld", 3, 2, 0.5, grid)
+    dense = dense_attention(q, k, v)
+    assert not torch.allclose(sparse_attention_reference(q, k, v, sl.layer(2)), dense, atol=1e-3)
+    with pytest.warns(RuntimeWarning, match="failed"):
+        first = runner(call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = runner(call)
+    torch.testing.assert_close(first, dense, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, dense, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 1 and runner.triton_failures
+
+
 def _two_bucket_bundle():
     """Two sigma buckets (sigma 1.0 -> bucket 0, 0.5 -> bucket 1) with different masks."""
     gen = torch.Generator().manual_seed(3)
