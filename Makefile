@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 DEMO_STAMP := $(VENV)/.demo-setup-done
 STAMP := $(VENV)/.setup-done
 # What the demo needs. triton only where a CUDA GPU runs the sparse kernel: on a CPU the demo's sparse path is the
-# PyTorch reference, and triton is 640 MB to unpack (a third of the setup time on the 2-core machine).
+# PyTorch reference, and triton is 640 MB to unpack (a third of the setup time on a 2-core machine).
 DEMO_PACKAGES := numpy==2.4.6 safetensors==0.8.0 tqdm==4.70.1 pillow==13.0.0 diffusers==0.42.1 \
 	$(if $(shell command -v nvidia-smi 2>/dev/null),triton==3.6.0)
 # What the tests add (the Triton kernels run on the CPU under triton's interpreter there). yunchang (xDiT's
@@ -54,8 +54,10 @@ screenshots: setup
 fuzz: setup
 	$(PY) tests/bundle_fuzz.py --cases 10000 $(FUZZ_ARGS)
 
-bench-size: setup
-	$(PY) bench/bench_bundle_size.py
+# Bundle size at Wan 14B 720p (docs/BENCHMARKS.md); needs $(SHARED)/data/sta_mask_strategy_hunyuan.json, the shared
+# data folder beside the checkout (SHARED=DIR for another place).
+bench-size: demo-setup
+	$(PY) bench/bench_bundle_size.py --data $(SHARED)/data/sta_mask_strategy_hunyuan.json
 
 clean:
 	rm -rf $(VENV) $(COMFY_VENV) output .pytest_cache .hypothesis

@@ -1,6 +1,6 @@
 """Bundle size for a Wan 2.1 14B 720p, 50-step bundle with realistic mask structure.
 
-Structure source: /work/shared/data (../shared/data beside the checkout) sta_mask_strategy_hunyuan.json, real
+Structure source: sta_mask_strategy_hunyuan.json in the shared data folder (../shared/data beside the checkout; or --data PATH), real
 per-(step, layer, head) 3D window sizes chosen for HunyuanVideo 720p (FastVideo's Sliding Tile Attention).
 It is not Wan's and not CalibAtt's output: each window [t, h, w] (in 5 x 6 x 10 tiles of the grid) is scaled to
 Wan 720p's 21 x 45 x 80 token grid and turned into a 128 x 128 block mask (key block kept if any of its tokens
@@ -112,6 +112,10 @@ def main():
     ap.add_argument("--first-step", type=int, default=0, help="start at this STA step (0-14 are all dense)")
     ap.add_argument("--out")
     args = ap.parse_args()
+    if not Path(args.data).is_file():
+        sys.exit(f"bench_bundle_size: {args.data} not found. It is sta_mask_strategy_hunyuan.json from the shared data "
+                 "folder: put that folder's parent beside the checkout as ../shared (make bench-size SHARED=DIR for "
+                 "another place), or pass --data PATH")
     rows = []
     g = BlockGeometry(GRID.video_tokens, 128, 128)
     raw_mask = g.nq * ((g.nk + 7) // 8)

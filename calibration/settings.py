@@ -7,7 +7,7 @@ A about 0.84); "quality" keeps more mass late in sampling, "fast" less; "distill
 few-step distilled models (LightX2V-style 4 steps at CFG 1: C = 0.863, A = 0.763, k = 5.64).
 
 stats_row_stride s: block energy is estimated from every s-th query row of each 128-row block (the offset rotates
-with the step, layer and prompt, so every row is used somewhere), which makes the statistics kernel about s times
+with the step and layer, so every row is used somewhere), which makes the statistics kernel about s times
 cheaper. Neighbouring video tokens attend alike, so the per-block mean row mass changes little; the numbers behind
 the default are in docs/BENCHMARKS.md "## Calibration" (bench/bench_calibration.py --quality). 1 = exact.
 """

@@ -75,7 +75,7 @@ def choose_threads(cores: int, load: float) -> int:
     """torch threads for the demo on a CPU with `cores` usable cores and a 1-minute load average of `load`.
 
     The tiny model's matrices are small, so a second thread gains little, while threads that must meet at every
-    operation lose badly to other work on the same cores: on the busy 2-core machine the demo took 7 min with 2
+    operation lose badly to other work on the same cores: on a busy 2-core machine the demo took 7 min with 2
     threads and 88 s with 1 (the test suite runs single-threaded for the same reason). So: 1 thread up to 4
     cores; above that, half the cores left idle by the current load, at most 8."""
     if cores <= 4:

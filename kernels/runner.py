@@ -35,7 +35,7 @@ from .ops import is_compiling, runner_handle, sparse_attention_op, traced_sparse
 from .attention.naive import sparse_attention_reference
 
 # Key-block density above which the dense path (cuDNN) is at least as fast as our Triton kernel for that head.
-# Measured on the lent H100 by bench/bench_kernels.py (docs/BENCHMARKS.md, "## Kernels", 2026-11-22): our time
+# Measured on an H100 by bench/bench_kernels.py (docs/BENCHMARKS.md, "## Kernels", 2026-11-22): our time
 # crosses cuDNN's dense time at density 0.93-0.94 (three runs; 480p 32,760 and 720p 75,600 tokens, 3-D local-window
 # masks, bf16, H=40, D=128); the lower end is kept, since dense is also the more exact path.
 DENSE_CUTOFF = 0.93

@@ -109,7 +109,7 @@ class TileConfig:
                 "stages": self.stages, "tma": self.tma, "warp_spec": self.warp_spec}
 
 
-# Hopper table (head_dim -> tile), from the sweeps of bench/bench_kernels.py on the lent H100 (docs/BENCHMARKS.md,
+# Hopper table (head_dim -> tile), from the sweeps of bench/bench_kernels.py on an H100 (docs/BENCHMARKS.md,
 # "## Kernels"; 32,760 tokens, 40 heads, bf16): 128x128 tiles, 8 warps (two consumer warpgroups of 64 rows),
 # 3 stages, K/V through TMA: 559-564 TFLOP/s dense. Pointer loads: 474; 128x64/4 warps: 406; 64x128/4 warps: 476;
 # 2 stages: 454; 4 stages: out of shared memory; warp specialisation: within noise. Host and in-kernel descriptors

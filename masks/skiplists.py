@@ -1,8 +1,10 @@
-"""The one description of "which blocks": compiled skip lists for one sigma bucket.
+"""Skip lists: the run-time form of one sigma bucket's block masks, what the reference and the Triton kernel read.
 
-Calibration produces them, bundles store them, the reference and the Triton kernel read them. Per (layer, head)
-and query block they list the key blocks to compute as a padded index table plus a count, which is the layout
-the kernel walks. Padding repeats the last valid index so a stray read stays in bounds; readers use the count.
+Calibration hands the bundle bit-packed masks (MaskBundle.from_packed) and the bundle stores those; skip lists are
+built from them on the device that runs them (kernels/tables for the runner, MaskBundle.skip_lists for tools and
+tests). Per (layer, head) and query block they list the key blocks to compute as a padded index table plus a count,
+which is the layout the kernel walks. Padding repeats the last valid index so a stray read stays in bounds; readers
+use the count. RowTables (which rows each kernel launch writes) are derived from the repetition plan in to(device).
 
 Repetition plans live beside the block lists: for a repetitive (layer, head) only a few anchor rows per frame are
 computed (against every key) and each other row of the frame takes its anchor's output.

@@ -13,10 +13,10 @@ anchors' queries (a few rows per frame) are summed into every rank once per call
 computes all anchor rows against each shard it holds, and each local row then takes its anchor's output; the
 heads' other video rows compute nothing in the ring.
 
-Compute here is plain PyTorch (the reference's semantics, kernels/reference.py, in float32 / float64), a
+Compute here is plain PyTorch (the reference's semantics, kernels/attention/naive.py, in float32 / float64), a
 correctness path: it builds per-step token masks and selects the anchors' rows with boolean indexing (device
 syncs on a GPU), which the kernel path below would not. The Triton
-kernel (kernels/triton_attention.py) could run each step instead; it would need (1) the log-sum-exp of every row
+kernel (kernels/attention/triton_fwd.py) could run each step instead; it would need (1) the log-sum-exp of every row
 returned beside the output (it keeps m and l per row already), (2) a key window [c0, c1) of global key positions
 whose outside is masked (partial blocks at shard borders) with the k/v pointers offset to the shard, (3) a query
 row offset (the shard's first global row) so it reads the right block row of the global table, and (4) the

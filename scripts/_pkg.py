@@ -19,7 +19,7 @@ def load_package(name: str = "calibatt"):
 
 def git_commit() -> str:
     """Short commit of the checkout, for recording figures, with "+dirty" when tracked files differ from it (e.g. a
-    copy of the working tree whose .git is older than the code, as on the lent device); "unknown" without git."""
+    copy of the working tree whose .git is older than the code, as a copied tree can have); "unknown" without git."""
     import subprocess
 
     def git(*args) -> str:

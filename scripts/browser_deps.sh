@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Debian's chromium and chromedriver for the browser test (tests/test_browser_ui.py).
 #
-# Installed only in CI running as root (CI=true): measured 2 min 04 s on the loaded 2-core machine with recommended
+# Installed only in CI running as root (CI=true): measured 2 min 04 s on a loaded 2-core machine with recommended
 # packages (116 of them); --no-install-recommends installs fewer. The whole CI run has a 40-minute budget. On a developer's machine this only says how, and the test skips with that reason.
 # Never fails the run: without the browser the test skips.
 if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-GGUF_NODE_GIT_DEFAULT = "/work/.mirror/city96+ComfyUI-GGUF/repo"
 GGUF_NODE_DIR = "ComfyUI-GGUF"
 LORA_RANK = 4
 
@@ -101,16 +100,17 @@ def write_tiny_wan_gguf(state_dict: dict, path: Path) -> dict:
 
 
 def gguf_node_source() -> str:
-    """The bare git directory of ComfyUI-GGUF: $CALIBATT_GGUF_NODE_GIT, else the local mirror."""
-    return os.environ.get("CALIBATT_GGUF_NODE_GIT") or GGUF_NODE_GIT_DEFAULT
+    """The bare git directory of ComfyUI-GGUF: $CALIBATT_GGUF_NODE_GIT (no default: where a clone of it lives is
+    the machine's business), or "" when unset."""
+    return os.environ.get("CALIBATT_GGUF_NODE_GIT", "")
 
 
 def gguf_node_missing() -> str | None:
     """None when ComfyUI-GGUF's code and the gguf package are both at hand, else the reason to skip."""
     src = gguf_node_source()
-    if not os.path.isdir(src) or shutil.which("git") is None:
-        return (f"needs ComfyUI-GGUF's code: a bare git directory of github.com/city96/ComfyUI-GGUF at {src} "
-                "(set CALIBATT_GGUF_NODE_GIT) and git")
+    if not src or not os.path.isdir(src) or shutil.which("git") is None:
+        return ("needs ComfyUI-GGUF's code: set CALIBATT_GGUF_NODE_GIT to a bare git directory of "
+                f"github.com/city96/ComfyUI-GGUF (now {src or 'unset'}), and git")
     return gguf_importable()
 
 

@@ -145,7 +145,7 @@ def test_the_most_a_small_file_can_cost_loads_within_the_bound(tmp_path):
     b = load_bundle(p)
     took = time.perf_counter() - t0
     assert b.packed_masks.numel() == 32 * lim.mask_bytes(4096, 4096) == lim.DECODE_FLOOR_BYTES
-    assert took < 10.0  # ~1 s on the 2-core machine under load (docs/BENCHMARKS.md)
+    assert took < 10.0  # ~1 s on a 2-core machine under load (docs/BENCHMARKS.md)
 
 
 def test_writer_pads_what_compresses_beyond_the_budget(tmp_path, monkeypatch):

@@ -13,7 +13,7 @@ from calibatt.kernels.block_energy.naive import block_energy_reference
 from calibatt.masks import BlockGeometry, ModelSignature, TokenGrid
 from calibatt.masks.packing import unpack_bits
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GRID = TokenGrid(4, 16, 16)  # 1024 tokens: 8 blocks of 128
 SIG = ModelSignature("generic", 2, 4, 64, 256)

@@ -253,7 +253,7 @@ def test_triton_strided_matches_reference(n, n_text, bq, bk, stride, offset, til
     assert rel(out - init, full) > 1e-3  # it really sampled (random rows differ)
 
 
-# ---- Triton kernel on a GPU (the device machine) -------------------------------------------------------------------
+# ---- Triton kernel on a GPU -------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the Triton kernel runs there)")
 @pytest.mark.parametrize("stride,offset,dtype", [(2, 1, torch.bfloat16), (4, 3, torch.bfloat16), (8, 5, torch.float16),

@@ -393,7 +393,7 @@ def test_op_on_the_triton_path_matches_the_eager_runner(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the device machine)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["inductor", "cudagraphs"])
 def test_compiled_model_on_cuda_runs_the_triton_kernels(backend):
     """bf16 on a GPU: the op runs the Triton kernels inside inductor's code (or the cudagraphs backend, which must

@@ -64,7 +64,7 @@ def test_demo_report_at_reduced_size(tmp_path, capsys):
 
 def test_choose_threads_keeps_small_machines_on_one_thread():
     demo = _demo_module()
-    # up to 4 cores: one thread whatever the load (2 threads on the busy 2-core machine: 7 min; 1 thread: 88 s)
+    # up to 4 cores: one thread whatever the load (2 threads on a busy 2-core machine: 7 min; 1 thread: 88 s)
     assert [demo.choose_threads(c, load) for c in (1, 2, 4) for load in (0.0, 1.5, 12.0)] == [1] * 9
     # larger machines: half the cores the load leaves idle, at least 1, at most 8
     assert demo.choose_threads(8, 0.0) == 4 and demo.choose_threads(8, 6.0) == 1 and demo.choose_threads(8, 20) == 1

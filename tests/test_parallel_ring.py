@@ -1,5 +1,5 @@
 """Ring attention over calibrated skip lists (parallel/ring.py) in 2-4 gloo processes on the CPU: each rank's shard
-of the output equals the one-process reference (kernels/reference.py) on the whole sequence, in float64, with
+of the output equals the one-process reference (kernels/attention/naive.py) on the whole sequence, in float64, with
 dense, sparse and repetitive heads, text tokens after and before the video and a text key bias; and steps without
 kept blocks are skipped."""
 

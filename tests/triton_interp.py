@@ -33,7 +33,7 @@ def _fp8_aware(orig):
 
 
 def interpreted_kernels():
-    """(triton_attention, triton_stats), reloaded if an earlier import compiled them for a GPU instead."""
+    """(attention.triton_fwd, block_energy.triton_fwd), reloaded if an earlier import compiled them for a GPU instead."""
     import triton.runtime.interpreter as interp
 
     if not getattr(interp, "_calibatt_index_patch", False):

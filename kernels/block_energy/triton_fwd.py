@@ -1,4 +1,4 @@
-"""Block-energy statistics in Triton (calibration): same contract as stats_reference.block_energy_reference.
+"""Block-energy statistics in Triton (calibration): same contract as naive.block_energy_reference.
 
 Two launches, never an N x N matrix:
   1. row log-sum-exp (log2 domain) of every video query row over ALL keys, text included -> [B*H, Nv] float32
@@ -8,7 +8,7 @@ Two launches, never an N x N matrix:
      of exp2(s - lse), atomically added into the caller's [H, nq, nk] float32 buffer (the batch and the query
      tiles of one mask block meet there; atomics keep it one launch, at the cost of float rounding order).
 
-Row subsampling (row_stride s > 1; semantics in stats_reference.py): both launches run over "virtual" rows, VB per
+Row subsampling (row_stride s > 1; semantics in naive.py): both launches run over "virtual" rows, VB per
 query block (the next power of two >= ceil(block_q / s)); virtual row i of block qb reads the real row
 qb * block_q + o + i * s, so both passes shrink by about s. The rescaling n / (rows used) is folded into the stored
 log-sum-exp (lse - log2 w), which costs the block-sum pass nothing. When VB is smaller than the kernel tile, one tile
@@ -225,7 +225,7 @@ def block_energy_triton(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometr
                         tiles: Optional[TileConfig] = None) -> torch.Tensor:
     """q, k: (B, H, N, D) float16/bfloat16 (any strides with a unit last stride). out [H, nq, nk] float32 is
     accumulated into (created as zeros when None). row_stride / row_offset: estimate from a strided subsample of
-    each query block's rows (stats_reference.block_energy_reference). text_bias: (T,), (1, T) or (B, T) additive bias
+    each query block's rows (naive.block_energy_reference). text_bias: (T,), (1, T) or (B, T) additive bias
     on the text keys' scores (kernels/text_bias.py). video_start: 0 (text after the video) or the text token count
     (text first; kernels/layouts.py token_spans). group: key blocks per cross-warp reduction of the block-sum pass
     (benchmarks sweep it). tiles: a tile configuration taken as given (benchmarks, tests), else the table's.
