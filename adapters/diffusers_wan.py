@@ -304,13 +304,15 @@ def patch_dense(transformer, **kw) -> WanAttentionHook:
 
 
 def patch_sparse(transformer, bundle: MaskBundle, *, dense_first: float = 0.0, dense_last: float = 0.0,
-                     runner=None, **kw) -> WanAttentionHook:
+                     precision: str = "bf16", runner=None, **kw) -> WanAttentionHook:
     """Block-sparse self-attention from `bundle`. Raises masks.BundleError now if the model does not fit the
-    bundle, and at the first forward if the latent's token grid does not."""
+    bundle, and at the first forward if the latent's token grid does not. `precision`: as Patch Model
+    Attention's (kernels/support.py PRECISIONS; 8-bit only on a GPU that has the format)."""
     from ..kernels.runner import SparseRunner
     hook_probe = WanAttentionHook(transformer, None, **kw)
     bundle.check_compatible(hook_probe.signature, None)
-    runner = runner if runner is not None else SparseRunner(bundle, dense_first=dense_first, dense_last=dense_last)
+    runner = runner if runner is not None else SparseRunner(bundle, dense_first=dense_first, dense_last=dense_last,
+                                                             precision=precision)
     return WanAttentionHook(transformer, runner, check_grid=lambda g: bundle.check_compatible(None, g), **kw)
 
 

@@ -49,7 +49,7 @@ def validate_load_inputs(bundle_name, hub_reference: str = ""):
 
 # ----------------------------------------------------------------------------------------- Patch Model Attention
 def patch_model_attention(model, bundle: MaskBundle, dense_first_percent: float = 0.0,
-                          dense_last_percent: float = 0.0, quality: float = 0.0):
+                          dense_last_percent: float = 0.0, quality: float = 0.0, precision: str = "bf16"):
     """A clone of `model` whose self-attention follows `bundle`. Unknown model families come back unpatched with
     a warning; a bundle for another model raises BundleError now, one for another video size at sampling start."""
     if not isinstance(bundle, MaskBundle):
@@ -64,14 +64,16 @@ def patch_model_attention(model, bundle: MaskBundle, dense_first_percent: float 
         return model
     bundle.check_compatible(signature, None)
     runner = SparseRunner(bundle, dense_first=float(dense_first_percent) / 100.0,
-                          dense_last=float(dense_last_percent) / 100.0, dense_cutoff=quality_cutoff(quality))
+                          dense_last=float(dense_last_percent) / 100.0, dense_cutoff=quality_cutoff(quality),
+                          precision=precision)
     router = AttentionRouter(signature, layout, cfg, handler=runner, step_hook=runner.begin_step,
                              name="Patch Model Attention")
 
     def on_begin(grid):
         bundle.check_compatible(signature, video_grid_for_check(grid, bundle.grid))
         log.info("Patch Model Attention: sparse self-attention on, %s (dense first %.0f%%, last %.0f%%, "
-                 "quality %.2f)", bundle.summary(), dense_first_percent, dense_last_percent, quality)
+                 "quality %.2f, %s)", bundle.summary(), dense_first_percent, dense_last_percent, quality,
+                 precision)
 
     return install(model, router, cfg, on_begin=on_begin, on_end=runner.end)
 

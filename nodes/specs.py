@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Union
 
+from ..kernels.support import PRECISIONS
+
 BUNDLE = "MASK_BUNDLE"
 CATEGORY = "sampling/sparse attention"
 
@@ -147,6 +149,13 @@ PATCH = NodeSpec(
            "head whose mask computes more than (1 - quality) of its key blocks; 1 is fully dense. Trades speed "
            "for fidelity without re-calibrating (unlike the calibration preset of the same name).", default=0.0,
            min=0.0, max=1.0, step=0.05),
+        # Optional and last: workflows saved before it load unchanged and run bf16.
+        In("precision", "COMBO", "Arithmetic of the computed blocks. bf16 (default) as dense attention. 8-bit "
+           "runs faster at some error: int8-qk (Q.K in int8, from Ampere), int8 (Q.K in int8, P.V in fp8), "
+           "fp8-qk and fp8 (Q.K in fp8; fp8 also P.V), the fp8 ones from Ada/Hopper. Each layer's first call is "
+           "checked against bf16: a layer over 5% relative error, or a GPU without the format, runs bf16 (one "
+           "warning). Video self-attention only; text tokens and dense layers stay bf16.", optional=True,
+           default="bf16", options=list(PRECISIONS)),
     ),
     outputs=(Out("model", "MODEL", "The patched model (a clone; the input model is unchanged)."),),
 )

@@ -45,8 +45,10 @@ class LoadMaskBundle(_Base):
 
 @declare(specs.PATCH)
 class PatchModelAttention(_Base):
-    def run(self, model, bundle, dense_first_percent=0.0, dense_last_percent=0.0, quality=0.0):
-        return (actions.patch_model_attention(model, bundle, dense_first_percent, dense_last_percent, quality),)
+    def run(self, model, bundle, dense_first_percent=0.0, dense_last_percent=0.0, quality=0.0,
+            precision="bf16"):
+        return (actions.patch_model_attention(model, bundle, dense_first_percent, dense_last_percent, quality,
+                                              precision),)
 
 
 @declare(specs.CALIBRATE)

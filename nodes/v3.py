@@ -63,9 +63,10 @@ class PatchModelAttention(io.ComfyNode):
         return schema(specs.PATCH)
 
     @classmethod
-    def execute(cls, model, bundle, dense_first_percent=0.0, dense_last_percent=0.0, quality=0.0) -> io.NodeOutput:
+    def execute(cls, model, bundle, dense_first_percent=0.0, dense_last_percent=0.0, quality=0.0,
+                precision="bf16") -> io.NodeOutput:
         return io.NodeOutput(actions.patch_model_attention(model, bundle, dense_first_percent, dense_last_percent,
-                                                           quality))
+                                                           quality, precision))
 
 
 class CalibrateSparseAttention(io.ComfyNode):

@@ -157,3 +157,12 @@ def test_docstring_example_runs_as_written():
     # The context managers put the original processors back.
     assert all(type(b.attn1.processor).__name__ == "WanAttnProcessor" for b in transformer.blocks)
     assert not transformer._forward_pre_hooks
+
+
+def test_precision_reaches_the_runner_and_is_checked(model):
+    grid = model.cfg.grid(frames=FRAMES)
+    bundle = _full_bundle(model, grid)
+    hook = A.patch_sparse(model.transformer, bundle, precision="int8-qk", **KW)
+    assert hook.handler.precision == "int8-qk"
+    with pytest.raises(ValueError, match="precision must be one of"):
+        A.patch_sparse(model.transformer, bundle, precision="fp4", **KW)

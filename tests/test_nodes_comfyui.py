@@ -198,7 +198,13 @@ def test_patched_sampling_differs_by_a_bounded_amount(comfy, calibrated):
     p["patch_q1"] = {"class_type": "PatchModelAttention", "inputs": {"model": ["unet", 0], "bundle": ["load", 0],
                                                                      "dense_first_percent": 0.0,
                                                                      "dense_last_percent": 0.0, "quality": 1.0}}
+    # An 8-bit precision is a GPU feature: on this CPU host the node accepts it and the run is the bf16 one.
+    p["patch_int8"] = {"class_type": "PatchModelAttention", "inputs": {"model": ["unet", 0], "bundle": ["load", 0],
+                                                                       "dense_first_percent": 0.0,
+                                                                       "dense_last_percent": 0.0, "quality": 0.0,
+                                                                       "precision": "int8"}}
     p.update(_ksampler(["patch", 0], "sparse"))
+    p.update(_ksampler(["patch_int8", 0], "int8"))
     p.update(_ksampler(["patch_q1", 0], "q1"))
     p.update(_ksampler(["patch_full", 0], "full"))
     p.update(_ksampler(["patch_edges", 0], "edges"))
@@ -212,6 +218,7 @@ def test_patched_sampling_differs_by_a_bounded_amount(comfy, calibrated):
     full = _read_latent(comfy, entry, "save_full")
     edges = _read_latent(comfy, entry, "save_edges")
     q1 = _read_latent(comfy, entry, "save_q1")
+    int8 = _read_latent(comfy, entry, "save_int8")
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
 
     # Patching clones: the unpatched model, sampled beside the patched ones, is bit-identical to a run without them.
@@ -225,6 +232,27 @@ def test_patched_sampling_differs_by_a_bounded_amount(comfy, calibrated):
     assert rel(edges, dense_a) < 1e-4, rel(edges, dense_a)
     # quality 1 sends every head to the dense path.
     assert rel(q1, dense_a) < 1e-4, rel(q1, dense_a)
+    # precision int8 without a CUDA GPU: the same sparse run as bf16 (the 8-bit kernels are GPU-only).
+    assert torch.equal(int8, sparse)
+
+
+def test_unknown_precision_is_refused_when_queued(comfy, calibrated):
+    p = _graph()
+    p["load"] = {"class_type": "LoadMaskBundle", "inputs": {"bundle_name": "tiny_wan_test.safetensors"}}
+    p["patch"] = {"class_type": "PatchModelAttention", "inputs": {"model": ["unet", 0], "bundle": ["load", 0],
+                                                                  "dense_first_percent": 0.0,
+                                                                  "dense_last_percent": 0.0, "quality": 0.0,
+                                                                  "precision": "fp4"}}
+    p.update(_ksampler(["patch", 0], "bad_precision"))
+    # ComfyUI 0.19's COMBO validation refuses it when queued; 0.3.64 does not validate a v3 optional COMBO, so
+    # there the node itself refuses it before sampling. Either way the message names the input and the value.
+    try:
+        message = H.status_error(comfy.wait(comfy.queue(p)))
+    except RuntimeError as e:
+        message = str(e)
+    assert message is not None, "a graph with precision 'fp4' ran"
+    assert "precision" in message and "fp4" in message, message
+    assert not list((comfy.base / "output" / "latents").glob("bad_precision*")), "sampling ran"
 
 
 def _two_experts(p, high_ref, low_ref, prefix):
