@@ -6,9 +6,9 @@ grid as bench/bench_bundle_size.py does (layer l takes STA layer l mod 60, head 
 dense heads per layer (most layers mixed, as calibrated bundles are). One bucket, so every step of a timed run uses
 the same masks.
 
-A density is reached by two knobs, chosen so the structure stays the data's: the share of dense heads (default 0.1;
-raised only when the windows alone are sparser than the target) and one scale on every window's extent (below 1
-when the windows are denser than the target). Without the data file the same window vocabulary is drawn at random
+A density is reached by two knobs, chosen so the structure stays the data's: the dense heads per layer (a share of
+0.1 by default, more only when the windows are too sparse for the target) and one scale on every window's extent
+(bisection; below 1 when the windows are denser than the target). Without the data file the same window vocabulary is drawn at random
 (labelled "synthetic" in the output).
 """
 
@@ -92,20 +92,22 @@ def realistic_bundle(signature, grid, block, target, strategy, *, sta_step=20, d
     src = WindowSource(grid, block, L, H, strategy, sta_step, seed)
     g = src.geometry
     full = target >= 0.999
-    scale, share = 1.0, dense_share
+    scale = 1.0
+    n_dense = H if full else int(round(dense_share * H))
     if not full:
-        base = src.mean_density(1.0)
-        if share + (1 - share) * base < target:  # windows alone too sparse: more dense heads, windows as they are
-            share = min(1.0, (target - base) / max(1e-9, 1 - base))
-        else:  # bisection on the window scale (density grows with it)
-            lo, hi = 0.02, 1.0
-            for _ in range(18):
-                mid = (lo + hi) / 2
-                if share + (1 - share) * src.mean_density(mid) < target:
-                    lo = mid
-                else:
-                    hi = mid
-            scale = hi
+        def density(n, sc):  # the bundle's mean density with n dense heads per layer and windows scaled by sc
+            return (n + (H - n) * src.mean_density(sc)) / H
+        while n_dense < H and density(n_dense, 1.0) < target:  # windows alone too sparse: more dense heads
+            n_dense += 1
+        lo, hi = 0.02, 1.0  # bisection on the window scale (density grows with it), the dense heads fixed
+        for _ in range(18):
+            mid = (lo + hi) / 2
+            if density(n_dense, mid) < target:
+                lo = mid
+            else:
+                hi = mid
+        # window masks change in whole blocks: the density is a step function of the scale; take the closer side
+        scale = min((lo, hi), key=lambda sc: abs(density(n_dense, sc) - target))
     gen = torch.Generator().manual_seed(seed + 1)
     packed, ids = [], {}
     entry = torch.empty(1, L, H, dtype=torch.int32)
@@ -119,7 +121,6 @@ def realistic_bundle(signature, grid, block, target, strategy, *, sta_step=20, d
         return ids[key]
 
     ones = torch.ones(g.nq, g.nk, dtype=torch.bool)
-    n_dense = H if full else int(round(share * H))
     for l in range(L):
         dense = set(torch.randperm(H, generator=gen)[:n_dense].tolist())
         for h in range(H):

@@ -43,6 +43,11 @@ def import_comfy(path: str, cpu: bool) -> Comfy:
 
     if cpu:
         comfy.cli_args.args.cpu = True  # read once by model_management at import, as `main.py --cpu` would set it
+    else:
+        # `--highvram`: the whole model stays resident and is always loaded whole (no partial, cast-per-layer loading
+        # decided from a free-memory estimate): the bench times steps, not ComfyUI's memory manager. On a 141 GB GPU
+        # ComfyUI's normal mode loads these models whole too.
+        comfy.cli_args.args.highvram = True
     import comfy.ldm.wan.model
     import comfy.model_management
     import comfy.model_patcher
@@ -109,13 +114,13 @@ def build_wan(c: Comfy, size: str, device, dtype, seed: int = 0):
     return patcher, weights
 
 
-def release(c: Comfy, *objs):
-    """Drop a model: ComfyUI's loaded-model list holds the patchers, so unload them there too."""
+def release(c: Comfy):
+    """After the caller dropped its references to a model: ComfyUI's loaded-model list holds the patchers too, so
+    unload them there, then return the memory before the next model is built."""
     try:
         c.mm.unload_all_models()
     except Exception:  # noqa: BLE001 - best effort between models; the next build reports a real failure
         pass
-    del objs
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -209,8 +214,10 @@ class AttentionTimer:
 
 
 def install_timers(c: Comfy, patcher, cuda: bool) -> StepTimer:
-    attention = AttentionTimer(c.wan.optimized_attention, cuda)
-    c.wan.optimized_attention = attention  # the Wan blocks look the name up at each call
+    attention = c.wan.optimized_attention
+    if not isinstance(attention, AttentionTimer):  # once per process: later models share it
+        attention = AttentionTimer(attention, cuda)
+        c.wan.optimized_attention = attention  # the Wan blocks look the name up at each call
     timer = StepTimer(cuda, attention)
     patcher.add_wrapper_with_key(c.pe.WrappersMP.APPLY_MODEL, StepTimer.KEY, timer)
     return timer

@@ -14,7 +14,8 @@ tables), the others are timed. Cases:
                bundle of realistic structure (bench/_model_step_bundles.py) at a target density, precision bf16 or an
                8-bit one of kernels/support.py;
   ck_sol       comfy-kitchen's Sol-Attn, top-k at the bundle's density (the call core's node makes, see
-               _model_step_comfy.py);
+               _model_step_comfy.py), token_aug --ck-extra-tokens (0: pure top-k); ck_sol256 the same plus the 256
+               extra routed tokens per query block that core's node sets by default;
   ck_int8      comfy-kitchen's INT8 dense attention.
 Per case: best timed step (CUDA events around the model evaluation, outermost APPLY_MODEL wrapper), the time of the
 self-attention calls inside it (events around each call), peak allocation during the step and what it adds over
@@ -49,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+T_START = time.time()  # the time budget counts from here: imports and model builds included
 HERE = Path(__file__).resolve()
 sys.path.insert(0, str(HERE.parents[1] / "scripts"))
 sys.path.insert(0, str(HERE.parent))
@@ -58,31 +60,36 @@ load_package()  # before ComfyUI is importable: the package root then registers 
 import _model_step_comfy as MC  # noqa: E402
 from _model_step_bundles import find_data, load_strategy, realistic_bundle  # noqa: E402
 
-# (model, video) shapes and their cases, most important first: a run cut by --budget-s keeps the head of the list.
-# A case is (kind, precision, target density). Densities: 1.0 (the patch's overhead), ~0.38 (the bundle density of
-# the issue's figures), ~0.25.
-QUICK = [
-    ("wan1.3b", "480p", [("dense_cudnn", None, None), ("dense_comfy", None, None), ("patched", "bf16", 0.38),
-                         ("patched", "fp8", 0.38), ("patched", "int8", 0.38), ("ck_sol", None, 0.38),
-                         ("ck_int8", None, None), ("patched", "bf16", 1.0), ("patched", "bf16", 0.25),
-                         ("ck_sol", None, 0.25)]),
-    ("wan14b", "720p", [("dense_cudnn", None, None), ("patched", "bf16", 0.38), ("patched", "fp8", 0.38),
-                        ("ck_sol", None, 0.38), ("ck_int8", None, None), ("patched", "int8", 0.38),
-                        ("patched", "bf16", 1.0), ("dense_comfy", None, None), ("patched", "bf16", 0.25),
-                        ("ck_sol", None, 0.25)]),
-    ("wan14b", "480p", [("dense_cudnn", None, None), ("patched", "bf16", 0.38), ("patched", "fp8", 0.38),
-                        ("ck_sol", None, 0.38), ("ck_int8", None, None), ("dense_comfy", None, None)]),
-]
-_FULL_CASES = [("dense_cudnn", None, None), ("dense_comfy", None, None)] + [
+# The cases in the order they run, most important first: a run cut by --budget-s keeps the head of the list. A case is
+# (model, video, kind, precision, target density); cases of one model stay together (one model build each). Densities:
+# 1.0 (the patch's overhead and memory), ~0.38 (the bundle density of the issue's figures), ~0.25.
+def _cases(model, video, spec):
+    return [(model, video) + c for c in spec]
+
+
+QUICK = (
+    _cases("wan1.3b", "480p", [("dense_cudnn", None, None), ("patched", "bf16", 0.38), ("patched", "fp8", 0.38),
+                               ("ck_sol", None, 0.38), ("patched", "int8", 0.38), ("ck_int8", None, None),
+                               ("patched", "bf16", 1.0), ("patched", "bf16", 0.25), ("ck_sol", None, 0.25),
+                               ("ck_sol256", None, 0.38), ("dense_comfy", None, None)])
+    + _cases("wan14b", "720p", [("dense_cudnn", None, None), ("patched", "bf16", 0.38), ("patched", "fp8", 0.38),
+                                ("ck_sol", None, 0.38), ("ck_int8", None, None), ("patched", "int8", 0.38),
+                                ("patched", "bf16", 1.0)])
+    + _cases("wan14b", "480p", [("dense_cudnn", None, None), ("patched", "bf16", 0.38), ("patched", "fp8", 0.38),
+                                ("ck_sol", None, 0.38)])
+    + _cases("wan14b", "720p", [("patched", "bf16", 0.25), ("ck_sol", None, 0.25), ("ck_sol256", None, 0.38),
+                                ("dense_comfy", None, None)])
+    + _cases("wan14b", "480p", [("ck_int8", None, None), ("dense_comfy", None, None)]))
+_FULL_SPEC = [("dense_cudnn", None, None), ("dense_comfy", None, None)] + [
     ("patched", p, d) for d in (1.0, 0.38, 0.25) for p in ("bf16", "fp8", "int8")] + [
-    ("ck_sol", None, 0.38), ("ck_sol", None, 0.25), ("ck_int8", None, None)]
-FULL = [(m, v, list(_FULL_CASES)) for m, v in (("wan1.3b", "480p"), ("wan14b", "480p"), ("wan14b", "720p"),
-                                               ("wan1.3b", "720p"))]
+    ("ck_sol", None, 0.38), ("ck_sol", None, 0.25), ("ck_sol256", None, 0.38), ("ck_int8", None, None)]
+FULL = [c for m, v in (("wan1.3b", "480p"), ("wan1.3b", "720p"), ("wan14b", "720p"), ("wan14b", "480p"))
+        for c in _cases(m, v, _FULL_SPEC)]
 # The CPU check: dense, the patch at density 1 with every head through the sparse path (dense cutoff 1: the
 # reference must reproduce dense), a sparser bundle, and the GPU-only cases (recorded as skipped with the reason).
-TINY = [("tiny", "tiny", [("dense_cudnn", None, None), ("dense_comfy", None, None), ("patched", "bf16", 1.0),
-                          ("patched", "bf16", 0.5), ("patched", "fp8", 0.5), ("ck_sol", None, 0.5),
-                          ("ck_int8", None, None)])]
+TINY = _cases("tiny", "tiny", [("dense_cudnn", None, None), ("dense_comfy", None, None), ("patched", "bf16", 1.0),
+                               ("patched", "bf16", 0.5), ("patched", "fp8", 0.5), ("ck_sol", None, 0.5),
+                               ("ck_int8", None, None)])
 # Rough step-time model for the budget check before a shape's first case: attention 4*B*H*N^2*D per layer plus
 # 2*B*N*params for the projections, at an effective 550 TFLOP/s (the H200's bf16 dense rate seen at these shapes).
 EFFECTIVE_FLOPS = 550e12
@@ -207,13 +214,13 @@ class Context:
         self.ck, self.ck_info = MC.comfy_kitchen_status()
         self._model = (None, None, None, None)
         self.timer = None
-        self.t0 = time.time()
+        self.t0 = T_START
 
     def model(self, name):
         if self._model[0] != name:
             if self._model[1] is not None:
-                MC.release(self.comfy, self._model[1])
                 self._model = (None, None, None, None)
+                MC.release(self.comfy)  # the caller dropped its shapes of that model first
             log(f"building ComfyUI WanModel '{name}' on {self.device} ({self.dtype}), random weights")
             t = time.time()
             patcher, weights = MC.build_wan(self.comfy, name, self.device, self.dtype, seed=self.args.seed)
@@ -225,6 +232,9 @@ class Context:
     def elapsed(self):
         return time.time() - self.t0
 
+    def model_name(self):
+        return self._model[0]
+
 
 def run_case(ctx, shape, kind, precision, target):
     """-> the case's row (with 'skipped' and the reason where it cannot run here)."""
@@ -234,7 +244,7 @@ def run_case(ctx, shape, kind, precision, target):
     dense_cutoff = None
     model = None
     runner = router = None
-    if kind in ("patched", "ck_sol"):
+    if kind in ("patched", "ck_sol", "ck_sol256"):
         bundle, facts = shape.bundle(ctx, target)
         row["bundle"] = facts
         row["density"] = facts["density"]
@@ -250,18 +260,19 @@ def run_case(ctx, shape, kind, precision, target):
         dense_cutoff = 1.0 if (ctx.tiny and target >= 0.999) else None
         model, runner, router, how = patch(shape.patcher, bundle, precision, dense_cutoff)
         row["path"] = how
-    elif kind in ("ck_sol", "ck_int8"):
-        need = "sol_attn" if kind == "ck_sol" else "int8_attention"
+    elif kind in ("ck_sol", "ck_sol256", "ck_int8"):
+        need = "int8_attention" if kind == "ck_int8" else "sol_attn"
         if ctx.ck is None or not ctx.ck_info.get(need):
             row["skipped"] = ctx.ck_info.get("reason") or f"comfy_kitchen {need} unavailable"
             return row
-        if kind == "ck_sol":
+        if kind != "ck_int8":
             if shape.signature.head_dim != 128:
                 row["skipped"] = f"Sol-Attn takes head_dim 128 only, the model has {shape.signature.head_dim}"
                 return row
             row["topk_ratio"] = row["density"]
-            row["token_aug"] = a.ck_extra_tokens
-            kernel = MC.sol_attn_kernel(ctx.ck, row["density"], a.ck_extra_tokens)
+            # ck_sol256: plus the 256 extra routed tokens per query block of core's node default (extra_tokens)
+            row["token_aug"] = 256 if kind == "ck_sol256" else a.ck_extra_tokens
+            kernel = MC.sol_attn_kernel(ctx.ck, row["density"], row["token_aug"])
             # core's node keeps calls under min_tokens (default 12288) dense; every shape here is above it
             model = MC.with_override(shape.patcher, MC.SelfAttentionOverride(kernel, min_tokens=12288))
         else:
@@ -381,37 +392,50 @@ def run_bench(ctx):
     plan = TINY if a.tiny else QUICK if a.quick else FULL
     if a.models:
         keep = set(a.models.split(","))
-        plan = [p for p in plan if f"{p[0]}:{p[1]}" in keep or p[0] in keep]
+        plan = [c for c in plan if f"{c[0]}:{c[1]}" in keep or c[0] in keep]
     path = out_path(a)
     res = {"meta": meta(ctx), "shapes": [], "cases": [], "skipped": []}
+    shapes, failed, shape = {}, {}, None
     log(f"writing {path}; comfy_kitchen: {ctx.ck_info}")
-    for model_name, video, cases in plan:
-        try:
-            shape = Shape(ctx, model_name, video)
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory building a model: record, go on
-            res["skipped"].append({"model": model_name, "video": video, "reason": f"{type(e).__name__}: {e}"})
-            write_json(res, path)
+    for model_name, video, kind, precision, target in plan:
+        key = (model_name, video)
+        if key in failed:
             continue
-        res["shapes"].append(shape_summary(shape))
-        log(f"{model_name} {video}: {shape.grid.video_tokens} tokens, estimated dense step {shape.estimate_s:.1f} s")
-        for kind, precision, target in cases:
-            step_s = (shape.dense["step_ms"] / 1e3) if shape.dense and "step_ms" in shape.dense else shape.estimate_s
-            est = (1 + a.repeats) * step_s * 1.2 + 5
-            label = f"{model_name} {video} {kind} {precision or ''} {'' if target is None else f'd~{target}'}"
-            if ctx.cuda and ctx.elapsed() + est > a.budget_s:
-                res["skipped"].append({"model": model_name, "video": video, "kind": kind, "precision": precision,
-                                       "target_density": target, "reason": f"time budget: {ctx.elapsed():.0f} s "
-                                       f"spent, ~{est:.0f} s more needed, --budget-s {a.budget_s:.0f}"})
-                log(f"  {label}: skipped (time budget)")
+        if key not in shapes:
+            if ctx.model_name() not in (None, model_name):
+                shapes.clear()  # the shapes of the previous model hold its weights: drop them before the next build
+                shape = None
+            try:
+                shapes[key] = Shape(ctx, model_name, video)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory building a model: record, go on
+                failed[key] = f"{type(e).__name__}: {e}"
+                res["skipped"].append({"model": model_name, "video": video, "reason": failed[key]})
+                log(f"{model_name} {video}: cannot build ({failed[key]})")
                 write_json(res, path)
                 continue
-            log(f"  {label} ...")
-            row = run_case(ctx, shape, kind, precision, target)
-            res["cases"].append(row)
-            res["shapes"][-1] = shape_summary(shape)
-            res["meta"]["wall_s"] = round(ctx.elapsed(), 1)
+            res["shapes"].append(shape_summary(shapes[key]))
+            log(f"{model_name} {video}: {shapes[key].grid.video_tokens} tokens, estimated dense step "
+                f"{shapes[key].estimate_s:.1f} s")
+        shape = shapes[key]
+        step_s = (shape.dense["step_ms"] / 1e3) if shape.dense and "step_ms" in shape.dense else shape.estimate_s
+        est = (1 + a.repeats) * step_s * 1.2 + 5
+        label = f"{model_name} {video} {kind} {precision or ''} {'' if target is None else f'd~{target}'}"
+        if ctx.cuda and ctx.elapsed() + est > a.budget_s:
+            res["skipped"].append({"model": model_name, "video": video, "kind": kind, "precision": precision,
+                                   "target_density": target, "reason": f"time budget: {ctx.elapsed():.0f} s spent, "
+                                   f"~{est:.0f} s more needed, --budget-s {a.budget_s:.0f}"})
+            log(f"  {label}: skipped (time budget)")
             write_json(res, path)
-            log(f"  {label}: {summary_line(row)}")
+            continue
+        log(f"  {label} ...")
+        row = run_case(ctx, shape, kind, precision, target)
+        res["cases"].append(row)
+        for i, s in enumerate(res["shapes"]):
+            if (s["model"], s["video"]) == key:
+                res["shapes"][i] = shape_summary(shape)
+        res["meta"]["wall_s"] = round(ctx.elapsed(), 1)
+        write_json(res, path)
+        log(f"  {label}: {summary_line(row)}")
     log(f"done in {ctx.elapsed():.0f} s")
     return res
 
