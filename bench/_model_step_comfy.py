@@ -17,18 +17,49 @@ import time
 
 import torch
 
-# Model configurations, in the constructor arguments of ComfyUI's WanModel (what its model detection gives the
-# released checkpoints: Wan 2.1 T2V 1.3B and 14B; num_heads = dim / 128).
+# Model configurations, in the constructor arguments of ComfyUI's classes at the values its model detection gives
+# the released checkpoints (comfy/model_detection.py of 0.19.3): Wan 2.1 T2V 1.3B and 14B (num_heads = dim / 128),
+# HunyuanVideo T2V (13B), Mochi 1 preview (10B, detection hard-codes it), LTX-Video 2B (0.9.x: 28 layers, 32 heads
+# of 64, cross-attention 2048). "tiny*": the CPU checks (sizes as tests/comfyui_families.py uses).
 WAN_COMMON = dict(image_model="wan2.1", model_type="t2v", patch_size=(1, 2, 2), in_dim=16, out_dim=16, freq_dim=256,
                   text_dim=4096, window_size=(-1, -1), qk_norm=True, cross_attn_norm=True, eps=1e-6)
-WAN_SIZES = {
-    "wan1.3b": dict(dim=1536, ffn_dim=8960, num_heads=12, num_layers=30),
-    "wan14b": dict(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    # the CPU check: head_dim 32, two blocks
-    "tiny": dict(dim=64, ffn_dim=128, num_heads=2, num_layers=2),
+HUNYUAN_COMMON = dict(image_model="hunyuan_video", in_channels=16, out_channels=16, patch_size=[1, 2, 2],
+                      vec_in_dim=768, axes_dim=[16, 56, 56], meanflow=False, mlp_ratio=4.0, theta=256, qkv_bias=True,
+                      byt5=False, guidance_embed=True, use_cond_type_embedding=False, vision_in_dim=None,
+                      meanflow_sum=False)
+MOCHI_COMMON = dict(image_model="mochi_preview", patch_size=2, learn_sigma=False, in_channels=12, qk_norm=True,
+                    qkv_bias=False, out_bias=True, attn_drop=0.0, patch_embed_bias=True, posenc_preserve_area=True,
+                    timestep_mlp_bias=True, attend_to_padding=False, timestep_scale=1000.0, use_t5=True,
+                    t5_token_length=256, rope_theta=10000.0)
+# name -> (ComfyUI supported_models class, unet_config, text tokens, text width, extra conditioning: a pooled output
+# of that width, or "ones": the text encoder's padding mask with every token valid, which Mochi and LTX-Video require)
+MODELS = {
+    "wan1.3b": ("WAN21_T2V", dict(WAN_COMMON, dim=1536, ffn_dim=8960, num_heads=12, num_layers=30), 512, 4096, {}),
+    "wan14b": ("WAN21_T2V", dict(WAN_COMMON, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40), 512, 4096, {}),
+    "hunyuan": ("HunyuanVideo", dict(HUNYUAN_COMMON, context_in_dim=4096, hidden_size=3072, num_heads=24, depth=20,
+                                     depth_single_blocks=40), 256, 4096, {"pooled_output": 768}),
+    "mochi": ("GenmoMochi", dict(MOCHI_COMMON, depth=48, num_heads=24, hidden_size_x=3072, hidden_size_y=1536,
+                                 mlp_ratio_x=4.0, mlp_ratio_y=4.0, t5_feat_dim=4096), 256, 4096, {"attention_mask": "ones"}),
+    "ltxv": ("LTXV", dict(image_model="ltxv", num_layers=28, attention_head_dim=64, cross_attention_dim=2048),
+             128, 4096, {"attention_mask": "ones"}),
+    # the CPU checks: head_dim 32 (Wan), 128 (HunyuanVideo, fixed by its RoPE axes), 128 (Mochi), 8 (LTX-Video)
+    "tiny": ("WAN21_T2V", dict(WAN_COMMON, dim=64, ffn_dim=128, num_heads=2, num_layers=2), 16, 4096, {}),
+    "tiny-hunyuan": ("HunyuanVideo", dict(HUNYUAN_COMMON, context_in_dim=64, hidden_size=256, num_heads=2, depth=1,
+                                          depth_single_blocks=1), 16, 64, {"pooled_output": 768}),
+    "tiny-mochi": ("GenmoMochi", dict(MOCHI_COMMON, depth=2, num_heads=2, hidden_size_x=256, hidden_size_y=128,
+                                      mlp_ratio_x=48.0, mlp_ratio_y=2.0, t5_feat_dim=64), 16, 64, {"attention_mask": "ones"}),
+    "tiny-ltxv": ("LTXV", dict(image_model="ltxv", num_layers=2, attention_head_dim=8, cross_attention_dim=256,
+                               num_attention_heads=32), 16, 4096, {"attention_mask": "ones"}),
 }
-# width x height x frames in pixels; ComfyUI's empty Wan latent is [1, 16, (f - 1) / 4 + 1, h / 8, w / 8]
-VIDEOS = {"480p": (832, 480, 81), "720p": (1280, 720, 81), "tiny": (128, 64, 9)}
+# width x height x frames in pixels; the latent is what ComfyUI's empty-latent node of the family makes
+# (nodes/model_info.latent_shape_for): Wan 480p 21 x 60 x 104, 720p 21 x 90 x 160; HunyuanVideo 720p x 129 frames
+# 33 x 90 x 160; Mochi 480p x 163 frames 28 x 60 x 106; LTX-Video 768 x 512 x 121 frames 16 x 16 x 24.
+VIDEOS = {"480p": (832, 480, 81), "720p": (1280, 720, 81), "720p129": (1280, 720, 129), "480p163": (848, 480, 163),
+          "512p121": (768, 512, 121), "tiny": (128, 64, 9), "tiny13": (128, 64, 13), "tiny17": (256, 128, 17)}
+# The modules whose attention call sites the timer wraps (the name each family's blocks look up at call time).
+ATTENTION_SITES = (("comfy.ldm.wan.model", "optimized_attention"), ("comfy.ldm.flux.math", "optimized_attention"),
+                   ("comfy.ldm.genmo.joint_model.asymm_models_joint", "optimized_attention"),
+                   ("comfy.ldm.modules.attention", "optimized_attention"))
 
 
 class Comfy:
@@ -48,6 +79,8 @@ def import_comfy(path: str, cpu: bool) -> Comfy:
         # decided from a free-memory estimate): the bench times steps, not ComfyUI's memory manager. On a 141 GB GPU
         # ComfyUI's normal mode loads these models whole too.
         comfy.cli_args.args.highvram = True
+    import importlib
+
     import comfy.ldm.wan.model
     import comfy.model_management
     import comfy.model_patcher
@@ -58,7 +91,8 @@ def import_comfy(path: str, cpu: bool) -> Comfy:
 
     c = Comfy()
     c.mm, c.model_patcher, c.pe = comfy.model_management, comfy.model_patcher, comfy.patcher_extension
-    c.samplers, c.supported_models, c.wan = comfy.samplers, comfy.supported_models, comfy.ldm.wan.model
+    c.samplers, c.supported_models = comfy.samplers, comfy.supported_models
+    c.sites = [importlib.import_module(mod) for mod, _ in ATTENTION_SITES]
     c.version = getattr(comfyui_version, "__version__", "unknown")
     c.aliased = aliased
     return c
@@ -100,12 +134,24 @@ def randomize_(module: torch.nn.Module, seed: int):
                 p.normal_(0.0, 0.02, generator=g)
 
 
-def build_wan(c: Comfy, size: str, device, dtype, seed: int = 0):
-    """A ModelPatcher around ComfyUI's WAN21 (model_base) / WanModel, built as its loader builds one but directly on
-    `device` (ComfyUI's ops skip the weight init, so nothing is computed before the random fill) and never offloaded
-    (offload device = load device: the bench measures steps, not ComfyUI's memory manager)."""
-    cfg = dict(WAN_COMMON, **WAN_SIZES[size])
-    mc = c.supported_models.WAN21_T2V(cfg)
+def unet_config(c: Comfy, name: str) -> dict:
+    cls, cfg, *_ = MODELS[name]
+    cfg = dict(cfg)
+    if cls == "HunyuanVideo":  # only the fields this ComfyUI's HunyuanVideoParams declares (0.3.64 has fewer)
+        import dataclasses
+
+        from comfy.ldm.hunyuan_video.model import HunyuanVideoParams
+        names = {f.name for f in dataclasses.fields(HunyuanVideoParams)}
+        cfg = {k: v for k, v in cfg.items() if k in names or k == "image_model"}
+    return cfg
+
+
+def build(c: Comfy, name: str, device, dtype, seed: int = 0):
+    """A ModelPatcher around the family's ComfyUI model (model_base class and its diffusion model), built as its
+    loader builds one but directly on `device` (ComfyUI's ops skip the weight init, so nothing is computed before the
+    random fill) and never offloaded (offload device = load device: the bench measures steps, not ComfyUI's memory
+    manager). -> (patcher, weight bytes)."""
+    mc = getattr(c.supported_models, MODELS[name][0])(unet_config(c, name))
     mc.set_inference_dtype(dtype, None)
     base = mc.get_model({}, "", device=device)
     randomize_(base.diffusion_model, seed)
@@ -173,19 +219,19 @@ class StepTimer:
 
 
 class AttentionTimer:
-    """Stands in for the `optimized_attention` that ComfyUI's Wan blocks call (a module global of
-    comfy.ldm.wan.model) and times every call around it: whatever answers (ComfyUI's backend, an override, this
-    package's router) is inside the window. Self-attention = as many keys as queries."""
+    """Stands in for the `optimized_attention` that a family's blocks call (a module global, ATTENTION_SITES) and
+    times every call around it: whatever answers (ComfyUI's backend, an override, this package's router) is inside
+    the window. "self_attn": as many keys as queries and at least the latent's video tokens; "cross_attn": the rest
+    (cross-attention, text refiners)."""
 
-    def __init__(self, inner, cuda: bool):
-        self.inner, self.cuda = inner, cuda
-        self._events = None
+    def __init__(self, inner, cuda: bool, shared):
+        self.inner, self.cuda, self.shared = inner, cuda, shared  # shared: {"events": list or None, "video": int}
 
     def begin(self):
-        self._events = []
+        self.shared["events"] = []
 
     def end(self) -> dict:
-        ev, self._events = self._events or [], None
+        ev, self.shared["events"] = self.shared["events"] or [], None
         out = {"self_attn_ms": 0.0, "cross_attn_ms": 0.0, "self_attn_calls": 0, "cross_attn_calls": 0}
         for kind, a, b in ev:
             ms = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
@@ -196,10 +242,12 @@ class AttentionTimer:
         return out
 
     def __call__(self, q, k, v, *args, **kwargs):
-        if self._events is None:
+        events = self.shared["events"]
+        if events is None:
             return self.inner(q, k, v, *args, **kwargs)
-        kind = "self_attn" if q.shape[-2 if kwargs.get("skip_reshape") else 1] == \
-            k.shape[-2 if kwargs.get("skip_reshape") else 1] else "cross_attn"
+        seq = 2 if kwargs.get("skip_reshape") else 1
+        # self-attention over the video (and joint text); a text refiner's self-attention counts as "other"
+        kind = "self_attn" if q.shape[seq] == k.shape[seq] >= self.shared["video"] else "cross_attn"
         if self.cuda:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
@@ -209,15 +257,19 @@ class AttentionTimer:
             a = time.perf_counter()
             out = self.inner(q, k, v, *args, **kwargs)
             b = time.perf_counter()
-        self._events.append((kind, a, b))
+        events.append((kind, a, b))
         return out
 
 
 def install_timers(c: Comfy, patcher, cuda: bool) -> StepTimer:
-    attention = c.wan.optimized_attention
-    if not isinstance(attention, AttentionTimer):  # once per process: later models share it
-        attention = AttentionTimer(attention, cuda)
-        c.wan.optimized_attention = attention  # the Wan blocks look the name up at each call
+    first = getattr(c.sites[0], ATTENTION_SITES[0][1])
+    if isinstance(first, AttentionTimer):  # once per process: later models share the wrapped sites
+        attention = first
+    else:
+        shared = {"events": None, "video": 0}
+        for mod, (_, attr) in zip(c.sites, ATTENTION_SITES):
+            setattr(mod, attr, AttentionTimer(getattr(mod, attr), cuda, shared))
+        attention = getattr(c.sites[0], ATTENTION_SITES[0][1])
     timer = StepTimer(cuda, attention)
     patcher.add_wrapper_with_key(c.pe.WrappersMP.APPLY_MODEL, StepTimer.KEY, timer)
     return timer
@@ -239,11 +291,17 @@ def run_steps(c: Comfy, model, latent_shape, evaluations: int, pos, neg, seed: i
         return guider.sample(noise, latent, sampler, torch.tensor(sig), disable_pbar=True, seed=seed)
 
 
-def conditioning(text_tokens: int, seed: int):
-    """Random T5-shaped (umt5-xxl, 4096 wide) positive and negative CONDITIONING, as the text encoder hands them."""
+def conditioning(name: str, seed: int):
+    """Random positive and negative CONDITIONING shaped as the family's text encoder hands them (umt5-xxl / T5 /
+    llava-llama3 hidden states, HunyuanVideo's CLIP-L pooled output); no padded tokens, so every text key counts."""
+    _, _, tokens, width, extra = MODELS[name]
     g = torch.Generator().manual_seed(seed)
-    return ([[torch.randn(1, text_tokens, 4096, generator=g), {}]],
-            [[torch.randn(1, text_tokens, 4096, generator=g), {}]])
+
+    def one():
+        d = {k: torch.ones(1, tokens, dtype=torch.long) if n == "ones" else torch.randn(1, n, generator=g)
+             for k, n in extra.items()}
+        return [[torch.randn(1, tokens, width, generator=g), d]]
+    return one(), one()
 
 
 # ---------------------------------------------------------------------------------------------------- overrides

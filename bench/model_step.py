@@ -79,22 +79,30 @@ QUICK = (
                                 ("ck_sol", None, 0.38)])
     + _cases("wan14b", "720p", [("patched", "bf16", 0.25), ("ck_sol", None, 0.25), ("ck_sol256", None, 0.38),
                                 ("dense_comfy", None, None)])
-    + _cases("wan14b", "480p", [("ck_int8", None, None), ("dense_comfy", None, None)]))
-_FULL_SPEC = [("dense_cudnn", None, None), ("dense_comfy", None, None)] + [
-    ("patched", p, d) for d in (1.0, 0.38, 0.25) for p in ("bf16", "fp8", "int8")] + [
-    ("ck_sol", None, 0.38), ("ck_sol", None, 0.25), ("ck_sol256", None, 0.38), ("ck_int8", None, None)]
-FULL = [c for m, v in (("wan1.3b", "480p"), ("wan1.3b", "720p"), ("wan14b", "720p"), ("wan14b", "480p"))
+    + _cases("wan14b", "480p", [("ck_int8", None, None), ("dense_comfy", None, None)])
+    # LTX-Video (head_dim 64; 6,144 tokens: little to gain, cheap to show)
+    + _cases("ltxv", "512p121", [("dense_cudnn", None, None), ("patched", "bf16", 0.38), ("patched", "fp8", 0.38)]))
+# Without --quick: every shape with every case, most telling first (a run cut by its budget keeps those); select
+# shapes with --models, e.g. --models hunyuan (about 50 s a step: four or five cases fit one 10-minute command).
+_FULL_SPEC = [("dense_cudnn", None, None), ("patched", "bf16", 0.38), ("patched", "fp8", 0.38), ("ck_sol", None, 0.38),
+              ("ck_int8", None, None), ("patched", "int8", 0.38), ("patched", "bf16", 1.0), ("patched", "bf16", 0.25),
+              ("patched", "fp8", 0.25), ("ck_sol", None, 0.25), ("ck_sol256", None, 0.38),
+              ("patched", "fp8-qk", 0.38), ("patched", "int8-qk", 0.38), ("dense_comfy", None, None)]
+FULL = [c for m, v in (("wan1.3b", "480p"), ("wan1.3b", "720p"), ("wan14b", "720p"), ("wan14b", "480p"),
+                       ("hunyuan", "720p129"), ("mochi", "480p163"), ("ltxv", "512p121"))
         for c in _cases(m, v, _FULL_SPEC)]
 # The CPU check: dense, the patch at density 1 with every head through the sparse path (dense cutoff 1: the
 # reference must reproduce dense), a sparser bundle, and the GPU-only cases (recorded as skipped with the reason).
 TINY = _cases("tiny", "tiny", [("dense_cudnn", None, None), ("dense_comfy", None, None), ("patched", "bf16", 1.0),
                                ("patched", "bf16", 0.5), ("patched", "fp8", 0.5), ("ck_sol", None, 0.5),
                                ("ck_int8", None, None)])
+# The other families at tiny size (--tiny --models tiny-hunyuan,tiny-mochi,tiny-ltxv)
+TINY_FAMILIES = [c for m, v in (("tiny-hunyuan", "tiny"), ("tiny-mochi", "tiny13"), ("tiny-ltxv", "tiny17"))
+                 for c in _cases(m, v, [("dense_cudnn", None, None), ("dense_comfy", None, None),
+                                        ("patched", "bf16", 1.0), ("patched", "bf16", 0.5)])]
 # Rough step-time model for the budget check before a shape's first case: attention 4*B*H*N^2*D per layer plus
 # 2*B*N*params for the projections, at an effective 550 TFLOP/s (the H200's bf16 dense rate seen at these shapes).
 EFFECTIVE_FLOPS = 550e12
-TEXT_TOKENS = 512
-TINY_TEXT_TOKENS = 16
 BLOCK = 128
 TINY_BLOCK = 16
 # Density-1 output of the tiny patched model vs dense: float32 on the CPU, so only summation order differs.
@@ -171,8 +179,8 @@ class Shape:
         w, h, f = MC.VIDEOS[video]
         self.latent_shape = latent_shape_for(self.layout, w, h, f)
         self.grid = grid_from_latent(self.layout, self.latent_shape)
-        self.text_tokens = TINY_TEXT_TOKENS if ctx.tiny else TEXT_TOKENS
-        self.pos, self.neg = MC.conditioning(self.text_tokens, seed=1)
+        self.text_tokens = MC.MODELS[model_name][2]
+        self.pos, self.neg = MC.conditioning(model_name, seed=1)
         self.bundles = {}
         self.dense = None  # the dense_cudnn case's row
         self.dense_output = None
@@ -221,9 +229,9 @@ class Context:
             if self._model[1] is not None:
                 self._model = (None, None, None, None)
                 MC.release(self.comfy)  # the caller dropped its shapes of that model first
-            log(f"building ComfyUI WanModel '{name}' on {self.device} ({self.dtype}), random weights")
+            log(f"building ComfyUI's {MC.MODELS[name][0]} '{name}' on {self.device} ({self.dtype}), random weights")
             t = time.time()
-            patcher, weights = MC.build_wan(self.comfy, name, self.device, self.dtype, seed=self.args.seed)
+            patcher, weights = MC.build(self.comfy, name, self.device, self.dtype, seed=self.args.seed)
             self.timer = MC.install_timers(self.comfy, patcher, self.cuda)
             self._model = (name, patcher, weights, round(time.time() - t, 1))
             log(f"  built in {self._model[3]} s, {weights / 1e9:.2f} GB of weights")
@@ -279,6 +287,7 @@ def run_case(ctx, shape, kind, precision, target):
             model = MC.with_override(shape.patcher, MC.SelfAttentionOverride(MC.int8_kernel(ctx.ck)))
     repeats = a.repeats
     ctx.timer.reset()
+    ctx.timer.attention.shared["video"] = shape.grid.video_tokens
     warnings_seen = []
     import warnings
     t = time.time()
@@ -392,7 +401,7 @@ def run_bench(ctx):
     plan = TINY if a.tiny else QUICK if a.quick else FULL
     if a.models:
         keep = set(a.models.split(","))
-        plan = [c for c in plan if f"{c[0]}:{c[1]}" in keep or c[0] in keep]
+        plan = [c for c in (TINY + TINY_FAMILIES if a.tiny else plan) if f"{c[0]}:{c[1]}" in keep or c[0] in keep]
     path = out_path(a)
     res = {"meta": meta(ctx), "shapes": [], "cases": [], "skipped": []}
     shapes, failed, shape = {}, {}, None
@@ -513,10 +522,11 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="the shapes and cases of QUICK (about 7-8 minutes on an H200)")
     ap.add_argument("--tiny", action="store_true", help="CPU check: tiny WanModel, the package's reference path")
     ap.add_argument("--calibration-only", action="store_true", help="calibration cost at Wan 14B 720p instead")
-    ap.add_argument("--models", default="", help="comma list of model or model:video to keep, e.g. wan14b:720p")
+    ap.add_argument("--models", default="", help="comma list of model or model:video to keep, e.g. wan14b:720p or "
+                    "hunyuan (models: " + ", ".join(MC.MODELS) + ")")
     ap.add_argument("--repeats", type=int, default=None, help="timed evaluations per case (default 1 quick, 3 full)")
-    ap.add_argument("--budget-s", type=float, default=None, help="skip cases that would end past this wall time "
-                    "(default 480 with --quick, 3000 otherwise)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="skip cases that would end past this wall time "
+                    "from the start (default 480: one device command may run 10 minutes)")
     ap.add_argument("--data", default=None, help="sta_mask_strategy_hunyuan.json[.gz] (default: .benchdata/, then "
                     "../shared/data)")
     ap.add_argument("--ck-extra-tokens", type=int, default=0, help="Sol-Attn token_aug (core node default 256; 0 = "
@@ -530,8 +540,6 @@ def main(argv=None):
         ap.error("--comfyui (or COMFYUI_PATH) must name a ComfyUI source tree")
     if a.repeats is None:
         a.repeats = 1 if (a.quick or a.tiny) else 3
-    if a.budget_s is None:
-        a.budget_s = 480.0 if a.quick else 3000.0
     if a.tiny:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     ctx = Context(a)

@@ -80,6 +80,25 @@ def test_tiny_model_step(tmp_path):
     assert res["meta"]["comfy_kitchen"]["reason"]
 
 
+def test_tiny_other_families(tmp_path):
+    """HunyuanVideo (joint text, text first in 0.19+), Mochi (joint text after the video) and LTX-Video through the
+    same bench: every self-attention call routed, density 1 reproduces dense."""
+    res = _run(tmp_path, "--models", "tiny-hunyuan,tiny-mochi,tiny-ltxv")
+    tol = res["meta"]["tiny_tolerance"]
+    assert [s["model"] for s in res["shapes"]] == ["tiny-hunyuan", "tiny-mochi", "tiny-ltxv"]
+    for shape in res["shapes"]:
+        cases = {(c["kind"], c["target_density"]): c for c in res["cases"] if c["model"] == shape["model"]}
+        assert set(cases) == {("dense_cudnn", None), ("dense_comfy", None), ("patched", 1.0), ("patched", 0.5)}
+        for c in cases.values():
+            assert "error" not in c, c
+            assert all(e["finite"] and e["batch"] == 2 and e["self_attn_calls"] == shape["layers"]
+                       for e in c["evaluations"])
+        for d in (1.0, 0.5):
+            assert cases[("patched", d)]["routed_calls"] == shape["layers"] * 2
+        assert cases[("patched", 1.0)]["rel_err_vs_dense_cudnn"] < tol
+        assert cases[("patched", 0.5)]["rel_err_vs_dense_cudnn"] > 10 * tol
+
+
 def test_tiny_calibration_cost(tmp_path):
     res = _run(tmp_path, "--calibration-only", "--calib-prompts", "2", "--calib-steps", "3")
     assert "error" not in res, res.get("error")
