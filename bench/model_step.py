@@ -164,7 +164,16 @@ def patch(model, bundle, precision, dense_cutoff):
         how = "mirror of nodes.actions.patch_model_attention with SparseRunner(" + ", ".join(
             [f"precision={precision!r}"] + [f"dense_cutoff={dense_cutoff}"] * (dense_cutoff is not None)) + ")"
     router = m.model_options["transformer_options"][OVERRIDE_KEY].router
+    # SparseRunner.end() (run at the end of every sampling run) forgets the per-layer FP8 errors of the run; keep
+    # the last run's for the JSON.
+    router.handler._fp8 = _KeptOnClear(router.handler._fp8)
     return m, router.handler, router, how
+
+
+class _KeptOnClear(dict):
+    def clear(self):
+        self.kept = dict(self)
+        super().clear()
 
 
 # ------------------------------------------------------------------------------------------------ one shape
@@ -306,7 +315,8 @@ def run_case(ctx, shape, kind, precision, target):
         row["warnings"] = warnings_seen
     if runner is not None:
         row["routed_calls"] = router.routed
-        row["fp8_errors"] = {str(k): round(v, 5) for k, v in runner.fp8_errors.items()}
+        errs = getattr(runner._fp8, "kept", None) or runner.fp8_errors
+        row["fp8_errors"] = {str(k): round(v, 5) for k, v in sorted(errs.items())}
         row["triton_failures"] = [str(x) for x in runner.triton_failures]
     out = ctx.timer.first_output
     if len(recs) >= 2:
@@ -375,7 +385,8 @@ def meta(ctx):
     import triton
     m = {"device": torch.cuda.get_device_name() if ctx.cuda else "cpu (--tiny: the package's reference path)",
          "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
-         "comfyui": ctx.comfy.version, "transformers_aliases": ctx.comfy.aliased, "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+         "comfyui": ctx.comfy.version, "transformers_aliases": ctx.comfy.aliased, "commit": git_commit(),
+         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
          "argv": sys.argv[1:], "dtype": str(ctx.dtype), "block": ctx.block, "cfg": 5.0, "sampler": "euler",
          "repeats": ctx.args.repeats, "warmup": 1, "structure_data": str(ctx.data) if ctx.data else None,
          "comfy_kitchen": ctx.ck_info,
@@ -383,6 +394,10 @@ def meta(ctx):
                    "around each attention call; best of the timed evaluations; the first evaluation of each run is "
                    "the warm-up",
          "bound": "1/((1-f)+f*d): f = dense_cudnn's self-attention time / its step time, d = bundle density"}
+    if ctx.cuda:
+        props = torch.cuda.get_device_properties(0)
+        m.update(cuda=torch.version.cuda, gpu_memory_bytes=props.total_memory,
+                 capability=list(torch.cuda.get_device_capability()))
     if ctx.tiny:
         m["tiny_tolerance"] = TINY_TOLERANCE
     return m
