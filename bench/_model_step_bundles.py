@@ -8,8 +8,8 @@ the same masks.
 
 A density is reached by two knobs, chosen so the structure stays the data's: the dense heads per layer (a share of
 0.1 by default, more only when the windows are too sparse for the target) and one scale on every window's extent
-(bisection; below 1 when the windows are denser than the target). Without the data file the same window vocabulary is drawn at random
-(labelled "synthetic" in the output).
+(bisection; below 1 when the windows are denser than the target). Without the data file the same window vocabulary
+is drawn at random (labelled "synthetic" in the output).
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def find_data(arg=None):
     if arg:
         return Path(arg)
     root = HERE.parents[1]
-    for folder in (root / ".benchdata", root.parent / "shared/data", root / "shared/data", root.parents[1] / "shared/data"):
+    for folder in (root / ".benchdata", root.parent / "shared/data", root / "shared/data",
+                   root.parents[1] / "shared/data"):
         for name in (DATA_NAME, DATA_NAME + ".gz"):
             if (folder / name).is_file():
                 return folder / name

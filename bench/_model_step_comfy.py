@@ -39,7 +39,8 @@ MODELS = {
     "hunyuan": ("HunyuanVideo", dict(HUNYUAN_COMMON, context_in_dim=4096, hidden_size=3072, num_heads=24, depth=20,
                                      depth_single_blocks=40), 256, 4096, {"pooled_output": 768}),
     "mochi": ("GenmoMochi", dict(MOCHI_COMMON, depth=48, num_heads=24, hidden_size_x=3072, hidden_size_y=1536,
-                                 mlp_ratio_x=4.0, mlp_ratio_y=4.0, t5_feat_dim=4096), 256, 4096, {"attention_mask": "ones"}),
+                                 mlp_ratio_x=4.0, mlp_ratio_y=4.0, t5_feat_dim=4096), 256, 4096,
+              {"attention_mask": "ones"}),
     "ltxv": ("LTXV", dict(image_model="ltxv", num_layers=28, attention_head_dim=64, cross_attention_dim=2048),
              128, 4096, {"attention_mask": "ones"}),
     # the CPU checks: head_dim 32 (Wan), 128 (HunyuanVideo, fixed by its RoPE axes), 128 (Mochi), 8 (LTX-Video)
@@ -47,7 +48,8 @@ MODELS = {
     "tiny-hunyuan": ("HunyuanVideo", dict(HUNYUAN_COMMON, context_in_dim=64, hidden_size=256, num_heads=2, depth=1,
                                           depth_single_blocks=1), 16, 64, {"pooled_output": 768}),
     "tiny-mochi": ("GenmoMochi", dict(MOCHI_COMMON, depth=2, num_heads=2, hidden_size_x=256, hidden_size_y=128,
-                                      mlp_ratio_x=48.0, mlp_ratio_y=2.0, t5_feat_dim=64), 16, 64, {"attention_mask": "ones"}),
+                                      mlp_ratio_x=48.0, mlp_ratio_y=2.0, t5_feat_dim=64), 16, 64,
+                   {"attention_mask": "ones"}),
     "tiny-ltxv": ("LTXV", dict(image_model="ltxv", num_layers=2, attention_head_dim=8, cross_attention_dim=256,
                                num_attention_heads=32), 16, 4096, {"attention_mask": "ones"}),
 }
@@ -384,8 +386,8 @@ def sol_attn_kernel(ck, topk_ratio: float, token_aug: int, tau: float = 1.3):
     """Core's call: ck.sol_attn on (B, T, H, 128), SLA-style top-k keeping `topk_ratio` of the key blocks (tau is
     then ignored), no sinks (a plain video model has no conditioning rows in self-attention)."""
     def run(q, k, v):
-        return ck.sol_attn(q, k, v, tau=tau, scale=None, sink_blocks=[0, 0], sink_q=[0, 0], topk_ratio=float(topk_ratio),
-                           token_aug=int(token_aug))
+        return ck.sol_attn(q, k, v, tau=tau, scale=None, sink_blocks=[0, 0], sink_q=[0, 0],
+                           topk_ratio=float(topk_ratio), token_aug=int(token_aug))
     return run
 
 

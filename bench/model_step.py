@@ -41,7 +41,6 @@ import argparse
 import gc
 import inspect
 import json
-import math
 import os
 import sys
 import tempfile
@@ -362,7 +361,8 @@ def summary_line(row):
     if "bound" in row:
         s += f" (bound {row['bound']:.3f}x at d={row['density']:.3f})"
     if "added_peak_bytes" in row:
-        s += f", +{row['added_peak_bytes'] / 1e9:.2f} GB peak ({100 * row['added_peak_share_of_weights']:.2f}% of weights)"
+        share = 100 * row["added_peak_share_of_weights"]
+        s += f", +{row['added_peak_bytes'] / 1e9:.2f} GB peak ({share:.2f}% of weights)"
     if row.get("rel_err_vs_dense_cudnn") is not None:
         s += f", rel err {row['rel_err_vs_dense_cudnn']:.2e}"
     return s
