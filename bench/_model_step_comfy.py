@@ -188,6 +188,7 @@ class StepTimer:
     def __init__(self, cuda: bool, attention):
         self.cuda, self.attention = cuda, attention
         self.records, self.first_output = [], None
+        self.on_record = None  # called after each evaluation (the calibration run writes its JSON there)
 
     def reset(self):
         self.records, self.first_output = [], None
@@ -217,6 +218,8 @@ class StepTimer:
         if self.first_output is None:
             self.first_output = out.detach().float().cpu()
         self.records.append(rec)
+        if self.on_record is not None:
+            self.on_record(rec)
         return out
 
 

@@ -486,6 +486,14 @@ def run_calibration(ctx):
     res = {"meta": meta(ctx), "shape": shape.describe(), "prompts": a.calib_prompts, "steps": a.calib_steps}
     write_json(res, path)
     ctx.timer.reset()
+
+    def progress(rec):  # a run cut short still leaves every finished step in the JSON
+        res["evaluations"] = ctx.timer.records
+        res["meta"]["wall_s"] = round(ctx.elapsed(), 1)
+        write_json(res, path)
+        log(f"  step {len(ctx.timer.records)}: {rec['ms'] / 1e3:.2f} s (self-attention with statistics "
+            f"{rec['self_attn_ms'] / 1e3:.2f} s), batch {rec['batch']}")
+    ctx.timer.on_record = progress
     log(f"calibrating {model_name} {video}: {a.calib_prompts} prompts x {a.calib_steps} steps")
     t = time.time()
     try:
@@ -501,6 +509,7 @@ def run_calibration(ctx):
         res["error"] = f"{type(e).__name__}: {str(e)[:1000]}"
         log(f"FAILED: {res['error']}")
     total = time.time() - t
+    ctx.timer.on_record = None
     recs = ctx.timer.records
     res["evaluations"] = recs
     res["wall_s"] = round(total, 1)
