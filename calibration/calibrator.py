@@ -13,7 +13,8 @@ Memory budget (Wan 14B 720p: L = H = 40, N = 75,600 video tokens, nq = nk = 591 
   GPU, per call (transient): energy + mass + sort values/indices [H, nq, nk] = 56 + 56 + 56 + 112 MB ~ 0.3 GB,
       the block-energy score slab [B, H, 128, N] float32 = 1.5 GB (chunked in the Triton path), the repetition
       check over 4 heads at a time [B, 4, N, D] float32 x 3 ~ 0.5 GB.
-  GPU, per step: packed keep bits of the step's calls, L x H x nq x ceil(nk / 8) = 70 MB.
+  GPU, per step: packed keep bits of the step's calls, L x H x nq x ceil(nk / 8) = 70 MB (selection "global":
+      the mass bins of the step's calls, L x H x nq x nk bytes = 559 MB, until the step's threshold is known).
   CPU, per prompt in progress: the same bits for every step, S x 70 MB = 3.5 GB at S = 50 (1.4 GB at S = 20);
       dropped whole if the prompt is interrupted; twice that while the previous prompt commits in the background.
   CPU, across prompts: vote counters, uint8 per (step, layer, head, qb, kb) = S x 559 MB raw, zlib-compressed
@@ -40,7 +41,8 @@ from ..masks.geometry import ModelSignature, TokenGrid, anchor_share
 from ..masks.packing import pack_bits, row_counts
 from ..masks.sigmas import SigmaSteps
 from .repetition import anchor_plan, decide_repetitive, repetition_scores
-from .selection import kept_mass, mean_block_mass, select_blocks, share_steps, vote
+from .selection import (MASS_BINS, bin_histogram, global_threshold, keep_from_bins, kept_mass, mass_bins,
+                        mean_block_mass, select_blocks, share_steps, vote)
 from .settings import CalibrationSettings
 from .stats import CalibrationStats, StatsError, same_sigma
 
@@ -183,10 +185,19 @@ class Calibrator:
             mass = mean_block_mass(energy, g, q.shape[0], rows_t)
             del energy
             text = (1.0 - mass.sum(-1)).clamp(0.0, 1.0)
-            keep = select_blocks(mass, eps, text)
-            drop = (1.0 - kept_mass(mass, keep, text)).clamp_min(0.0).mean(-1)
+            glob = None
+            if self.settings.selection == "global":
+                # The threshold needs every layer of the step: hold the bins (1 byte per block) and the per-head
+                # mass per bin until the step is drained, where the keep bits and the dropped mass are made.
+                bins = mass_bins(mass)
+                glob = (bins, bin_histogram(mass, bins), text.sum(-1))
+                bits = None
+                drop = torch.zeros(mass.shape[0], device=mass.device)
+            else:
+                keep = select_blocks(mass, eps, text)
+                drop = (1.0 - kept_mass(mass, keep, text)).clamp_min(0.0).mean(-1)
+                bits = pack_bits(keep)
             del mass
-            bits = pack_bits(keep)
             if self.settings.repetition:
                 err, frac = repetition_scores(ob, self.grid, anchors, row_anchor, self.settings.gamma, head_chunk=4,
                                               video_start=call.video_start)
@@ -194,7 +205,7 @@ class Calibrator:
                 err = torch.ones_like(drop)
                 frac = torch.zeros_like(drop)
             self._queue.append((sigma, int(call.layer), bits, torch.stack([err.float(), frac.float(),
-                                                                            drop.float()])))
+                                                                            drop.float()]), glob))
         return out
 
     def _device_consts(self, device):
@@ -253,9 +264,11 @@ class Calibrator:
         """Move the queued per-call results of the current step to the host (one sync) and fold them in."""
         if not self._queue:
             return
+        if self.settings.selection == "global":
+            self._select_global()
         bits = torch.stack([it[2] for it in self._queue]).cpu().numpy()
         vals = torch.stack([it[3] for it in self._queue]).double().cpu().numpy()
-        for i, (sigma, layer, _, _) in enumerate(self._queue):
+        for i, (sigma, layer, _, _, _) in enumerate(self._queue):
             st = self._record[self._step_key(sigma)]
             lr = st["layers"].get(layer)
             if lr is None:
@@ -267,6 +280,28 @@ class Calibrator:
                 lr["vals"] += vals[i]
                 lr["n"] += 1
         self._queue = []
+
+    def _select_global(self):
+        """selection "global": one mass threshold over every queued call of a step (all its layers, heads and query
+        blocks), reaching eps(t) on the mean row; fills in each call's keep bits and dropped mass. On the device,
+        no host read (the drain's one copy follows)."""
+        nq = self.geometry.nq
+        by_step: dict = {}
+        for i, it in enumerate(self._queue):
+            by_step.setdefault(self._step_key(it[0]), []).append(i)
+        for key, idx in by_step.items():
+            eps = self._record[key]["eps"]
+            hist = sum(self._queue[i][4][1].sum(0) for i in idx)
+            text = sum(self._queue[i][4][2].sum() for i in idx)
+            rows = sum(int(self._queue[i][4][2].numel()) * nq for i in idx)
+            thr = global_threshold(hist, text, rows, eps)
+            for i in idx:
+                sigma, layer, _, vals, (bins, h, t) = self._queue[i]
+                keep = keep_from_bins(bins, thr)
+                kept = (h * (torch.arange(MASS_BINS, device=h.device) >= thr)).sum(-1)  # [H] mass kept, summed
+                vals = vals.clone()
+                vals[2] = (1.0 - (t + kept) / nq).clamp_min(0.0)
+                self._queue[i] = (sigma, layer, pack_bits(keep), vals, None)
 
     @staticmethod
     def _finalise(record):

@@ -8,6 +8,13 @@ always computed by the sparse kernel (reference semantics), so their share count
 keeps the smallest set S of video key blocks with  text_share + sum_{kb in S} mass[kb] >= eps(t).
 For models without joint text, text_share is 0 up to rounding. Any block holding more than 1 - eps of a row's mass is
 therefore always kept (without it the rest cannot reach eps).
+
+Global selection (CalibrationSettings.selection = "global"): instead of eps per row, one mass threshold per calibrated
+step over every layer, head and query block of the step, the lowest that keeps the step's MEAN row coverage at eps.
+Rows whose mass sits on a few blocks (local heads) keep few, diffuse rows keep what their mass earns, so the density
+budget goes where the mass is; no single row is promised eps any more. The threshold is found on log-spaced bins of
+the block mass (MASS_BINS_PER_OCTAVE per factor of 2, so blocks within 9 % of the threshold share its fate): a
+step's masks must be held until its last layer has been seen, and one byte per block is a quarter of a float16.
 """
 
 from __future__ import annotations
@@ -43,6 +50,59 @@ def select_blocks(mass: torch.Tensor, eps: float, text_share: torch.Tensor | Non
     keep = torch.zeros_like(keep_sorted)
     keep.scatter_(-1, order, keep_sorted)
     return keep
+
+
+def select_blocks_global(masses, eps: float, texts=None):
+    """One mass threshold over many calls (the layers of one step): masses a list of [..., nq, nk] mean row mass per
+    video key block, texts the matching [..., nq] text shares (default 1 - row sum). Returns the keep masks, the
+    kept rows' coverage reaching eps on average over every row of every call (all of them kept if it cannot).
+    The exact binned form of what the Calibrator does incrementally with mass_bins / bin_histogram /
+    global_threshold / keep_from_bins."""
+    texts = [(1.0 - m.sum(-1)).clamp(0.0, 1.0) for m in masses] if texts is None else list(texts)
+    bins = [mass_bins(m) for m in masses]
+    hist = sum(bin_histogram(m, b).reshape(-1, MASS_BINS).sum(0) for m, b in zip(masses, bins))
+    rows = sum(t.numel() for t in texts)
+    thr = global_threshold(hist, sum(t.sum() for t in texts), rows, eps)
+    return [keep_from_bins(b, thr) for b in bins]
+
+
+# Log2 bins of block mass: bin 0 holds everything below 2^-MASS_BINS_OCTAVES (and exact zeros), bin 255 reaches 1.
+MASS_BINS = 256
+MASS_BINS_PER_OCTAVE = 8
+MASS_BINS_OCTAVES = (MASS_BINS - 1) // MASS_BINS_PER_OCTAVE  # 31: 2^-31 of a row is nothing any eps misses
+
+
+def mass_bins(mass: torch.Tensor) -> torch.Tensor:
+    """uint8 log-spaced bin of each block mass (monotone in the mass: a higher bin never holds less mass)."""
+    lg = torch.log2(mass.float().clamp_min(2.0 ** -MASS_BINS_OCTAVES))
+    b = torch.floor((lg + MASS_BINS_OCTAVES) * MASS_BINS_PER_OCTAVE)
+    return b.clamp_(0, MASS_BINS - 1).to(torch.uint8)
+
+
+def bin_histogram(mass: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """[..., nq, nk] mass and its bins -> [..., MASS_BINS] mass summed per bin over the query and key blocks."""
+    lead = mass.shape[:-2]
+    m = mass.float().reshape(-1, mass.shape[-2] * mass.shape[-1])
+    b = bins.reshape(m.shape).long()
+    out = torch.zeros(m.shape[0], MASS_BINS, dtype=torch.float32, device=mass.device)
+    out.scatter_add_(1, b, m)
+    return out.reshape(*lead, MASS_BINS)
+
+
+def global_threshold(hist: torch.Tensor, text_total, rows: int, eps: float) -> torch.Tensor:
+    """The lowest bin to keep (a 0-d long tensor on hist's device; no host sync): hist [MASS_BINS] mass per bin
+    summed over every row of the step, text_total the text shares summed over the same rows, rows their number.
+    Like select_blocks, a bin is kept while the mass of the bins above it (plus the text) is short of eps * rows;
+    MASS_BINS (keep nothing) when the text alone covers it."""
+    target = float(eps) * float(rows) - torch.as_tensor(text_total, dtype=torch.float64, device=hist.device)
+    above = torch.flip(torch.cumsum(torch.flip(hist.double(), [0]), 0), [0]) - hist.double()  # strictly higher bins
+    keep_bin = above < target
+    # bins are kept from the top down, so the kept ones are a suffix: its start is the count of the others
+    return (MASS_BINS - keep_bin.sum()).to(torch.long)
+
+
+def keep_from_bins(bins: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    return bins.long() >= threshold
 
 
 def kept_mass(mass: torch.Tensor, keep: torch.Tensor, text_share: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,6 +50,12 @@ def eps_spec(text: str) -> dict:
     return {"preset": CUSTOM, "A": A, "C": C, "k": k}
 
 
+# How a prompt's keep mask is chosen from its block mass (calibration/selection.py):
+#   "row"    every query-block row of every head keeps the fewest key blocks reaching eps(t) (the paper's rule);
+#   "global" one mass threshold per calibrated step over all layers, heads and rows, the lowest whose mean row
+#            coverage reaches eps(t): the density goes where the mass is, no row is promised eps on its own.
+SELECTIONS = ("row", "global")
+
 # Largest stride whose quality loss on the planted-structure study stayed small (docs/BENCHMARKS.md: every
 # planted block kept, eps shortfall on the full-row mass <= 0.016, held-out error +0-3.5 %) for 3.7x cheaper stats.
 STATS_ROW_STRIDE_DEFAULT = 4
@@ -73,6 +79,7 @@ class CalibrationSettings:
     block_k: int = 128
     # Use every s-th query row of a block for the block-energy statistics (1 = all rows; see the module docstring).
     stats_row_stride: int = STATS_ROW_STRIDE_DEFAULT
+    selection: str = "row"  # one of SELECTIONS
     seed: int = 0
     steps: Optional[int] = None  # schedule length T when the host does not pass its sigmas to begin_prompt
     sampler: Optional[str] = None
@@ -106,6 +113,10 @@ class CalibrationSettings:
         if isinstance(rs, bool) or not isinstance(rs, int) or not (1 <= rs <= 64):
             raise ValueError(f"CalibrationSettings.stats_row_stride must be an integer in [1, 64] (1 = every query row "
                              f"feeds the statistics, 4 = every 4th), got {rs!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"CalibrationSettings.selection must be one of {', '.join(map(repr, SELECTIONS))} "
+                             f"(\"row\": eps per query-block row, \"global\": one mass threshold per step over "
+                             f"all layers and heads), got {self.selection!r}")
         if self.steps is not None and int(self.steps) <= 0:
             raise ValueError(f"CalibrationSettings.steps must be positive or None, got {self.steps}")
 
@@ -138,4 +149,4 @@ class CalibrationSettings:
         """The settings that change per-prompt statistics; runs can only be merged when these agree."""
         A, C, k = self.eps_params()
         return {"A": A, "C": C, "k": k, "block_q": self.block_q, "block_k": self.block_k, "gamma": self.gamma,
-                "anchors": int(self.anchors)}
+                "anchors": int(self.anchors), "selection": self.selection}

@@ -42,6 +42,11 @@ class SequenceParallelCalibration:
             raise ValueError("calibration under ring attention is not supported (a ring rank holds a query shard; "
                              "block energies need each row's softmax over every key): calibrate with the Ulysses "
                              "degree equal to the sequence-parallel degree, or on one GPU")
+        if settings is not None and settings.selection == "global" and _size(ulysses_group) > 1:
+            # A rank sees only its heads, so its threshold would be its own: the bundle would depend on the degree.
+            raise ValueError("calibration with selection \"global\" under Ulysses is not supported (one mass "
+                             "threshold spans every head, and a rank holds only some): use selection \"row\" or "
+                             "calibrate on one GPU")
         self.signature = signature
         self.group = ulysses_group
         self.U, self.R, self.u_rank = _size(ulysses_group), 1, _rank(ulysses_group)

@@ -85,6 +85,8 @@ MODULE_NOTES = {
     "calibration/settings.py": "Calibration settings out of range: the message names the setting and its range.",
     "calibration/calibrator.py": "Calibrator use out of order or on calls it was not made for (library users): "
                                  "follow begin_prompt -> observe ... -> end_prompt -> finish.",
+    "calibration/hybrid.py": "The calibrated + online hybrid (a reference for the fidelity benchmark, library users): "
+                             "build it from the statistics and the bundle of the same calibration run.",
     "calibration/stats.py": "Resuming a calibration from a statistics file that does not match: start a new file.",
     "kernels/layouts.py": "Attention tensors in a layout the engine does not know, or of mismatched shapes (host "
                           "adapter bug or an unsupported model).",

@@ -48,7 +48,10 @@ TOOL_FOLDERS = {"tests", "bench", "demo", "scripts", "workflows"}
 # ComfyUI's top-level modules and packages (what its main.py puts on sys.path).
 COMFYUI_MODULES = {"comfy", "comfy_api", "comfy_api_nodes", "comfy_config", "comfy_execution", "comfy_extras",
                    "folder_paths", "nodes", "server", "execution", "node_helpers", "latent_preview", "main",
-                   "comfyui_version", "cuda_malloc", "protocol", "api_server", "middleware", "app"}
+                   "comfyui_version", "cuda_malloc", "protocol", "api_server", "middleware", "app",
+                   # ComfyUI's kernel package (Sol-Attn and friends): benchmarks and tests compare against it, the
+                   # engine never depends on it
+                   "comfy_kitchen"}
 
 
 def _visible_dirs(root: pathlib.Path):
