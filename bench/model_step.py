@@ -166,6 +166,7 @@ def patch(model, bundle, precision, dense_cutoff):
     # SparseRunner.end() (run at the end of every sampling run) forgets the per-layer FP8 errors of the run; keep
     # the last run's for the JSON.
     router.handler._fp8 = _KeptOnClear(router.handler._fp8)
+    router.handler._layer_precision = _KeptOnClear(router.handler._layer_precision)
     return m, router.handler, router, how
 
 
@@ -316,6 +317,8 @@ def run_case(ctx, shape, kind, precision, target):
         row["routed_calls"] = router.routed
         errs = getattr(runner._fp8, "kept", None) or runner.fp8_errors
         row["fp8_errors"] = {str(k): round(v, 5) for k, v in sorted(errs.items())}
+        used = getattr(runner._layer_precision, "kept", None) or runner.layer_precisions
+        row["layer_precisions"] = {p: sum(1 for x in used.values() if x == p) for p in sorted(set(used.values()))}
         row["triton_failures"] = [str(x) for x in runner.triton_failures]
     out = ctx.timer.first_output
     if len(recs) >= 2:
@@ -417,6 +420,9 @@ def run_bench(ctx):
     if a.models:
         keep = set(a.models.split(","))
         plan = [c for c in (TINY + TINY_FAMILIES if a.tiny else plan) if f"{c[0]}:{c[1]}" in keep or c[0] in keep]
+    if a.kinds:
+        keep = set(a.kinds.split(","))
+        plan = [c for c in plan if c[2] in keep or f"{c[2]}:{c[3]}" in keep]
     path = out_path(a)
     res = {"meta": meta(ctx), "shapes": [], "cases": [], "skipped": []}
     shapes, failed, shape = {}, {}, None
@@ -483,7 +489,8 @@ def run_calibration(ctx):
     folder_paths.add_model_folder_path(FOLDER, folder, is_default=True)
     g = torch.Generator().manual_seed(3)
     positive = [[torch.randn(1, shape.text_tokens, 4096, generator=g), {}] for _ in range(a.calib_prompts)]
-    res = {"meta": meta(ctx), "shape": shape.describe(), "prompts": a.calib_prompts, "steps": a.calib_steps}
+    res = {"meta": meta(ctx), "shape": shape.describe(), "prompts": a.calib_prompts, "steps": a.calib_steps,
+           "cfg": a.calib_cfg}
     write_json(res, path)
     ctx.timer.reset()
 
@@ -499,7 +506,7 @@ def run_calibration(ctx):
     try:
         with torch.inference_mode():
             bundle, _, summary = calibrate_run.calibrate_sparse_attention(
-                shape.patcher, prompts="", width=w, height=h, length=f, steps=a.calib_steps, cfg=5.0,
+                shape.patcher, prompts="", width=w, height=h, length=f, steps=a.calib_steps, cfg=a.calib_cfg,
                 sampler_name="euler", scheduler="simple", seed=a.seed, preset="balanced", eps_A=0.0, eps_C=0.0,
                 eps_k=0.0, rho=0.5, filename="model_step_calibration", block_size=ctx.block, positive=positive,
                 negative=None)
@@ -548,6 +555,10 @@ def main(argv=None):
     ap.add_argument("--calibration-only", action="store_true", help="calibration cost at Wan 14B 720p instead")
     ap.add_argument("--models", default="", help="comma list of model or model:video to keep, e.g. wan14b:720p or "
                     "hunyuan (models: " + ", ".join(MC.MODELS) + ")")
+    ap.add_argument("--kinds", default="", help="comma list of case kinds or kind:precision to keep, e.g. "
+                    "dense_cudnn,patched:bf16,patched:fp8-qk,ck_sol")
+    ap.add_argument("--calib-cfg", type=float, default=5.0, help="CFG of the calibration run (1.0: ComfyUI runs no "
+                    "negative branch; calibration reads only the positive one)")
     ap.add_argument("--repeats", type=int, default=None, help="timed evaluations per case (default 1 quick, 3 full)")
     ap.add_argument("--budget-s", type=float, default=450.0, help="skip cases whose estimated end is past this wall "
                     "time from the start (default 450: with the case in flight and first-use Triton compiles the run "

@@ -30,7 +30,7 @@ from ..masks.transfer import canonical_device, to_device_async
 from .tables import BucketTables
 from .call import AttentionCall
 from .dense import dense_attention
-from .support import FP8_ERROR_BOUND, PRECISIONS, KernelHealth, KernelUnsupported, triton_unsupported
+from .support import FP8_ERROR_BOUND, PRECISIONS, QK_ONLY, KernelHealth, KernelUnsupported, triton_unsupported
 from .ops import is_compiling, runner_handle, sparse_attention_op, traced_sparse_attention
 from .attention.naive import sparse_attention_reference
 
@@ -64,6 +64,7 @@ class SparseRunner:
         self.bundle = bundle
         self.precision = precision
         self._fp8 = {}  # layer -> its relative error in FP8 against bf16, measured on its first call of the run
+        self._layer_precision = {}  # layer -> the precision it runs in this run, decided on its first call
         self.dense_first = dense_first
         self.dense_last = dense_last
         self.dense_cutoff = dense_cutoff
@@ -134,6 +135,7 @@ class SparseRunner:
 
     def end(self):
         self._fp8.clear()  # a new run (other prompts, other sizes) checks its layers again
+        self._layer_precision.clear()
         self._tables = None
         self._routes = None
         self._step_key = None
@@ -226,42 +228,59 @@ class SparseRunner:
         return call.to_host_layout(out)
 
     def _sparse_triton(self, q, k, v, layer, call: AttentionCall) -> torch.Tensor:
-        """The Triton kernel at the runner's precision. An FP8 layer is checked once per run against the same
-        layer in bf16 (one extra call and one host sync, on the layer's first call); a layer whose error exceeds
-        FP8_ERROR_BOUND runs bf16 from then on, with a warning. Where FP8 cannot run (no FP8 tensor cores, head_dim
-        under 32, a compile failure) the runner warns once and runs bf16."""
+        """The Triton kernel at the runner's precision. An 8-bit layer is checked once per run against the same
+        layer in bf16 (one extra call and one host sync, on the layer's first call). A layer over FP8_ERROR_BOUND
+        whose P·V is 8-bit tries the Q·K-only variant next (QK_ONLY: on real activations the e4m3 rounding of P·V
+        is most of the error, docs/BENCHMARKS.md "Model-scale step"), and runs bf16 only if that fails too; one
+        warning per layer and run. Where 8 bits cannot run (no such tensor cores, head_dim under 32, a compile
+        failure) the runner warns once and runs bf16."""
         from .attention.triton_fwd import sparse_attention_triton
         kw = dict(scale=call.scale, text_bias=call.text_bias, video_start=call.video_start)
         key = ("fp8", str(q.device), q.shape[-1])
-        err = self._fp8.get(call.layer)
-        if self.precision == "bf16" or not self._health.ok(key) or (err is not None and not err <= FP8_ERROR_BOUND):
+        precision = self._layer_precision.get(call.layer, self.precision)
+        if precision == "bf16" or not self._health.ok(key):
             return sparse_attention_triton(q, k, v, layer, **kw)
         try:
-            if q.shape[-1] < 32 or not _precision_supported(self.precision, q.device):
+            if q.shape[-1] < 32 or not _precision_supported(precision, q.device):
                 raise KernelUnsupported(f"needs the GPU's 8-bit tensor cores and head_dim >= 32, got {q.device} with "
                                         f"head_dim {q.shape[-1]}")
-            out = sparse_attention_triton(q, k, v, layer, precision=self.precision, **kw)
-        except Exception as e:  # noqa: BLE001 - FP8 is an option: bf16 is the exact fallback
+            out = sparse_attention_triton(q, k, v, layer, precision=precision, **kw)
+        except Exception as e:  # noqa: BLE001 - 8 bits are an option: bf16 is the exact fallback
             if isinstance(e, ValueError) and not isinstance(e, KernelUnsupported):
                 raise
             self._health.mark_failed(key)
-            warnings.warn(f"calibatt: precision {self.precision} is not available ({e}); running bf16",
+            warnings.warn(f"calibatt: precision {precision} is not available ({e}); running bf16",
                           RuntimeWarning)
             return sparse_attention_triton(q, k, v, layer, **kw)
-        if err is None:
-            exact = sparse_attention_triton(q, k, v, layer, **kw)
-            err = float((out.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30))
-            self._fp8[call.layer] = err
-            if not err <= FP8_ERROR_BOUND:  # NaN included
-                warnings.warn(f"calibatt: layer {call.layer} in {self.precision} is {err:.3f} (relative) from bf16, "
-                              f"over the bound {FP8_ERROR_BOUND}; it runs bf16 from now on", RuntimeWarning)
-                return exact
-        return out
+        if call.layer in self._layer_precision:
+            return out
+        exact = sparse_attention_triton(q, k, v, layer, **kw)
+        err = _relative_error(out, exact)
+        tried = [(precision, err)]
+        if not err <= FP8_ERROR_BOUND and precision in QK_ONLY:  # NaN included
+            precision = QK_ONLY[precision]
+            out = sparse_attention_triton(q, k, v, layer, precision=precision, **kw)
+            err = _relative_error(out, exact)
+            tried.append((precision, err))
+        ok = err <= FP8_ERROR_BOUND
+        self._fp8[call.layer] = err
+        self._layer_precision[call.layer] = precision if ok else "bf16"
+        if len(tried) > 1 or not ok:
+            steps = ", ".join(f"{p} {e:.3f}" for p, e in tried)
+            warnings.warn(f"calibatt: layer {call.layer} is {steps} (relative) from bf16, bound {FP8_ERROR_BOUND}; "
+                          f"it runs {self._layer_precision[call.layer]} from now on", RuntimeWarning)
+        return out if ok else exact
 
     @property
     def fp8_errors(self) -> dict:
-        """layer -> relative error of its FP8 output against bf16 on its first call of the run (checked layers)."""
+        """layer -> relative error against bf16 of the 8-bit precision it was checked in last (checked layers)."""
         return dict(self._fp8)
+
+    @property
+    def layer_precisions(self) -> dict:
+        """layer -> the precision it runs in for the rest of this run (checked layers): the runner's, its Q·K-only
+        variant, or bf16."""
+        return dict(self._layer_precision)
 
     @property
     def triton_failures(self) -> list:
@@ -282,6 +301,10 @@ class SparseRunner:
         q, k, v = call.bhld()
         return call.to_host_layout(dense_attention(q, k, v, scale=call.scale, text_bias=call.text_bias,
                                                    video_start=call.video_start))
+
+
+def _relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((out.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30))
 
 
 def _precision_supported(precision: str, device) -> bool:

@@ -20,6 +20,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16)
 # with P·V in e4m3 or bf16. name -> (Q·K in int8 (else e4m3), P·V in e4m3 (else bf16)).
 QUANTIZED = {"fp8": (False, True), "fp8-qk": (False, False), "int8": (True, True), "int8-qk": (True, False)}
 PRECISIONS = ("bf16",) + tuple(QUANTIZED)
+# The runner's next try for a layer over the error bound: the same Q·K with P·V in bf16 (kernels/runner.py).
+QK_ONLY = {"fp8": "fp8-qk", "int8": "int8-qk"}
 
 
 def precision_capability(precision: str) -> tuple:

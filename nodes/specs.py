@@ -153,8 +153,9 @@ PATCH = NodeSpec(
         In("precision", "COMBO", "Arithmetic of the computed blocks. bf16 (default) as dense attention. 8-bit "
            "runs faster at some error: int8-qk (Q.K in int8, from Ampere), int8 (Q.K in int8, P.V in fp8), "
            "fp8-qk and fp8 (Q.K in fp8; fp8 also P.V), the fp8 ones from Ada/Hopper. Each layer's first call is "
-           "checked against bf16: a layer over 5% relative error, or a GPU without the format, runs bf16 (one "
-           "warning). Video self-attention only; text tokens and dense layers stay bf16.", optional=True,
+           "checked against bf16: a layer over 5% relative error runs its Q.K-only variant (fp8 -> fp8-qk, int8 -> "
+           "int8-qk) if that is within 5%, else bf16; a GPU without the format runs bf16 (one warning). Video "
+           "self-attention only; text tokens and dense layers stay bf16.", optional=True,
            default="bf16", options=list(PRECISIONS)),
     ),
     outputs=(Out("model", "MODEL", "The patched model (a clone; the input model is unchanged)."),),

@@ -110,13 +110,45 @@ def test_runner_runs_a_layer_over_the_bound_in_bf16(monkeypatch):
     monkeypatch.setattr(runner_module, "FP8_ERROR_BOUND", 1e-6)  # every layer fails it
     call = AttentionCall(q, k, v, "bhld", 3, 1, 1.0, grid, scale=32 ** -0.5)
     want = bf16(call)
-    with pytest.warns(RuntimeWarning, match="over the bound"):
+    with pytest.warns(RuntimeWarning, match=r"fp8 .*, fp8-qk .* runs bf16 from now on"):
         first = runner(call)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # one warning per layer and run, not per call
         second = runner(call)
     torch.testing.assert_close(first, want, rtol=0, atol=0)
     torch.testing.assert_close(second, want, rtol=0, atol=0)
+    assert runner.layer_precisions == {1: "bf16"}
+
+
+def test_runner_tries_qk_only_before_bf16(monkeypatch):
+    """A layer whose 8-bit P·V is over the bound (made so here: the fp8 path's output is perturbed by 10%) but whose
+    Q·K-only variant is within it runs fp8-qk: the speed of 8-bit Q·K is kept, not thrown away for bf16."""
+    from calibatt.kernels.attention import triton_fwd
+    real = triton_fwd.sparse_attention_triton
+
+    def worse_pv(q, k, v, layer, precision="bf16", **kw):
+        out = real(q, k, v, layer, precision=precision, **kw)
+        if precision == "fp8":
+            out = out + 0.1 * out.float().norm() / out.numel() ** 0.5 * torch.randn_like(out)
+        return out
+    monkeypatch.setattr(triton_fwd, "sparse_attention_triton", worse_pv)
+    runner, grid, q, k, v = _runner_case(monkeypatch, "fp8")
+    qk_only, _, _, _, _ = _runner_case(monkeypatch, "fp8-qk")
+    bf16, _, _, _, _ = _runner_case(monkeypatch, "bf16")
+    call = AttentionCall(q, k, v, "bhld", 3, 0, 1.0, grid, scale=32 ** -0.5)
+    with pytest.warns(RuntimeWarning, match=r"layer 0 is fp8 0\.\d+, fp8-qk 0\.\d+ .* runs fp8-qk from now on"):
+        first = runner(call)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        second = runner(call)
+    want = qk_only(call)
+    torch.testing.assert_close(first, want, rtol=0, atol=0)
+    torch.testing.assert_close(second, want, rtol=0, atol=0)
+    assert runner.layer_precisions == {0: "fp8-qk"}
+    assert 0 < runner.fp8_errors[0] <= FP8_ERROR_BOUND
+    assert rel(first, bf16(call)) > 1e-4  # really the 8-bit path, not bf16
+    runner.end()
+    assert runner.layer_precisions == {}
 
 
 def test_runner_without_fp8_hardware_runs_bf16_with_one_warning(monkeypatch):
