@@ -420,6 +420,12 @@ def run_bench(ctx):
     if a.models:
         keep = set(a.models.split(","))
         plan = [c for c in (TINY + TINY_FAMILIES if a.tiny else plan) if f"{c[0]}:{c[1]}" in keep or c[0] in keep]
+    if a.densities:
+        # A density sweep per selected shape: dense once, then ours (bf16) and Sol-Attn at each density.
+        ds = [float(x) for x in a.densities.split(",")]
+        shapes_in = list(dict.fromkeys((c[0], c[1]) for c in plan))
+        plan = [c for m, v in shapes_in for c in _cases(m, v, [("dense_cudnn", None, None)] + [
+            k for d in ds for k in (("patched", "bf16", d), ("ck_sol", None, d))])]
     if a.kinds:
         keep = set(a.kinds.split(","))
         plan = [c for c in plan if c[2] in keep or f"{c[2]}:{c[3]}" in keep]
@@ -557,6 +563,8 @@ def main(argv=None):
                     "hunyuan (models: " + ", ".join(MC.MODELS) + ")")
     ap.add_argument("--kinds", default="", help="comma list of case kinds or kind:precision to keep, e.g. "
                     "dense_cudnn,patched:bf16,patched:fp8-qk,ck_sol")
+    ap.add_argument("--densities", default="", help="comma list of target densities: per selected shape, dense "
+                    "once and then ours (bf16) and Sol-Attn at each (e.g. 0.3,0.5,0.7,0.8)")
     ap.add_argument("--calib-cfg", type=float, default=5.0, help="CFG of the calibration run (1.0: ComfyUI runs no "
                     "negative branch; calibration reads only the positive one)")
     ap.add_argument("--repeats", type=int, default=None, help="timed evaluations per case (default 1 quick, 3 full)")
