@@ -109,3 +109,26 @@ def test_tiny_calibration_cost(tmp_path):
     ex = res["extrapolated"]
     assert (ex["prompts"], ex["steps"]) == (16, 20)
     assert ex["seconds"] >= res["step_s_median"] * 16 * 20 > 0 and math.isfinite(ex["gpu_hours"])
+
+
+def test_tiny_density_sweep_and_case_filter(tmp_path):
+    """--densities: dense once, then ours and Sol-Attn at each density (Sol-Attn recorded as skipped on the CPU);
+    --kinds keeps only the named kinds. The bundles land near their targets."""
+    res = _run(tmp_path, "--densities", "0.4,0.8", "--kinds", "dense_cudnn,patched:bf16,ck_sol")
+    keys = [(c["kind"], c["precision"], c["target_density"]) for c in res["cases"]]
+    assert keys == [("dense_cudnn", None, None), ("patched", "bf16", 0.4), ("ck_sol", None, 0.4),
+                    ("patched", "bf16", 0.8), ("ck_sol", None, 0.8)]
+    ours = [c for c in res["cases"] if c["kind"] == "patched"]
+    assert all("error" not in c and c["routed_calls"] > 0 for c in ours)
+    assert ours[0]["density"] < ours[1]["density"]
+    assert all(c.get("skipped") for c in res["cases"] if c["kind"] == "ck_sol")
+    res = _run(tmp_path, "--kinds", "patched:fp8")
+    assert [(c["kind"], c["precision"]) for c in res["cases"]] == [("patched", "fp8")]
+
+
+def test_tiny_calibration_cfg_one(tmp_path):
+    """--calib-cfg 1: ComfyUI runs no negative branch, so every calibration evaluation has batch 1."""
+    res = _run(tmp_path, "--calibration-only", "--calib-prompts", "1", "--calib-steps", "2", "--calib-cfg", "1.0")
+    assert "error" not in res, res.get("error")
+    assert res["cfg"] == 1.0
+    assert [r["batch"] for r in res["evaluations"]] == [1, 1]
