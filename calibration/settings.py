@@ -86,6 +86,10 @@ class CalibrationSettings:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if self.preset in EPS_PRESETS and None not in (self.A, self.C, self.k):
+            # A, C and k all given: the schedule is theirs, the named preset contributes nothing; recording the name
+            # would tell a bundle's reader the wrong schedule family.
+            self.preset = CUSTOM
         if self.preset not in EPS_PRESETS and self.preset != CUSTOM:
             raise ValueError(f"CalibrationSettings.preset must be one of {sorted(EPS_PRESETS)} or {CUSTOM!r} (with A, "
                              f"C and k), got {self.preset!r}")

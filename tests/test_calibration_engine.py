@@ -272,7 +272,7 @@ def test_end_to_end_calibrate_finish_save_load_run(tmp_path, bundle4, cal4):
     assert loaded.calibrated_sigmas == SIGMAS
     s = loaded.settings
     assert s["prompts"] == 4 and s["rho"] == 0.5 and s["gamma"] == 0.87 and s["steps"] == 5
-    assert s["eps"] == {"A": 0.85, "C": 0.97, "k": 4.0, "preset": "balanced"}
+    assert s["eps"] == {"A": 0.85, "C": 0.97, "k": 4.0, "preset": "custom"}  # A, C and k all given
     assert s["eps_per_step"][0] == pytest.approx(0.97)
     assert s["calibration"]["seed"] == 0
     loaded.check_compatible(SIG, GRID)

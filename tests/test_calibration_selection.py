@@ -36,6 +36,10 @@ def test_eps_schedule_presets_and_overrides():
     assert eps_spec("fast") == {"preset": "fast"}
     with pytest.raises(ValueError, match="k not set"):
         CalibrationSettings(preset="custom", A=0.7, C=0.95)
+    # A, C and k all given under a named preset: the schedule is theirs, and so is the recorded preset
+    assert s.preset == "custom" and CalibrationSettings(preset="fast", A=0.7, C=0.95, k=8.0).preset == "custom"
+    part = CalibrationSettings(preset="fast", A=0.7)  # one override: the preset still gives C and k
+    assert part.preset == "fast" and part.eps_params() == (0.7,) + EPS_PRESETS["fast"][1:]
 
 
 @pytest.mark.parametrize("bad", [dict(A=0.99, C=0.9), dict(rho=0.0), dict(gamma=1.5), dict(anchors=0),
