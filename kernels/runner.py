@@ -30,7 +30,8 @@ from ..masks.transfer import canonical_device, to_device_async
 from .tables import BucketTables
 from .call import AttentionCall
 from .dense import dense_attention
-from .support import FP8_ERROR_BOUND, PRECISIONS, QK_ONLY, KernelHealth, KernelUnsupported, triton_unsupported
+from .support import (FP8_ERROR_BOUND, PRECISIONS, QK_ONLY, KernelHealth, KernelUnsupported, precision_unsupported,
+                      triton_unsupported)
 from .ops import is_compiling, runner_handle, sparse_attention_op, traced_sparse_attention
 from .attention.naive import sparse_attention_reference
 
@@ -241,9 +242,9 @@ class SparseRunner:
         if precision == "bf16" or not self._health.ok(key):
             return sparse_attention_triton(q, k, v, layer, **kw)
         try:
-            if q.shape[-1] < 32 or not _precision_supported(precision, q.device):
-                raise KernelUnsupported(f"needs the GPU's 8-bit tensor cores and head_dim >= 32, got {q.device} with "
-                                        f"head_dim {q.shape[-1]}")
+            why = precision_unsupported(precision, q.device, q.shape[-1])
+            if why is not None:
+                raise KernelUnsupported(why)
             out = sparse_attention_triton(q, k, v, layer, precision=precision, **kw)
         except Exception as e:  # noqa: BLE001 - 8 bits are an option: bf16 is the exact fallback
             if isinstance(e, ValueError) and not isinstance(e, KernelUnsupported):
@@ -305,8 +306,3 @@ class SparseRunner:
 
 def _relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
     return float((out.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30))
-
-
-def _precision_supported(precision: str, device) -> bool:
-    from .attention.triton_fp8 import precision_supported
-    return precision_supported(precision, torch.device(device))

@@ -31,6 +31,29 @@ def precision_capability(precision: str) -> tuple:
         return (0, 0)
     qk_int8, pv_fp8 = QUANTIZED[precision]
     return (8, 9) if pv_fp8 or not qk_int8 else (8, 0)
+# 8-bit Q·K needs at least this head_dim (the e4m3 / int8 MMA's K dimension).
+MIN_8BIT_HEAD_DIM = 32
+
+
+def precision_unsupported(precision: str, device: torch.device, head_dim: int) -> Optional[str]:
+    """None if the Triton kernel can compute blocks in `precision` for this call, else why not: the one check for
+    8-bit support (the kernel and the runner both ask it). Triton's interpreter emulates every format."""
+    if precision == "bf16":
+        return None
+    if head_dim < MIN_8BIT_HEAD_DIM:
+        return f"precision {precision} needs head_dim >= {MIN_8BIT_HEAD_DIM}, this call has {head_dim}"
+    import sys
+    if "triton" in sys.modules:  # (the interpreter is a Triton setting; no Triton loaded, no interpreter)
+        from .triton_common import interpreting
+        if interpreting():
+            return None
+    need = precision_capability(precision)
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < need:
+        return (f"precision {precision} needs a GPU with its 8-bit tensor cores (CUDA capability "
+                f"{need[0]}.{need[1]}+: int8 from Ampere, e4m3 from Ada / Hopper); this call runs on {device}")
+    return None
+
+
 # The largest relative error (L2, over a call's whole output) an FP8 layer may have against the same layer in bf16
 # for the runner to keep it in FP8; checked on each layer's first call of a run (docs/BENCHMARKS.md, "FP8").
 FP8_ERROR_BOUND = 0.05

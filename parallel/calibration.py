@@ -27,7 +27,7 @@ from ..calibration.stats import CalibrationStats, StatsError, StepRecord
 from ..kernels.call import AttentionCall
 from ..masks.geometry import ModelSignature, TokenGrid
 from .heads import SlotLayout, contiguous_heads
-from .usp import _rank, _size, call_module, install_attention
+from .usp import call_module, group_rank, group_size, install_attention
 
 
 class SequenceParallelCalibration:
@@ -38,18 +38,18 @@ class SequenceParallelCalibration:
 
     def __init__(self, signature: ModelSignature, grid: TokenGrid, settings: Optional[CalibrationSettings] = None,
                  *, ulysses_group=None, ring_group=None, background: bool = False):
-        if _size(ring_group) > 1:
+        if group_size(ring_group) > 1:
             raise ValueError("calibration under ring attention is not supported (a ring rank holds a query shard; "
                              "block energies need each row's softmax over every key): calibrate with the Ulysses "
                              "degree equal to the sequence-parallel degree, or on one GPU")
-        if settings is not None and settings.selection == "global" and _size(ulysses_group) > 1:
+        if settings is not None and settings.selection == "global" and group_size(ulysses_group) > 1:
             # A rank sees only its heads, so its threshold would be its own: the bundle would depend on the degree.
             raise ValueError("calibration with selection \"global\" under Ulysses is not supported (one mass "
                              "threshold spans every head, and a rank holds only some): use selection \"row\" or "
                              "calibrate on one GPU")
         self.signature = signature
         self.group = ulysses_group
-        self.U, self.R, self.u_rank = _size(ulysses_group), 1, _rank(ulysses_group)
+        self.U, self.R, self.u_rank = group_size(ulysses_group), 1, group_rank(ulysses_group)
         self.assignment = contiguous_heads(signature.num_heads, self.U)
         self.layout = SlotLayout(self.assignment)
         self.heads = self.assignment.ranks[self.u_rank]

@@ -35,11 +35,13 @@ from .heads import HeadAssignment, SlotLayout, assign_heads, contiguous_heads, h
 from .ring import RingPlan, ring_sparse_attention
 
 
-def _size(group) -> int:
+def group_size(group) -> int:
+    """Ranks in a process group; 1 for None (no parallelism along that axis)."""
     return dist.get_world_size(group) if group is not None else 1
 
 
-def _rank(group) -> int:
+def group_rank(group) -> int:
+    """This process's rank in a process group; 0 for None."""
     return dist.get_rank(group) if group is not None else 0
 
 
@@ -58,8 +60,8 @@ class SequenceParallelSparse:
                  dense_cutoff: float = 1.0, balance: bool = True):
         self.skip_lists = skip_lists
         self.ulysses_group, self.ring_group = ulysses_group, ring_group
-        self.U, self.R = _size(ulysses_group), _size(ring_group)
-        self.u_rank, self.r_rank = _rank(ulysses_group), _rank(ring_group)
+        self.U, self.R = group_size(ulysses_group), group_size(ring_group)
+        self.u_rank, self.r_rank = group_rank(ulysses_group), group_rank(ring_group)
         if dist.is_initialized() and (self.U > 1 or self.R > 1):
             g = dist.get_rank() % (self.U * self.R)
             if g != self.r_rank * self.U + self.u_rank:
@@ -144,8 +146,8 @@ class SequenceParallelSparse:
         if any(kwargs.get(n) is not None for n in ("joint_tensor_key", "joint_tensor_value")):
             raise ValueError("xfuser's joint_tensor_* (text kept beside the sequence shards) is not supported: put "
                              "the text tokens in the sequence (text after or before the video)")
-        if group is not None and _size(group) != self.R:
-            raise ValueError(f"the module's ring group has {_size(group)} ranks; this object was made for {self.R}")
+        if group is not None and group_size(group) != self.R:
+            raise ValueError(f"the module's ring group has {group_size(group)} ranks; this object was made for {self.R}")
         layer, seq_len, video_start, text_bias = self._call
         skip, n, plan = self.local_layer(layer, seq_len, video_start)
         qh, kh, vh = (t[:, :, :n].transpose(1, 2) for t in (q, k, v))  # real heads first, then padding
@@ -183,11 +185,11 @@ def call_module(module, q, k, v, scale):
 def install_attention(owner, module, U: int, R: int):
     """Set owner.ring_attn_fn as the attention function of one yunchang module instance (the seam above)."""
     if hasattr(module, "ring_attn_fn"):
-        if R != _size(getattr(module, "ring_pg", None)) or U != _size(getattr(module, "ulysses_pg", None)):
+        if R != group_size(getattr(module, "ring_pg", None)) or U != group_size(getattr(module, "ulysses_pg", None)):
             raise ValueError("the module's Ulysses / ring groups are not the ones this object was made with")
         module.ring_attn_fn = owner.ring_attn_fn
     elif hasattr(module, "attn_fn"):
-        if R != 1 or U != _size(getattr(module, "spg", None)):
+        if R != 1 or U != group_size(getattr(module, "spg", None)):
             raise ValueError("UlyssesAttention has no ring: make this object with its sequence group as "
                              "ulysses_group and no ring_group")
         module.attn_fn = owner.ring_attn_fn

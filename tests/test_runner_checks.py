@@ -81,3 +81,17 @@ def test_mismatched_q_k_v(runner):
     call.k = call.k[:, :, :-1]
     with pytest.raises(ValueError, match="q, k and v of one shape"):
         runner(call)
+
+
+def test_precision_unsupported_is_the_one_8bit_check(monkeypatch):
+    from calibatt.kernels import triton_common
+    from calibatt.kernels.support import precision_unsupported
+    cpu = torch.device("cpu")
+    assert precision_unsupported("bf16", cpu, 16) is None
+    assert "head_dim >= 32" in precision_unsupported("fp8", cpu, 16)
+    monkeypatch.setattr(triton_common, "interpreting", lambda: True)  # the interpreter emulates every format
+    assert precision_unsupported("fp8", cpu, 128) is None
+    monkeypatch.setattr(triton_common, "interpreting", lambda: False)
+    why = precision_unsupported("int8-qk", cpu, 128)
+    assert "8-bit tensor cores" in why and "8.0" in why and "cpu" in why
+    assert "8.9" in precision_unsupported("fp8-qk", cpu, 128)

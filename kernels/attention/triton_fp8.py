@@ -24,19 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..support import precision_capability
 from ..triton_common import listed_blocks, load_tile, tile_source, video_program
 
 E4M3_MAX = 448.0
-
-
-def precision_supported(precision: str, device: torch.device) -> bool:
-    """Whether the GPU has the tensor cores the precision needs (support.precision_capability); the interpreter
-    emulates them all."""
-    from ..triton_common import interpreting
-    if interpreting():
-        return True
-    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= precision_capability(precision)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,7 +136,7 @@ def _step(acc, l_i, m_i, q8, k8, v, c, cols, limit, bias_row, key_start, MASK_CO
 
 
 @triton.jit
-def _sparse_video_fp8_fwd(Q, K8, V, O, DK, DV, KS, VSC, IDX, CNT, SKIP_ROWS, TB,
+def sparse_video_fp8_fwd(Q, K8, V, O, DK, DV, KS, VSC, IDX, CNT, SKIP_ROWS, TB,
                           sqb, sqh, sql, skb, skh, skl, svb, svh, svl, sob, soh, sol,
                           idx_sh, idx_sq, cnt_sh, stb, ks_bh,
                           H, N, NV, VS, TS, NK, NVC, NC, TAIL_TILES, qk_scale,

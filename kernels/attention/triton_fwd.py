@@ -31,8 +31,8 @@ import triton.language as tl
 
 from ...masks.skiplists import LayerSkipList
 from ..layouts import from_bhld, to_bhld, token_spans
-from ..support import PRECISIONS, QUANTIZED, KernelUnsupported, check_triton
-from .triton_fp8 import _sparse_video_fp8_fwd, precision_supported, quantize_kv, v_descriptor
+from ..support import PRECISIONS, QUANTIZED, KernelUnsupported, check_triton, precision_unsupported
+from .triton_fp8 import quantize_kv, sparse_video_fp8_fwd, v_descriptor
 from ..triton_common import (LOG2E, TileConfig, bias_arg, biased_scores, ensure_allocator, host_descs,
                              interpreting, listed_blocks, load_tile, pick_tiles, tile_source, tma_ok,
                              video_program)
@@ -259,10 +259,9 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     check_triton(qh, kh, vh, need_cuda=False)
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-    if precision != "bf16" and (D < 32 or not precision_supported(precision, qh.device)):
-        raise KernelUnsupported(f"precision {precision} needs head_dim >= 32 and a GPU with its 8-bit tensor cores "
-                                f"(int8: Ampere sm80+, e4m3: Ada / Hopper sm89+); this call has head_dim {D} on "
-                                f"{qh.device}")
+    why = precision_unsupported(precision, qh.device, D)
+    if why is not None:
+        raise KernelUnsupported(why)
     qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = qh.device
@@ -359,7 +358,7 @@ def _fp8_video_rows(qh, kh, vh, out, idx, cnt, skip_rows, tb, stb, g, cfg, mode,
     dk = host_descs(k8, k8, cfg.block_n, mode)[0]
     dv = v_descriptor(vq, cfg.block_n, pv_fp8, mode)
     tail_tiles = triton.cdiv(Nv - (g.nk - 1) * g.block_k, cfg.block_n)
-    _sparse_video_fp8_fwd[grid](
+    sparse_video_fp8_fwd[grid](
         qh, k8, vq, out, dk, dv, ks, ks if v_scale is None else v_scale, idx, cnt, skip_rows,
         skip_rows if tb is None else tb,
         qh.stride(0), qh.stride(1), qh.stride(2), k8.stride(0), k8.stride(1), k8.stride(2),
