@@ -244,7 +244,7 @@ class SparseRunner:
         try:
             why = precision_unsupported(precision, q.device, q.shape[-1])
             if why is not None:
-                raise KernelUnsupported(why)
+                raise KernelUnsupported(f"8-bit computed blocks cannot run this call: {why}")
             out = sparse_attention_triton(q, k, v, layer, precision=precision, **kw)
         except Exception as e:  # noqa: BLE001 - 8 bits are an option: bf16 is the exact fallback
             if isinstance(e, ValueError) and not isinstance(e, KernelUnsupported):

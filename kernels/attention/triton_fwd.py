@@ -261,7 +261,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     why = precision_unsupported(precision, qh.device, D)
     if why is not None:
-        raise KernelUnsupported(why)
+        raise KernelUnsupported(f"8-bit computed blocks cannot run this call: {why}")
     qh, kh, vh = (t if t.stride(-1) == 1 else t.contiguous() for t in (qh, kh, vh))
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     dev = qh.device
