@@ -102,11 +102,10 @@ class TileConfig:
     num_warps: int
     stages: int
     tma: int  # K/V loads: 0 pointer loads, 1 in-kernel TMA descriptors, 2 host TMA descriptors (4-D, any strides)
-    warp_spec: bool = False
 
     def as_dict(self) -> dict:
         return {"block_m": self.block_m, "block_n": self.block_n, "num_warps": self.num_warps,
-                "stages": self.stages, "tma": self.tma, "warp_spec": self.warp_spec}
+                "stages": self.stages, "tma": self.tma}
 
 
 # Hopper table (head_dim -> tile), from the sweeps of bench/bench_kernels.py on an H100 (docs/BENCHMARKS.md,
@@ -167,7 +166,7 @@ def _pick_tiles(head_dim, block_q, block_k, device, base, interpret) -> TileConf
         hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
         tma = int(base.tma) if hopper else 0
     warps = base.num_warps if bm * bn >= 128 * 64 or forced else 4
-    return TileConfig(bm, bn, warps, base.stages, tma, base.warp_spec and not interpret)
+    return TileConfig(bm, bn, warps, base.stages, tma)
 
 
 def interpreting() -> bool:

@@ -103,7 +103,7 @@ def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS, TB,
                       H, N, NV, VS, TS, NK, TAIL_TILES, qk_scale,
                       BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL_K: tl.constexpr, HAS_TEXT: tl.constexpr,
-                      DESC_MODE: tl.constexpr, STAGES: tl.constexpr, WARP_SPEC: tl.constexpr = False,
+                      DESC_MODE: tl.constexpr, STAGES: tl.constexpr,
                       HAS_BIAS: tl.constexpr = False):
     SUBK: tl.constexpr = BLOCK_K // BLOCK_N
     b, h, qb, row0, row_end = video_program(H, NV, BLOCK_Q, BLOCK_M)
@@ -131,7 +131,7 @@ def _sparse_video_fwd(Q, K, V, O, DK, DV, IDX, CNT, SKIP_ROWS, TB,
 
         idx_row, cnt, n_blocks = listed_blocks(IDX, CNT, h64, qb, idx_sh, idx_sq, cnt_sh, NK, TAIL_K)
         # Main loop: listed blocks that lie wholly inside the video part, each as SUBK kernel tiles.
-        for j in tl.range(0, n_blocks * SUBK, num_stages=STAGES, warp_specialize=WARP_SPEC):
+        for j in tl.range(0, n_blocks * SUBK, num_stages=STAGES):
             kb = tl.load(idx_row + j // SUBK).to(tl.int32)
             start_n = VS + kb * BLOCK_K + (j % SUBK) * BLOCK_N
             k = load_tile(desc_k, k_base, b, h, start_n, N, skl, offs_n, offs_d, DESC_MODE, False)
@@ -308,7 +308,7 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
             idx.stride(0), idx.stride(1), cnt.stride(0), stb,
             H, N, Nv, vs, ts, g.nk, tail_tiles, qk_scale,
             BLOCK_Q=g.block_q, BLOCK_K=g.block_k, HEAD_DIM=D, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-            TAIL_K=tail_k, HAS_TEXT=Nt > 0, DESC_MODE=mode, STAGES=cfg.stages, WARP_SPEC=cfg.warp_spec,
+            TAIL_K=tail_k, HAS_TEXT=Nt > 0, DESC_MODE=mode, STAGES=cfg.stages,
             HAS_BIAS=tb is not None, num_warps=cfg.num_warps)
     else:
         _fp8_video_rows(qh, kh, vh, out, idx, cnt, skip_rows, tb, stb, g, cfg, mode, vs, ts, qk_scale, grid,
