@@ -1,7 +1,7 @@
 # Two entry points (README Quickstart): `make demo` and `make test`; `make fuzz` runs the loader's fuzz cases. All
 # set up .venv first.
-# torch is pinned to the CPU build that installs from local disk on the team's machines; an unpinned torch would
-# pull a multi-GB CUDA build. None of this is a runtime requirement of the ComfyUI nodes (see requirements.txt).
+# torch is pinned to its CPU build (2.13.0, from a local package index where one is set up); an unpinned torch
+# would pull a multi-GB CUDA build. None of this is a runtime requirement of the ComfyUI nodes (see requirements.txt).
 
 PYTHON ?= python3
 VENV := .venv

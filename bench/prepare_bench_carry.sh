@@ -7,12 +7,12 @@
 #                  node_helpers) plus LICENSE, minus the tokenizer vocabularies (no text encoder is built). 0.7 MB
 #                  instead of 6.4; same top folder, so `tar xzf ... -C /tmp/cu` gives /tmp/cu/comfyui-0.19.3;
 #   .benchdata/    the STA window file, gzipped (0.2 MB instead of 4.1; model_step.py reads either).
-# Usage (repo root): bash bench/prepare_bench_carry.sh [shared folder, default ../shared or /work/shared] [python]
+# Usage (repo root): bash bench/prepare_bench_carry.sh [shared folder, default ../shared or ../../shared] [python]
 set -euo pipefail
 SHARED=${1:-}
 PY=${2:-python3}
 if [ -z "$SHARED" ]; then
-  for s in ../shared ../../shared /work/shared; do [ -d "$s/comfyui" ] && SHARED=$s && break; done
+  for s in ../shared ../../shared; do [ -d "$s/comfyui" ] && SHARED=$s && break; done
 fi
 [ -n "$SHARED" ] && [ -f "$SHARED/comfyui/comfyui-0.19.3.tgz" ] || { echo "no shared folder with comfyui/comfyui-0.19.3.tgz"; exit 1; }
 bash bench/fetch_bench_wheels.sh "$PY"

@@ -28,7 +28,8 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         if tb is not None:
             mask = full_key_bias(tb, L - T, text_first=vs > 0)[:, None, None, :]
     if q.is_cuda:
-        # SDPA's default dispatch picked flash (about half cuDNN's speed) at Wan shapes on the H100: ask for cuDNN.
+        # SDPA's default dispatch picked flash (about half cuDNN's speed) at Wan shapes on Hopper (H100, H200):
+        # ask for cuDNN.
         # Flash takes no mask; with one, SDPA moves on to cuDNN or memory-efficient attention itself.
         key = (q.device.index, mask is not None)
         if _CUDNN_OK.get(key, True):

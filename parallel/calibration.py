@@ -25,16 +25,18 @@ from ..calibration.calibrator import Calibrator
 from ..calibration.settings import CalibrationSettings
 from ..calibration.stats import CalibrationStats, StatsError, StepRecord
 from ..kernels.call import AttentionCall
+from ..masks.bundle import MaskBundle
 from ..masks.geometry import ModelSignature, TokenGrid
 from .heads import SlotLayout, contiguous_heads
 from .usp import call_module, group_rank, group_size, install_attention
 
 
 class SequenceParallelCalibration:
-    """One Ulysses rank's calibrator. Drive it like a Calibrator (begin_prompt / end_prompt on every rank with the
-    same schedule and keys); calls go through `attention` (yunchang module with `install` done) or, for an engine
-    that already hands this rank its heads, `observe_local`. `merged_stats()` (a collective) returns the model's
-    whole statistics on every rank; Calibrator.merge them into a Calibrator of the full signature to finish()."""
+    """One Ulysses rank's calibrator, with a Calibrator's driving protocol, so `calibrate()` runs it on every rank
+    with the same prompts (each rank may resume from its own statistics file: state / merge hold this rank's
+    heads). Calls go through `attention` (yunchang module with `install` done) or, for an engine that already hands
+    this rank its heads, `observe_local`. `finish()` (a collective) merges the ranks' statistics once and returns the
+    bundle one process observing every head would make, on every rank; `merged_stats()` is that merge alone."""
 
     def __init__(self, signature: ModelSignature, grid: TokenGrid, settings: Optional[CalibrationSettings] = None,
                  *, ulysses_group=None, ring_group=None, background: bool = False):
@@ -57,13 +59,36 @@ class SequenceParallelCalibration:
         self.local_signature = ModelSignature(s.family, s.num_layers, len(self.heads), s.head_dim, s.dim,
                                               dict(s.extra))
         self.calibrator = Calibrator(self.local_signature, grid, settings, background=background)
+        self.grid, self.settings = grid, self.calibrator.settings
         self._call = None
 
+    # -- the Calibrator protocol (what calibrate() drives); statistics are this rank's heads -----------------------
     def begin_prompt(self, sample_sigmas=None, key: Optional[str] = None):
         self.calibrator.begin_prompt(sample_sigmas, key)
 
-    def end_prompt(self):
-        self.calibrator.end_prompt()
+    def set_schedule(self, sample_sigmas):
+        self.calibrator.set_schedule(sample_sigmas)
+
+    def end_prompt(self, save_to=None):
+        self.calibrator.end_prompt(save_to=save_to)
+
+    def abort_prompt(self):
+        self.calibrator.abort_prompt()
+
+    def wait(self):
+        self.calibrator.wait()
+
+    def state(self) -> CalibrationStats:
+        return self.calibrator.state()
+
+    def merge(self, stats: CalibrationStats):
+        self.calibrator.merge(stats)
+
+    def finish(self) -> MaskBundle:
+        """Collective over the Ulysses group: merge every rank's heads once, then vote, as one process would."""
+        full = Calibrator(self.signature, self.grid, self.settings, background=False)
+        full.merge(self.merged_stats())
+        return full.finish()
 
     def observe_local(self, call: AttentionCall) -> torch.Tensor:
         """A call holding this rank's heads (in self.heads order) over the whole sequence: dense output."""

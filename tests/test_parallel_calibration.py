@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("yunchang", reason="yunchang (xDiT's USP engine) is not installed: make setup installs it")
 
-from calibatt.calibration import CalibrationSettings, Calibrator  # noqa: E402
+from calibatt.calibration import CalibrationSettings, Calibrator, calibrate  # noqa: E402
 from synthetic import planted_layer  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
 from calibatt.masks import ModelSignature, TokenGrid  # noqa: E402
@@ -62,8 +62,9 @@ def _worker(rank, world):
     N = GRID.total_tokens
     S = N // world
     sl = slice(rank * S, (rank + 1) * S)
-    for p in range(PROMPTS):
-        sp.begin_prompt(sample_sigmas=SIGMAS, key=f"p{p}")
+    def run_prompt(p, cal):  # what a host does for one prompt: one denoising, every call through the calibrator
+        assert cal is sp
+        sp.set_schedule(SIGMAS)
         for s, layer, q, k, v in calls(p):
             out = sp.attention(module, q[:, sl], k[:, sl], v[:, sl], layer=layer, sigma=s, grid=GRID,
                                positive_rows=[1], scale=0.25)
@@ -71,7 +72,9 @@ def _worker(rank, world):
                 @ v.transpose(1, 2)
             err = float((out - dense.transpose(1, 2)[:, sl]).abs().max())
             assert err < 1e-5, f"rank {rank}: dense output off by {err}"
-        sp.end_prompt()
+
+    # driven by calibrate() as every host is; finish() inside it is the collective merge
+    bundle = calibrate(run_prompt, range(PROMPTS), sp, keys=[f"p{p}" for p in range(PROMPTS)])
     merged = sp.merged_stats()
 
     ref = one_process()
@@ -97,6 +100,7 @@ def _worker(rank, world):
         if pa is not None:
             assert torch.equal(pa.head_slot, pb.head_slot)
     assert got_b.content_hash() == want_b.content_hash()
+    assert bundle.content_hash() == want_b.content_hash()  # calibrate()'s bundle, made by the ranks' finish()
 
 
 def test_ulysses_calibration_merged_once_equals_one_process():
