@@ -179,13 +179,18 @@ def row_tables(geometry: BlockGeometry, num_heads: int, rep: Optional[LayerRepet
 @dataclass
 class LayerSkipList:
     """Skip list of one layer (all heads): what one attention call reads. `rows` (RowTables) is what the kernel
-    derives from the repetition plan; to(device) builds it, and the kernel builds it for a list made without it."""
+    derives from the repetition plan, always present: built with the list (on its tables' device) unless the maker
+    passes it (to(device), the runner's per-call tables), so the kernel only reads it."""
 
     geometry: BlockGeometry
     kv_indices: torch.Tensor  # [H, nq, W] int16/int32, padded by repeating the last valid index
     kv_counts: torch.Tensor  # [H, nq] int32, >= 1
     repetition: Optional[LayerRepetition] = None
     rows: Optional[RowTables] = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.rows is None:
+            self.rows = row_tables(self.geometry, self.num_heads, self.repetition, self.kv_indices.device)
 
     @property
     def num_heads(self) -> int:
@@ -198,7 +203,8 @@ class LayerSkipList:
                              row_tables(self.geometry, self.num_heads, rep, device))
 
     def row_tables(self, device) -> RowTables:
-        """This list's RowTables on `device`: the ones built with it, else made now (a list built by hand)."""
+        """This list's RowTables on `device`: the ones built with it, else made now (the list's tables are on
+        another device: the kernel then moves them too)."""
         if self.rows is not None and self.rows.device == str(torch.device(device)):
             return self.rows
         return row_tables(self.geometry, self.num_heads, self.repetition, device)
