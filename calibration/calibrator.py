@@ -39,12 +39,12 @@ from ..kernels.layouts import as_layout
 from ..masks.bundle import MaskBundle
 from ..masks.geometry import ModelSignature, TokenGrid, anchor_share
 from ..masks.packing import pack_bits, row_counts
-from ..masks.sigmas import SigmaSteps
+from ..masks.sigmas import SigmaSteps, same_sigma
 from .repetition import anchor_plan, decide_repetitive, repetition_scores
 from .selection import (MASS_BINS, bin_histogram, global_threshold, keep_from_bins, kept_mass, mass_bins,
                         mean_block_mass, select_blocks, share_steps, vote)
 from .settings import CalibrationSettings
-from .stats import CalibrationStats, StatsError, same_sigma
+from .stats import CalibrationStats, StatsError
 
 
 class Calibrator:

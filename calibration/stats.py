@@ -28,13 +28,13 @@ import torch
 
 from ..masks.atomic import atomic_write_bytes
 from ..masks.geometry import ModelSignature, TokenGrid
+from ..masks.sigmas import same_sigma
 from ..masks.skiplists import BlockGeometry
 from .settings import CalibrationSettings
 
 STATS_FORMAT = "calibatt-calibration-stats"
 STATS_VERSION = 1
 MAX_PROMPTS = 255  # uint8 vote counters
-SIGMA_RTOL = 1e-4  # sigmas closer than this (relative) are the same step
 # Counter chunks updated at once when a prompt is committed (each thread holds ~3 chunk-sized buffers).
 COMMIT_THREADS = max(1, min(8, (os.cpu_count() or 1)))
 
@@ -56,10 +56,6 @@ class StepRecord:
     @classmethod
     def from_dict(cls, d):
         return cls(float(d["sigma"]), int(d["t_index"]), int(d["num_steps"]), float(d["eps"]))
-
-
-def same_sigma(a: float, b: float) -> bool:
-    return abs(a - b) <= SIGMA_RTOL * max(1.0, abs(a), abs(b))
 
 
 class CalibrationStats:

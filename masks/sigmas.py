@@ -28,6 +28,15 @@ def validate_sigmas(calibrated_sigmas, step_bucket, num_buckets: int, path=None)
                           path=path, field="sigmas.step_bucket")
 
 
+# Sigmas closer than this (relative) are one step: a sampler hands the model the same sigma through float32 and
+# float64 paths, and a second-order sampler revisits it.
+SIGMA_RTOL = 1e-4
+
+
+def same_sigma(a: float, b: float) -> bool:
+    return abs(a - b) <= SIGMA_RTOL * max(1.0, abs(a), abs(b))
+
+
 class SigmaSteps:
     """The one sigma -> step rule: the index of the nearest entry of a schedule (noisiest first). Exactly halfway
     between two entries the less noisy one wins, so entry i serves the sigmas in (midpoint below, midpoint above]:
