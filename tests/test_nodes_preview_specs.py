@@ -1,5 +1,8 @@
 """Bundle preview images and the shared node input specs (no ComfyUI needed)."""
 
+import re
+from pathlib import Path
+
 import torch
 
 from calibatt.nodes import preview, specs
@@ -55,3 +58,15 @@ def test_preset_options_only_grow_at_the_end():
     assert options[:4] == ["quality", "balanced", "fast", "custom"]
     assert "distilled" in options[4:] and set(options) == set(EPS_PRESETS) | {"custom"}
     assert len(options) == len(set(options))
+
+
+def test_every_input_and_output_is_on_its_help_page():
+    """The help page ComfyUI shows for a node (web/docs/<node id>.md) names each of its inputs and outputs in bold
+    (alone or grouped, e.g. **width / height / length**), optional ones included, so a new input cannot ship
+    undocumented."""
+    root = Path(__file__).resolve().parents[1] / "web" / "docs"
+    for spec in (specs.LOAD, specs.PATCH, specs.CALIBRATE, specs.PREVIEW):
+        page = (root / f"{spec.node_id}.md").read_text()
+        bold = set(re.findall(r"[A-Za-z_0-9]+", " ".join(re.findall(r"\*\*(.+?)\*\*", page))))
+        missing = [i.name for i in (*spec.inputs, *spec.outputs) if i.name not in bold]
+        assert missing == [], f"web/docs/{spec.node_id}.md does not describe {missing}"
