@@ -66,6 +66,7 @@ class SparseRunner:
         self.precision = precision
         self._fp8 = {}  # layer -> its relative error in FP8 against bf16, measured on its first call of the run
         self._layer_precision = {}  # layer -> the precision it runs in this run, decided on its first call
+        self._fallbacks_said = set()  # (requested, used) precisions already warned about this run
         self.dense_first = dense_first
         self.dense_last = dense_last
         self.dense_cutoff = dense_cutoff
@@ -137,6 +138,7 @@ class SparseRunner:
     def end(self):
         self._fp8.clear()  # a new run (other prompts, other sizes) checks its layers again
         self._layer_precision.clear()
+        self._fallbacks_said.clear()
         self._tables = None
         self._routes = None
         self._step_key = None
@@ -266,10 +268,15 @@ class SparseRunner:
         ok = err <= FP8_ERROR_BOUND
         self._fp8[call.layer] = err
         self._layer_precision[call.layer] = precision if ok else "bf16"
-        if len(tried) > 1 or not ok:
+        used = self._layer_precision[call.layer]
+        if (len(tried) > 1 or not ok) and (self.precision, used) not in self._fallbacks_said:
+            # Once per run and kind of fallback: at Wan scale every layer falls back the same way, and 40 warnings
+            # per sampling run would bury the one that matters. layer_precisions lists every layer.
+            self._fallbacks_said.add((self.precision, used))
             steps = ", ".join(f"{p} {e:.3f}" for p, e in tried)
             warnings.warn(f"calibatt: layer {call.layer} is {steps} (relative) from bf16, bound {FP8_ERROR_BOUND}; "
-                          f"it runs {self._layer_precision[call.layer]} from now on", RuntimeWarning)
+                          f"it runs {used} from now on (other layers that do the same are not reported again "
+                          f"this run)", RuntimeWarning)
         return out if ok else exact
 
     @property

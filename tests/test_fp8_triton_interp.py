@@ -146,9 +146,15 @@ def test_runner_tries_qk_only_before_bf16(monkeypatch):
     torch.testing.assert_close(second, want, rtol=0, atol=0)
     assert runner.layer_precisions == {0: "fp8-qk"}
     assert 0 < runner.fp8_errors[0] <= FP8_ERROR_BOUND
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same fallback on another layer: not reported again this run
+        runner(AttentionCall(q, k, v, "bhld", 3, 1, 1.0, grid, scale=32 ** -0.5))
+    assert runner.layer_precisions == {0: "fp8-qk", 1: "fp8-qk"}
     assert rel(first, bf16(call)) > 1e-4  # really the 8-bit path, not bf16
     runner.end()
     assert runner.layer_precisions == {}
+    with pytest.warns(RuntimeWarning, match="runs fp8-qk from now on"):  # a new run reports its first fallback
+        runner(AttentionCall(q, k, v, "bhld", 3, 1, 1.0, grid, scale=32 ** -0.5))
 
 
 def test_runner_without_fp8_hardware_runs_bf16_with_one_warning(monkeypatch):
