@@ -532,19 +532,23 @@ def run_calibration(ctx):
     if recs:
         step_s = sorted(steady)[len(steady) // 2] / 1e3
         steps_total = sum(r["ms"] for r in recs) / 1e3
-        other = max(0.0, total - steps_total)  # sampler setup, per-prompt commits, the vote, the bundle write
+        other = max(0.0, total - steps_total)  # sampler setup, the last prompt's commit, the vote, the bundle write
         target_prompts, target_steps = 16, 20
         steps_part = step_s * target_prompts * target_steps
-        # The rest scaled by prompts and steps alike: an upper estimate (the vote and the write happen once).
-        other_part = other * (target_prompts / a.calib_prompts) * (target_steps / max(1, a.calib_steps))
+        # Earlier prompts commit on the calibrator's worker thread while the next prompt samples (the step log shows
+        # no gap between prompts), so what is left after the last step (its commit, the vote, the write) grows with
+        # the steps: scaled by steps. The upper estimate scales it by prompts too.
+        other_part = other * (target_steps / max(1, a.calib_steps))
+        upper = steps_part + other_part * (target_prompts / a.calib_prompts)
         est = steps_part + other_part
         res["step_s_median"] = round(step_s, 3)
         res["non_step_s"] = round(other, 1)
         res["extrapolated"] = {"prompts": target_prompts, "steps": target_steps, "seconds": round(est, 1),
                                "gpu_hours": round(est / 3600, 3), "steps_only_gpu_hours": round(steps_part / 3600, 3),
+                               "upper_gpu_hours": round(upper / 3600, 3),
                                "goal_gpu_hours": 2.0, "within_goal": est / 3600 <= 2.0,
                                "how": "median steady step x 16 x 20, plus the measured non-step wall time x "
-                                      "(16 / prompts) x (20 / steps) (an upper estimate)"}
+                                      "(20 / steps); upper: that time x (16 / prompts) too"}
         log(f"calibration: step {step_s:.2f} s (CFG batch {recs[-1]['batch']}), extrapolated "
             f"{est / 3600:.2f} GPU-hours for 16 prompts x 20 steps (goal <= 2)")
     res["meta"]["wall_s"] = round(ctx.elapsed(), 1)

@@ -109,6 +109,9 @@ def test_tiny_calibration_cost(tmp_path):
     ex = res["extrapolated"]
     assert (ex["prompts"], ex["steps"]) == (16, 20)
     assert ex["seconds"] >= res["step_s_median"] * 16 * 20 > 0 and math.isfinite(ex["gpu_hours"])
+    # the end-of-run time scaled by steps; the upper estimate by prompts too
+    assert abs(ex["seconds"] - (res["step_s_median"] * 320 + res["non_step_s"] * 20 / 3)) < 1.0  # (rounding)
+    assert ex["upper_gpu_hours"] >= ex["gpu_hours"]
 
 
 def test_tiny_density_sweep_and_case_filter(tmp_path):
