@@ -299,6 +299,10 @@ def run_case(ctx, shape, kind, precision, target):
     ctx.timer.attention.shared["video"] = shape.grid.video_tokens
     warnings_seen = []
     import warnings
+    trace = a.memory_trace and ctx.cuda
+    if trace:
+        import _memory_trace
+        _memory_trace.record()
     t = time.time()
     try:
         with warnings.catch_warnings(record=True) as w:
@@ -308,6 +312,10 @@ def run_case(ctx, shape, kind, precision, target):
     except Exception as e:  # noqa: BLE001 - one failing case (an OOM, a kernel error) must not lose the others
         row["error"] = f"{type(e).__name__}: {str(e)[:1000]}"
         log(f"  FAILED: {row['error']}")
+    finally:
+        if trace:
+            row["memory_at_peak"] = _memory_trace.peak_live(_memory_trace.stop_and_snapshot(),
+                                                            device=torch.cuda.current_device())
     row["wall_s"] = round(time.time() - t, 2)
     recs = ctx.timer.records
     row["evaluations"] = recs
@@ -567,6 +575,9 @@ def main(argv=None):
                     "hunyuan (models: " + ", ".join(MC.MODELS) + ")")
     ap.add_argument("--kinds", default="", help="comma list of case kinds or kind:precision to keep, e.g. "
                     "dense_cudnn,patched:bf16,patched:fp8-qk,ck_sol")
+    ap.add_argument("--memory-trace", action="store_true", help="record the allocator's history per case and list "
+                    "what is alive at the peak, by where it was allocated (bench/_memory_trace.py; GPU only; "
+                    "recording slows the run, so its times are not comparable)")
     ap.add_argument("--densities", default="", help="comma list of target densities: per selected shape, dense "
                     "once and then ours (bf16) and Sol-Attn at each (e.g. 0.3,0.5,0.7,0.8)")
     ap.add_argument("--calib-cfg", type=float, default=5.0, help="CFG of the calibration run (1.0: ComfyUI runs no "
