@@ -64,7 +64,7 @@ _pkg.load_package()
 from bench_fidelity import TopKOnline, window_bundle  # noqa: E402
 from calibatt.adapters.diffusers_wan import WanAttentionHook  # noqa: E402
 from calibatt.calibration import CalibrationSettings  # noqa: E402
-from calibatt.calibration.calibrator import Calibrator  # noqa: E402
+from calibatt.calibration.calibrator import Calibrator, calibrate  # noqa: E402
 from calibatt.kernels.dense import dense_attention  # noqa: E402
 from calibatt.kernels.layouts import as_layout  # noqa: E402
 from calibatt.kernels.runner import SparseRunner  # noqa: E402
@@ -151,40 +151,74 @@ class SolAttn:
 
 # ---- calibration: one pass, many calibrators ----------------------------------------------------------------------
 class Fanout:
-    """Dense attention once per call; every calibrator observes the call with that output."""
+    """Dense attention once per call; every calibrator observes the call with that output. It has the Calibrator's
+    driving protocol, so calibrate() runs one dense pass for a whole grid of calibrators; finish() gives their
+    bundles, keyed as given."""
 
-    def __init__(self, cals):
+    def __init__(self, cals: dict):
         self.cals = cals
+        self.every = list(cals.values())
 
     def __call__(self, call):
         q, k, v = call.bhld()
         out = call.to_host_layout(dense_attention(q, k, v, call.scale, text_bias=call.text_bias,
                                                   video_start=call.video_start))
         shared = dataclasses.replace(call, dense=lambda: out)
-        for cal in self.cals:
+        for cal in self.every:
             cal.observe(shared)
         return out
 
+    def begin_prompt(self, sample_sigmas=None, key=None):
+        for cal in self.every:
+            cal.begin_prompt(sample_sigmas, key)
+
+    def set_schedule(self, sample_sigmas):
+        for cal in self.every:
+            cal.set_schedule(sample_sigmas)
+
+    def end_prompt(self, save_to=None):
+        if save_to is not None:
+            raise ValueError("Fanout keeps no statistics file")
+        for cal in self.every:
+            cal.end_prompt()
+
+    def abort_prompt(self):
+        for cal in self.every:
+            cal.abort_prompt()
+
+    def wait(self):
+        for cal in self.every:
+            cal.wait()
+
+    def state(self):
+        return self.every[0].state()  # every calibrator saw the same prompts
+
+    def merge(self, stats):
+        raise ValueError("Fanout does not resume from statistics")
+
+    def finish(self) -> dict:
+        return {key: cal.finish() for key, cal in self.cals.items()}
+
 
 def calibrate_grid(model, grid, caps, seeds, *, steps, guidance, block, frames, eps_grid, selections, rho):
-    """{(selection, eps): Calibrator} after one dense pass over the calibration prompts."""
+    """({(selection, eps): Calibrator}, {(selection, eps): bundle}) after one dense pass over the calibration
+    prompts, driven by calibrate() as every host drives a calibration."""
     cals = {}
     for sel in selections:
         for e in eps_grid:
             st = CalibrationSettings(preset="custom", A=e, C=e, k=0.0, block_q=block, block_k=block, steps=steps,
                                      rho=rho, selection=sel)
             cals[(sel, e)] = Calibrator(model.signature(), grid, st, background=False)
-    every = list(cals.values())
+    fan = Fanout(cals)
     sched = pipeline.sigma_schedule(steps)[:-1]
-    with WanAttentionHook(model.transformer, Fanout(every), **evaluate.HOOK_KW) as hook:
-        for i, (cap, seed) in enumerate(zip(caps, seeds)):
-            for c in every:
-                c.begin_prompt(sample_sigmas=sched, key=f"A{i}")
+    with WanAttentionHook(model.transformer, fan, **evaluate.HOOK_KW) as hook:
+        def run_prompt(prompt, cal):
+            cap, seed = prompt
+            cal.set_schedule(sched)
             pipeline.generate(model, [cap], [seed], steps=steps, guidance=guidance,
                               on_step=evaluate._on_step(hook, 1, guidance), frames=frames)
-            for c in every:
-                c.end_prompt()
-    return cals
+        bundles = calibrate(run_prompt, list(zip(caps, seeds)), fan, keys=[f"A{i}" for i in range(len(caps))])
+    return cals, bundles
 
 
 # ---- per-layer attention-output error on the dense trajectory -----------------------------------------------------
@@ -296,9 +330,8 @@ def main(argv=None):
     selections = [s for s, m in (("row", "ours"), ("global", "global")) if m in methods or
                   (s == "row" and "hybrid" in methods)]
     t1 = time.time()
-    cals = calibrate_grid(model, grid, caps_a, seeds_a, steps=a.steps, guidance=a.guidance, block=a.block,
-                          frames=a.frames, eps_grid=a.eps_grid, selections=selections, rho=a.rho)
-    bundles = {key: cal.finish() for key, cal in cals.items()}
+    cals, bundles = calibrate_grid(model, grid, caps_a, seeds_a, steps=a.steps, guidance=a.guidance, block=a.block,
+                                   frames=a.frames, eps_grid=a.eps_grid, selections=selections, rho=a.rho)
     dens = {key: evaluate.sampled_density(b, a.steps) for key, b in bundles.items()}
     log["calibration_s"] = round(time.time() - t1, 1)
     log["eps_density"] = {f"{s} {e}": round(d, 4) for (s, e), d in dens.items()}
