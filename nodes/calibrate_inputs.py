@@ -88,9 +88,9 @@ def prompt_conditionings(prompts: str, clip=None, negative_prompt: str = "", pos
 
 
 def make_settings(preset: str, eps_A: float, eps_C: float, eps_k: float, rho: float, block_size: int, seed: int,
-                  steps: int, sampler_name: str):
+                  steps: int, sampler_name: str, selection: str = "row"):
     custom = preset == CUSTOM  # eps_* are the schedule; with a named preset they are ignored
     return CalibrationSettings(preset=preset,
                                A=eps_A if custom else None, C=eps_C if custom else None, k=eps_k if custom else None,
                                rho=float(rho), block_q=int(block_size), block_k=int(block_size), seed=int(seed),
-                               steps=int(steps), sampler=str(sampler_name))
+                               steps=int(steps), sampler=str(sampler_name), selection=str(selection))

@@ -31,7 +31,8 @@ log = logging.getLogger("calibatt")
 def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, length: int, steps: int, cfg: float,
                                sampler_name: str, scheduler: str, seed: int, preset: str, eps_A: float,
                                eps_C: float, eps_k: float, rho: float, filename: str, block_size: int = 128,
-                               clip=None, negative_prompt: str = "", positive=None, negative=None, latent=None):
+                               clip=None, negative_prompt: str = "", positive=None, negative=None, latent=None,
+                               selection: str = "row"):
     """-> (MaskBundle, preview IMAGE, summary STRING); the bundle is saved in models/sparse_attention/."""
     from ..calibration import Calibrator, calibrate
 
@@ -42,7 +43,7 @@ def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, 
     except UnsupportedModel as e:
         raise ValueError(f"Calibrate Sparse Attention: {e}") from None
     out_path = paths.output_path(filename)  # validate the name before hours of sampling
-    settings = make_settings(preset, eps_A, eps_C, eps_k, rho, block_size, seed, steps, sampler_name)
+    settings = make_settings(preset, eps_A, eps_C, eps_k, rho, block_size, seed, steps, sampler_name, selection)
     pairs = prompt_conditionings(prompts, clip, negative_prompt, positive, negative)
 
     latent, noise_mask = _start_latent(model, layout, latent, width, height, length)

@@ -115,6 +115,12 @@ def _presets():
     return list(_PRESETS_FIRST) + [p for p in (*EPS_PRESETS, CUSTOM) if p not in _PRESETS_FIRST]
 
 
+def _selections():
+    from ..calibration.settings import SELECTIONS
+
+    return list(SELECTIONS)
+
+
 LOAD = NodeSpec(
     "LoadMaskBundle", "Load Mask Bundle",
     "Load a calibrated sparse-attention mask bundle from models/sparse_attention/, from a catalog entry, or by "
@@ -203,6 +209,12 @@ CALIBRATE = NodeSpec(
         In("latent", "LATENT", "Optional starting latent, e.g. from Wan22ImageToVideoLatent (Wan 2.2 TI2V-5B "
            "image-to-video keeps its start frame in the latent). Its shape sets the video size (width / height / "
            "length are then ignored) and its noise mask is honoured.", optional=True),
+        # Optional and last: workflows saved before it load unchanged and select per row.
+        In("selection", "COMBO", "Advanced: how eps picks blocks. row (default, the paper's): every query block of "
+           "every head keeps the blocks carrying eps of its attention. global: one mass threshold per step over "
+           "all layers and heads, so concentrated heads give blocks to diffuse ones; measured better below "
+           "density 0.8 on content-following heads (up to +7 dB), slightly worse above. Not with multi-GPU "
+           "(Ulysses) calibration.", optional=True, default="row", options=_selections),
     ),
     outputs=(Out("bundle", BUNDLE, "The calibrated bundle (also saved to disk)."),
              Out("preview", "IMAGE", "Density per layer x step, and one head's block mask."),

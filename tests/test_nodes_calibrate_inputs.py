@@ -17,6 +17,10 @@ def test_presets_and_custom_eps():
     assert c.eps(0, 30) == pytest.approx(0.95)
     with pytest.raises(ValueError, match="A <= C"):
         make_settings("custom", 0.99, 0.5, 8.0, 0.5, 128, 0, 30, "euler")
+    assert s.selection == "row"  # the optional input left out: per-row selection, as before it existed
+    assert make_settings("fast", 0, 0, 0, 0.5, 128, 0, 30, "euler", "global").selection == "global"
+    with pytest.raises(ValueError, match="selection .*sideways"):
+        make_settings("fast", 0, 0, 0, 0.5, 128, 0, 30, "euler", "sideways")
 
 
 def test_each_positive_entry_is_one_prompt_with_a_zero_negative():

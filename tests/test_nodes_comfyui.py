@@ -165,6 +165,35 @@ def test_interrupted_calibration_writes_nothing(comfy):
     assert not [p for p in folder.iterdir() if "interrupted" in p.name]
 
 
+def test_global_selection_is_calibrated_and_recorded(comfy):
+    """The optional selection input reaches the calibrator: the bundle records it, and its masks differ from the
+    per-row selection's at the same eps (one threshold over all heads, not one per query block)."""
+    folder = comfy.base / "models" / "sparse_attention"
+    for sel in ("row", "global"):
+        p = _calibrate_counted(f"sel_{sel}", f"sel_{sel}", steps=4)
+        # a low eps, so that the tiny model's masks are sparse enough for the two selections to differ
+        p["calib"]["inputs"].update(selection=sel, preset="custom", eps_A=0.4, eps_C=0.6, eps_k=4.0)
+        _ok(comfy.run(p, timeout=300))
+    row, glob = (load_bundle(folder / f"sel_{s}.safetensors") for s in ("row", "global"))
+    assert row.settings["calibration"]["selection"] == "row"
+    assert glob.settings["calibration"]["selection"] == "global"
+    assert float(row.entry_densities().mean()) < 1 and float(glob.entry_densities().mean()) < 1
+    assert any(not torch.equal(row.bucket_masks(b), glob.bucket_masks(b)) for b in range(row.num_buckets))
+
+
+def test_unknown_selection_is_refused_before_sampling(comfy):
+    p = _calibrate_counted("sel_bad", "sel_bad", steps=4)
+    p["calib"]["inputs"]["selection"] = "sideways"
+    # 0.19 refuses the COMBO value when queued; 0.3.64 leaves a v3 optional COMBO to the node, which refuses it
+    # before sampling. Either way the message names the input and the value.
+    try:
+        message = H.status_error(comfy.wait(comfy.queue(p)))
+    except RuntimeError as e:
+        message = str(e)
+    assert message is not None and "selection" in message and "sideways" in message, message
+    assert _model_calls(comfy, "sel_bad") == 0, "sampling started"
+
+
 def test_bad_output_name_is_refused_before_sampling(comfy):
     # A name the file system refuses (ENAMETOOLONG past 255 bytes) used to fail at the save, after the whole
     # calibration; now the node refuses it before the first model evaluation.
