@@ -30,8 +30,7 @@ from ..masks.transfer import canonical_device, to_device_async
 from .tables import BucketTables
 from .call import AttentionCall
 from .dense import dense_attention
-from .support import (FP8_ERROR_BOUND, PRECISIONS, QK_ONLY, KernelHealth, KernelUnsupported, precision_unsupported,
-                      triton_unsupported)
+from .support import FP8_ERROR_BOUND, PRECISIONS, QK_ONLY, KernelHealth, KernelUnsupported, triton_unsupported
 from .ops import is_compiling, runner_handle, sparse_attention_op, traced_sparse_attention
 from .attention.naive import sparse_attention_reference
 
@@ -244,9 +243,7 @@ class SparseRunner:
         if precision == "bf16" or not self._health.ok(key):
             return sparse_attention_triton(q, k, v, layer, **kw)
         try:
-            why = precision_unsupported(precision, q.device, q.shape[-1])
-            if why is not None:
-                raise KernelUnsupported(f"8-bit computed blocks cannot run this call: {why}")
+            # The kernel asks support.precision_unsupported and raises KernelUnsupported with its reason.
             out = sparse_attention_triton(q, k, v, layer, precision=precision, **kw)
         except Exception as e:  # noqa: BLE001 - 8 bits are an option: bf16 is the exact fallback
             if isinstance(e, ValueError) and not isinstance(e, KernelUnsupported):

@@ -31,6 +31,8 @@ def precision_capability(precision: str) -> tuple:
         return (0, 0)
     qk_int8, pv_fp8 = QUANTIZED[precision]
     return (8, 9) if pv_fp8 or not qk_int8 else (8, 0)
+
+
 # 8-bit Q·K needs at least this head_dim (the e4m3 / int8 MMA's K dimension).
 MIN_8BIT_HEAD_DIM = 32
 

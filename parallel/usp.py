@@ -147,7 +147,8 @@ class SequenceParallelSparse:
             raise ValueError("xfuser's joint_tensor_* (text kept beside the sequence shards) is not supported: put "
                              "the text tokens in the sequence (text after or before the video)")
         if group is not None and group_size(group) != self.R:
-            raise ValueError(f"the module's ring group has {group_size(group)} ranks; this object was made for {self.R}")
+            raise ValueError(f"the module's ring group has {group_size(group)} ranks; this object was made for "
+                             f"{self.R}")
         layer, seq_len, video_start, text_bias = self._call
         skip, n, plan = self.local_layer(layer, seq_len, video_start)
         qh, kh, vh = (t[:, :, :n].transpose(1, 2) for t in (q, k, v))  # real heads first, then padding

@@ -79,7 +79,7 @@ def test_fp8_rejects_what_it_cannot_run():
 def _runner_case(monkeypatch, precision):
     """A runner whose Triton path runs on the CPU (the interpreter stands in for the GPU), and one call per layer."""
     monkeypatch.setattr(SparseRunner, "_triton_ok", staticmethod(lambda q: q.dtype == torch.float16))
-    monkeypatch.setattr(runner_module, "precision_unsupported", lambda precision, device, head_dim: None)
+    monkeypatch.setattr(TA, "precision_unsupported", lambda precision, device, head_dim: None)
     bundle = make_bundle(L=2, H=3, block=16, repetition=True, seed=3, head_dim=32)
     grid = bundle.grid
     gen = torch.Generator().manual_seed(5)
@@ -160,7 +160,7 @@ def test_runner_tries_qk_only_before_bf16(monkeypatch):
 def test_runner_without_fp8_hardware_runs_bf16_with_one_warning(monkeypatch):
     runner, grid, q, k, v = _runner_case(monkeypatch, "fp8")
     bf16, _, _, _, _ = _runner_case(monkeypatch, "bf16")
-    monkeypatch.setattr(runner_module, "precision_unsupported",
+    monkeypatch.setattr(TA, "precision_unsupported",
                         lambda precision, device, head_dim: "no 8-bit tensor cores (this test says so)")
     call = AttentionCall(q, k, v, "bhld", 3, 0, 1.0, grid, scale=32 ** -0.5)
     with pytest.warns(RuntimeWarning, match="not available"):
