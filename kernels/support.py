@@ -39,7 +39,8 @@ MIN_8BIT_HEAD_DIM = 32
 
 def precision_unsupported(precision: str, device: torch.device, head_dim: int) -> Optional[str]:
     """None if the Triton kernel can compute blocks in `precision` for this call, else why not: the one check for
-    8-bit support (the kernel and the runner both ask it). Triton's interpreter emulates every format."""
+    8-bit support (the kernel asks it and raises KernelUnsupported, which the runner catches). Triton's
+    interpreter emulates every format."""
     if precision == "bf16":
         return None
     if head_dim < MIN_8BIT_HEAD_DIM:
