@@ -557,3 +557,58 @@ def test_hunyuan_reference_latent_runs_dense(caplog):
     assert torch.equal(out[0], out[1])
     assert "the conditioning carries ref_latent, which adds tokens to the video sequence" in caplog.text
     assert "0 self-attention calls routed over 3 model evaluations" in caplog.text
+
+
+def test_last_double_block_output_is_freed_before_the_single_blocks(hunyuan_sd):
+    """HunyuanVideo's forward_orig keeps the dict a "double_block" patch returned alive in its loop variable while
+    the first single block runs, so any block patch holds the last double block's video activations (1.46 GB at
+    720p x 129, CFG 2) at the step's memory peak. Patch Model Attention lets go of them: when the first single
+    block starts, nothing references the last double block's output any more. The control (another node's plain
+    block patch, no ours) shows the host keeping it, so the check can fail."""
+    import gc
+    import weakref
+
+    F.import_comfy()
+    import comfy.sample
+    from calibatt.nodes.actions import patch_model_attention
+    from calibatt.nodes.comfy_glue import block_keys, describe_model
+
+    model = F.load_model(hunyuan_sd)
+    latent_shape = [1, 16, 3, 8, 16]
+    sig, layout, grid = F.model_facts(model, latent_shape=latent_shape)
+    bundle = F.kind_bundle(sig, grid, "band", BLOCK)
+    dm = model.model.diffusion_model
+    last_double = dm.double_blocks[len(dm.double_blocks) - 1]
+    refs, alive = [], []
+
+    def before_first_single(module, inputs):
+        gc.collect()
+        alive.append(refs[-1]() is not None)
+
+    hooks = [last_double.register_forward_hook(lambda mod, i, out: refs.append(weakref.ref(out[0]))),
+             dm.single_blocks[0].register_forward_pre_hook(before_first_single)]
+
+    def plain_patch(args, extra):
+        return extra["original_block"](args)
+
+    control = model.clone()
+    for name, index, _ in block_keys(layout, describe_model(model)):
+        control.set_model_patch_replace(plain_patch, "dit", name, index)
+    pos, neg = _prompt(64, TEXT, 768, 1), _prompt(64, TEXT, 768, 2)
+    for c in (pos, neg):
+        del c[0][1]["attention_mask"]
+    latent = torch.zeros(latent_shape)
+    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(1))
+    seen = {}
+    try:
+        for key, m in (("control", control), ("ours", patch_model_attention(model, bundle)),
+                       ("ours over another patch", patch_model_attention(control, bundle))):
+            alive.clear()
+            comfy.sample.sample(m, noise, 2, 3.0, "euler", "simple", pos, neg, latent, seed=1, disable_pbar=True)
+            seen[key] = list(alive)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen["control"] == [True, True], seen
+    assert seen["ours"] == [False, False], seen
+    assert seen["ours over another patch"] == [False, False], seen
