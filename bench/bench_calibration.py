@@ -2,9 +2,10 @@
 
 Runs `layers` self-attention calls per step with random bf16 q/k/v in Wan's layout (B, L, H*D), CFG batch 2 with
 the positive chunk first, through (a) dense attention only and (b) Calibrator.observe (dense output + block energy
-of the positive rows + selection + repetition check), and times whole steps (synchronised at step ends, where the
-calibrator also moves the step's keep bits to the host). The CPU work of committing a prompt's votes is timed
-separately (it runs on a worker thread during the next prompt in real use).
+of the positive rows + selection + repetition check) driven by calibration.calibrate() as every host runs it, and
+times whole steps (synchronised at step ends; each step after the first also moves the previous step's keep bits to
+the host). The work after the last step (its host copy, the prompt's commit, the vote into a bundle) is timed
+separately: in real use the commit runs on a worker thread during the next prompt.
 
 GPU (the lead runs this):  python3 bench/bench_calibration.py --json bench/bench_calibration.json [--row-stride 4]
 CPU smoke run (tiny):       .venv/bin/python bench/bench_calibration.py --tiny
@@ -82,41 +83,47 @@ def run(args):
         dense_step(calls)
         sync(dev)
         off.append(time.perf_counter() - t0)
-    # (b) statistics on
+    # (b) statistics on, through calibrate() as every host runs it: one prompt of `steps` steps. A step's keep bits
+    # move to the host when the next step's first call arrives (one sync), so every timed step after the first
+    # carries one such copy, as in real use; the last step's copy, the prompt's commit and the vote into a bundle
+    # come after the run and are timed as after-run work.
     cal = Calibrator(sig, grid, settings, background=False)
-    cal.begin_prompt(sample_sigmas=sigmas)
-    on = []
+    on, kernel_ms, in_run = [], {}, [0.0]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     base_mem = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
-    for i, s in enumerate(sigmas):
-        calls = make_calls(grid, args.heads, args.head_dim, args.layers, batch, dev, dtype, gen)
-        for c in calls:
-            c.sigma = s
-        sync(dev)
-        t0 = time.perf_counter()
-        for c in calls:
-            cal.observe(c)
-        cal._drain()  # the step's host copy, which observe() otherwise does when the next step starts
-        sync(dev)
-        on.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated(dev) - base_mem) if dev.type == "cuda" else 0
-    # The statistics kernel alone on one call's positive chunk, against one dense forward of that chunk.
-    q, k, v = (t[:1] for t in calls[0].bhld())
-    kernel_ms = {}
-    for name, fn in (("dense", lambda: dense_attention(q, k, v, None)),
-                     ("block_energy", lambda: block_energy(q, k, cal.geometry, row_stride=args.row_stride,
-                                                           row_offset=1 % args.row_stride))):
-        fn()
-        sync(dev)
-        t0 = time.perf_counter()
-        for _ in range(5):
+
+    def run_prompt(prompt, cal):
+        t_run = time.perf_counter()
+        cal.set_schedule(sigmas)
+        for s in sigmas:
+            calls = make_calls(grid, args.heads, args.head_dim, args.layers, batch, dev, dtype, gen)
+            for c in calls:
+                c.sigma = s
+            sync(dev)
+            t0 = time.perf_counter()
+            for c in calls:
+                cal.observe(c)
+            sync(dev)
+            on.append(time.perf_counter() - t0)
+        # The statistics kernel alone on one call's positive chunk, against one dense forward of that chunk.
+        q, k, v = (t[:1] for t in calls[0].bhld())
+        for name, fn in (("dense", lambda: dense_attention(q, k, v, None)),
+                         ("block_energy", lambda: block_energy(q, k, cal.geometry, row_stride=args.row_stride,
+                                                               row_offset=1 % args.row_stride))):
             fn()
-        sync(dev)
-        kernel_ms[name] = 1000 * (time.perf_counter() - t0) / 5
+            sync(dev)
+            t0 = time.perf_counter()
+            for _ in range(5):
+                fn()
+            sync(dev)
+            kernel_ms[name] = 1000 * (time.perf_counter() - t0) / 5
+        in_run[0] = time.perf_counter() - t_run
+
     t0 = time.perf_counter()
-    cal.end_prompt()
-    commit_s = time.perf_counter() - t0
+    calibrate(run_prompt, [0], cal)
+    after_s = time.perf_counter() - t0 - in_run[0]
+    peak = (torch.cuda.max_memory_allocated(dev) - base_mem) if dev.type == "cuda" else 0
     st = cal.state()
 
     warm = 1 if args.steps > 1 else 0
@@ -125,8 +132,8 @@ def run(args):
     overhead = on_s - off_s
     tokens = grid.video_tokens
     scale720 = (WAN720P_TOKENS / tokens) ** 2 * (40 / args.heads) * (40 / args.layers)
-    commit_step = commit_s / args.steps
-    commit720 = commit_step * (WAN720P_TOKENS / tokens) ** 2 * (40 / args.heads) * (40 / args.layers)
+    after_step = after_s / args.steps
+    after720 = after_step * (WAN720P_TOKENS / tokens) ** 2 * (40 / args.heads) * (40 / args.layers)
     est = []
     for steps in (50, 30, 20):
         for cfg in (True, False):
@@ -146,10 +153,10 @@ def run(args):
         "block_energy_ms_per_call": round(kernel_ms["block_energy"], 2),
         "dense_ms_per_call_batch1": round(kernel_ms["dense"], 2),
         "block_energy_over_dense": round(kernel_ms["block_energy"] / kernel_ms["dense"], 3),
-        "commit_cpu_s_per_step": round(commit_step, 4),
+        "after_run_cpu_s_per_step": round(after_step, 4),
         "counters_raw_mb": round(st.raw_nbytes() / 2**20, 2), "counters_stored_mb": round(st.nbytes() / 2**20, 2),
         "est_overhead_s_per_step_720p": round(overhead * scale720, 2),
-        "est_commit_cpu_s_per_step_720p": round(commit720, 2),
+        "est_after_run_cpu_s_per_step_720p": round(after720, 2),
         "estimate_wan14b_720p": est, "prompts": args.prompts,
     }
     res["commit"] = git_commit()
