@@ -59,8 +59,8 @@ def window_bundle(model, grid, block: int, density: float) -> MaskBundle:
     keep = torch.zeros(g.nq, g.nk, dtype=torch.bool)
     keep.scatter_(1, dist.argsort(dim=1, stable=True)[:, :k], True)
     L, H = model.cfg.layers, model.cfg.dim_heads
-    sl = SkipLists.from_block_mask(keep.expand(L, H, g.nq, g.nk).clone(), g)
-    return MaskBundle.from_skip_lists(model.signature(), grid, [sl], [1.0], [0])
+    return MaskBundle.from_block_masks(model.signature(), grid, g, [keep.expand(L, H, g.nq, g.nk)], [1.0],
+                                       [0])
 
 
 class TopKOnline:

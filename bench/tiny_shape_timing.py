@@ -20,7 +20,7 @@ from triton.testing import do_bench  # noqa: E402
 
 from calibatt.kernels.dense import dense_attention  # noqa: E402
 from calibatt.kernels.attention import triton_fwd as TA  # noqa: E402
-from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, SkipLists, TokenGrid  # noqa: E402
+from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, TokenGrid  # noqa: E402
 
 
 def main(argv=None):
@@ -53,9 +53,9 @@ def main(argv=None):
                for _ in range(3))
     t_dense = do_bench(lambda: dense_attention(q, k, v), warmup=25, rep=200, return_mode="median")
     for dens in a.densities:
-        buckets = [SkipLists.from_block_mask(torch.rand(L, H, g.nq, g.nk) < dens, g) for _ in range(10)]
-        b = MaskBundle.from_skip_lists(ModelSignature("tinywan", L, H, D, H * D), grid, buckets,
-                                       torch.linspace(1, 0.1, 10).tolist(), list(range(10)))
+        buckets = [torch.rand(L, H, g.nq, g.nk) < dens for _ in range(10)]
+        b = MaskBundle.from_block_masks(ModelSignature("tinywan", L, H, D, H * D), grid, g, buckets,
+                                        torch.linspace(1, 0.1, 10).tolist(), list(range(10)))
         layer = b.skip_lists(0, "cuda").layer(0)
         TA.sparse_attention_triton(q, k, v, layer, tiles=base)
         torch.cuda.synchronize()

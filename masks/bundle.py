@@ -129,22 +129,25 @@ class MaskBundle:
         )
 
     @classmethod
-    def from_skip_lists(cls, signature: ModelSignature, grid: TokenGrid, buckets: list,
-                        calibrated_sigmas, step_bucket, settings: Optional[dict] = None) -> "MaskBundle":
-        """buckets: list of SkipLists (one per bucket, in bucket order); tests and tools that write masks by hand."""
-        if not buckets:
+    def from_block_masks(cls, signature: ModelSignature, grid: TokenGrid, geometry: BlockGeometry, bucket_masks,
+                         calibrated_sigmas, step_bucket, *, repetition=None,
+                         settings: Optional[dict] = None) -> "MaskBundle":
+        """The bundle of masks written by hand (tests and tools): per bucket (in bucket order) an [L, H, nq, nk]
+        bool block mask, packed straight into the bundle (the block diagonal is added). repetition: None, or per
+        bucket None or a RepetitionPlan."""
+        if len(bucket_masks) == 0:
             raise BundleError("a bundle needs at least one bucket", field="buckets")
-        geometry = buckets[0].geometry
-        L, H = buckets[0].num_layers, buckets[0].num_heads
-        if (L, H) != (signature.num_layers, signature.num_heads):
-            raise BundleError(f"skip lists cover {L} layers x {H} heads; the signature says "
-                              f"{signature.num_layers} x {signature.num_heads}", field="model")
-        masks, reps, anchors, rows = [], [], [], []
-        for b, sl in enumerate(buckets):
-            if sl.geometry != geometry or (sl.num_layers, sl.num_heads) != (L, H):
-                raise BundleError(f"bucket {b} has a different geometry or layer/head count", field="buckets")
-            masks.append(pack_bits(sl.block_mask().cpu()))
-            rep = sl.repetition
+        L, H = signature.num_layers, signature.num_heads
+        shape = (L, H, geometry.nq, geometry.nk)
+        packed, reps, anchors, rows = [], [], [], []
+        plans = repetition if repetition is not None else [None] * len(bucket_masks)
+        if len(plans) != len(bucket_masks):
+            raise BundleError(f"{len(plans)} repetition plans for {len(bucket_masks)} buckets", field="repetition")
+        for b, (mask, rep) in enumerate(zip(bucket_masks, plans)):
+            if tuple(mask.shape) != shape:
+                raise BundleError(f"bucket {b}: block masks must be {list(shape)} (layers, heads, nq, nk); got "
+                                  f"{list(mask.shape)}", field="buckets")
+            packed.append(pack_bits(mask.to(torch.bool).cpu()))
             if rep is None:
                 reps.append(None)
                 continue
@@ -158,7 +161,7 @@ class MaskBundle:
             reps.append(torch.where(rep.head_slot >= 0, rep.head_slot + first, rep.head_slot))
             anchors.append(rep.anchors)
             rows.append(rep.row_anchor)
-        return cls.from_packed(signature, grid, geometry, masks, calibrated_sigmas, step_bucket, bucket_rep=reps,
+        return cls.from_packed(signature, grid, geometry, packed, calibrated_sigmas, step_bucket, bucket_rep=reps,
                                rep_anchors=torch.cat(anchors) if anchors else None,
                                rep_row_anchor=torch.cat(rows) if rows else None, settings=settings)
 

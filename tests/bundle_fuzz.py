@@ -41,7 +41,7 @@ import torch  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
 from calibatt.kernels.runner import SparseRunner  # noqa: E402
 from calibatt.masks import (BlockGeometry, BundleError, MaskBundle, ModelSignature, RepetitionPlan,  # noqa: E402
-                            SkipLists, TokenGrid, load_bundle, save_bundle)
+                            TokenGrid, load_bundle, save_bundle)
 from calibatt.masks.bundle import FORMAT  # noqa: E402
 from calibatt.nodes.preview import preview_images  # noqa: E402
 
@@ -56,7 +56,7 @@ def _bundle(family, grid, *, L, H, block=(16, 16), steps=4, shared=True, repetit
     g = BlockGeometry(grid.video_tokens, *block)
     sig = ModelSignature(family, L, H, 16, 16 * H, dict(extra or {}))
     base = torch.rand(L, H, g.nq, g.nk, generator=gen) < density
-    buckets = []
+    buckets, plans = [], []
     for b in range(steps - 1 if shared else steps):
         m = base.clone()
         m[0, 0] ^= torch.rand(g.nq, g.nk, generator=gen) < 0.1
@@ -68,12 +68,14 @@ def _bundle(family, grid, *, L, H, block=(16, 16), steps=4, shared=True, repetit
             anchors = torch.randperm(grid.frame_tokens, generator=gen)[:K][None]
             rep = RepetitionPlan(grid.frame_tokens, slot, anchors,
                                  torch.randint(0, K, (1, grid.frame_tokens), generator=gen))
-        buckets.append(SkipLists.from_block_mask(m, g, rep))
+        buckets.append(m)
+        plans.append(rep)
     sigmas = torch.linspace(1.0, 0.05, steps).tolist()
     step_bucket = list(range(len(buckets))) + ([len(buckets) - 1] if shared else [])
     settings = {"calibration": {"block_q": block[0], "block_k": block[1], "seed": seed}, "steps": steps,
                 "sampler": "euler", "eps_per_step": [0.9] * steps}
-    return MaskBundle.from_skip_lists(sig, grid, buckets, sigmas, step_bucket, settings=settings)
+    return MaskBundle.from_block_masks(sig, grid, g, buckets, sigmas, step_bucket, repetition=plans,
+                                       settings=settings)
 
 
 def _calibrated():

@@ -209,7 +209,7 @@ def model_facts(model, video: dict = None, latent_shape=None):
 def kind_bundle(signature, grid, kind: str, block: int):
     """'full': every key block kept (must reproduce dense); 'band': each query block keeps its own and the
     neighbouring key blocks (a real, bounded change)."""
-    from calibatt.masks import BlockGeometry, MaskBundle, SkipLists
+    from calibatt.masks import BlockGeometry, MaskBundle
 
     g = BlockGeometry(grid.video_tokens, block, block)
     if kind == "full":
@@ -217,7 +217,7 @@ def kind_bundle(signature, grid, kind: str, block: int):
     else:
         mask = (torch.arange(g.nq)[:, None] - torch.arange(g.nk)[None, :]).abs() <= 1
     mask = mask.expand(signature.num_layers, signature.num_heads, g.nq, g.nk).clone()
-    return MaskBundle.from_skip_lists(signature, grid, [SkipLists.from_block_mask(mask, g, None)], [1.0, 0.5],
+    return MaskBundle.from_block_masks(signature, grid, g, [mask], [1.0, 0.5],
                                       [0, 0], settings={"test": kind})
 
 

@@ -63,7 +63,7 @@ def make_bundle(*, L=2, H=3, grid=None, block=16, steps=4, shared_steps=True, re
     grid = grid or TokenGrid(frames=3, height=6, width=8)
     g = BlockGeometry(grid.video_tokens, block, block)
     sig = ModelSignature(family, L, H, head_dim, head_dim * H)
-    buckets = []
+    buckets, plans = [], []
     base = random_block_mask(L, H, g, density, gen)
     for b in range(steps - 1 if shared_steps else steps):
         m = base.clone()
@@ -76,13 +76,14 @@ def make_bundle(*, L=2, H=3, grid=None, block=16, steps=4, shared_steps=True, re
             anchors = torch.randperm(grid.frame_tokens, generator=gen)[:K][None]
             row_anchor = torch.randint(0, K, (1, grid.frame_tokens), generator=gen)
             rep = RepetitionPlan(grid.frame_tokens, slot, anchors, row_anchor)
-        buckets.append(SkipLists.from_block_mask(m, g, rep))
+        buckets.append(m)
+        plans.append(rep)
     sigmas = torch.linspace(1.0, 0.05, steps).tolist()
     step_bucket = list(range(len(buckets)))
     if shared_steps:
         step_bucket.append(len(buckets) - 1)  # the last two steps share a bucket
-    return MaskBundle.from_skip_lists(sig, grid, buckets, sigmas, step_bucket,
-                                      settings={"preset": "balanced", "rho": 0.5})
+    return MaskBundle.from_block_masks(sig, grid, g, buckets, sigmas, step_bucket, repetition=plans,
+                                       settings={"preset": "balanced", "rho": 0.5})
 
 
 def token_mask(layer, n_video, n_text, text_first=False):

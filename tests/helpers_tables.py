@@ -23,7 +23,7 @@ def random_bundle(seed, *, L=4, H=3, frames=3, height=5, width=7, block_q=16, bl
         dens[1, 0] = 1.1  # layer 1: one dense head, the others sparse (a mixed layer at the default cutoff)
     if L > 2:
         dens[2] = -1.0  # layer 2: the diagonal only
-    lists = []
+    lists, masks, plans = [], [], []
     for b in range(buckets):
         m = torch.rand(L, H, g.nq, g.nk, generator=gen) < dens
         rep = None
@@ -35,10 +35,13 @@ def random_bundle(seed, *, L=4, H=3, frames=3, height=5, width=7, block_q=16, bl
             anchors = torch.stack([torch.randperm(grid.frame_tokens, generator=gen)[:K] for _ in range(2)])
             row_anchor = torch.randint(0, K, (2, grid.frame_tokens), generator=gen)
             rep = RepetitionPlan(grid.frame_tokens, slot, anchors, row_anchor)
+        masks.append(m)
+        plans.append(rep)
         lists.append(SkipLists.from_block_mask(m, g, rep))
     sig = ModelSignature("wan21", L, H, head_dim, head_dim * H)
     sigmas = torch.linspace(1.0, 0.1, buckets).tolist()
-    return MaskBundle.from_skip_lists(sig, grid, lists, sigmas, list(range(buckets))), grid, lists
+    bundle = MaskBundle.from_block_masks(sig, grid, g, masks, sigmas, list(range(buckets)), repetition=plans)
+    return bundle, grid, lists
 
 
 def old_mask_to_table(mask, width):

@@ -13,7 +13,7 @@ pytest.importorskip("diffusers", reason="the diffusers adapter is optional; inst
 from calibatt.adapters import diffusers_wan as A  # noqa: E402
 from calibatt.calibration import CalibrationSettings  # noqa: E402
 from calibatt.kernels.runner import SparseRunner  # noqa: E402
-from calibatt.masks import BlockGeometry, BundleError, MaskBundle, ModelSignature, SkipLists  # noqa: E402
+from calibatt.masks import BlockGeometry, BundleError, MaskBundle, ModelSignature  # noqa: E402
 from calibatt.tinywan import data, evaluate, pipeline  # noqa: E402
 from calibatt.tinywan.model import load_tinywan  # noqa: E402
 
@@ -42,8 +42,7 @@ def _full_bundle(model, grid, density_mask=None, signature=None):
     g = BlockGeometry(grid.video_tokens, 64, 64)
     L, H = model.cfg.layers, model.cfg.dim_heads
     mask = torch.ones(L, H, g.nq, g.nk, dtype=torch.bool) if density_mask is None else density_mask
-    sl = SkipLists.from_block_mask(mask, g)
-    return MaskBundle.from_skip_lists(signature or model.signature(), grid, [sl], [1.0], [0])
+    return MaskBundle.from_block_masks(signature or model.signature(), grid, g, [mask], [1.0], [0])
 
 
 def test_dense_path_is_bit_identical_and_restores_processors(model):

@@ -43,10 +43,10 @@ def test_identical_buckets_are_stored_once(tmp_path):
     size_3 = save_bundle(b, tmp_path / "a.safetensors").stat().st_size
     # Same masks listed twice as many times: the file grows only by the entry tables and metadata.
     from calibatt.masks import MaskBundle
-    buckets = [b.skip_lists(i) for i in range(b.num_buckets)] * 2
+    buckets = [b.skip_lists(i).block_mask() for i in range(b.num_buckets)] * 2
     n = len(buckets)
-    b2 = MaskBundle.from_skip_lists(b.signature, b.grid, buckets, torch.linspace(1, 0.1, n).tolist(),
-                                    list(range(n)))
+    b2 = MaskBundle.from_block_masks(b.signature, b.grid, b.geometry, buckets, torch.linspace(1, 0.1, n).tolist(),
+                                     list(range(n)))
     assert b2.num_unique_masks == b.num_unique_masks
     size_6 = save_bundle(b2, tmp_path / "b.safetensors").stat().st_size
     assert size_6 - size_3 < 2000

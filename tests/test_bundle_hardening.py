@@ -152,7 +152,7 @@ def test_writer_pads_what_compresses_beyond_the_budget(tmp_path, monkeypatch):
     # Masks that differ in one block from their parent compress ~300x; with the floor at 0 the budget binds, and
     # the writer stores the most compressible ones uncompressed until the file honestly holds what it declares.
     monkeypatch.setattr(lim, "DECODE_FLOOR_BYTES", 0)
-    from calibatt.masks import BlockGeometry, SkipLists, TokenGrid
+    from calibatt.masks import BlockGeometry, TokenGrid
     from calibatt.masks.geometry import ModelSignature
     grid = TokenGrid(1, 64, 64)
     g = BlockGeometry(grid.video_tokens, 16, 16)
@@ -162,9 +162,9 @@ def test_writer_pads_what_compresses_beyond_the_budget(tmp_path, monkeypatch):
     for i in range(6):
         m = base.clone()
         m[0, :, 0, 10 + i] = True  # one more block per bucket
-        buckets.append(SkipLists.from_block_mask(m, g))
-    b = MaskBundle.from_skip_lists(ModelSignature("generic", 1, 2, 16, 32), grid, buckets,
-                                   [1.0, 0.8, 0.6, 0.4, 0.2, 0.1], list(range(6)))
+        buckets.append(m)
+    b = MaskBundle.from_block_masks(ModelSignature("generic", 1, 2, 16, 32), grid, g, buckets,
+                                    [1.0, 0.8, 0.6, 0.4, 0.2, 0.1], list(range(6)))
     p = save_bundle(b, tmp_path / "padded.safetensors")
     c = load_bundle(p)
     header, _ = fz.split(p.read_bytes())

@@ -23,7 +23,7 @@ from torch._dynamo.utils import counters
 from calibatt.kernels import ops
 from calibatt.kernels.call import AttentionCall
 from calibatt.kernels.runner import SparseRunner
-from calibatt.masks import BlockGeometry, MaskBundle, RepetitionPlan, SkipLists
+from calibatt.masks import BlockGeometry, MaskBundle, RepetitionPlan
 from calibatt.nodes import model_info as mi
 from calibatt.nodes.routing import CALLS_KEY, LAYER_KEY, AttentionRouter
 from helpers_core import comfy_attention, rel
@@ -120,7 +120,7 @@ def make_bundle(cfg, seed=0):
     grid = mi.grid_from_latent(layout, LATENT)
     g = BlockGeometry(grid.video_tokens, 16, 16)
     gen = torch.Generator().manual_seed(seed)
-    buckets = []
+    buckets, plans = [], []
     for b in range(3):
         m = torch.zeros(sig.num_layers, sig.num_heads, g.nq, g.nk, dtype=torch.bool)
         for h in range(sig.num_heads):
@@ -139,8 +139,9 @@ def make_bundle(cfg, seed=0):
         T = grid.frame_tokens
         anchors = torch.stack([torch.randperm(T, generator=gen)[:2] for _ in range(2)])
         row_anchor = torch.randint(0, 2, (2, T), generator=gen)
-        buckets.append(SkipLists.from_block_mask(m, g, RepetitionPlan(T, slot, anchors, row_anchor)))
-    return MaskBundle.from_skip_lists(sig, grid, buckets, SIGMAS[:-1], [0, 0, 1, 2, 2])
+        buckets.append(m)
+        plans.append(RepetitionPlan(T, slot, anchors, row_anchor))
+    return MaskBundle.from_block_masks(sig, grid, g, buckets, SIGMAS[:-1], [0, 0, 1, 2, 2], repetition=plans)
 
 
 def make_router(cfg, bundle, **runner_kw):

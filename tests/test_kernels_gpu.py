@@ -156,7 +156,7 @@ def test_runner_text_bias_routes_on_gpu(cutoff, route):
     if route == "mixed":
         m[0, 1] = False
     sig = ModelSignature("hunyuan", 1, H, D, D * H)
-    bundle = MaskBundle.from_skip_lists(sig, grid, [SkipLists.from_block_mask(m, g)], [1.0], [0])
+    bundle = MaskBundle.from_block_masks(sig, grid, g, [m], [1.0], [0])
     runner = SparseRunner(bundle, dense_cutoff=cutoff)
     runner.begin_step(1.0, "cuda")
     assert runner.route(0) == route
@@ -246,8 +246,7 @@ def test_runner_text_first_mixed_route_on_gpu():
     g = BlockGeometry(n, 128, 128)
     m = torch.ones(1, H, g.nq, g.nk, dtype=torch.bool)
     m[0, 1] = False  # head 1: the diagonal only
-    bundle = MaskBundle.from_skip_lists(ModelSignature("hunyuan", 1, H, D, D * H), grid,
-                                        [SkipLists.from_block_mask(m, g)], [1.0], [0])
+    bundle = MaskBundle.from_block_masks(ModelSignature("hunyuan", 1, H, D, D * H), grid, g, [m], [1.0], [0])
     runner = SparseRunner(bundle, dense_cutoff=0.5)
     runner.begin_step(1.0, "cuda")
     assert runner.route(0) == "mixed"

@@ -24,7 +24,7 @@ def _bundle(seed=0):
     m[1, 0] = True  # layer 1: head 0 dense, the others sparse
     sl = SkipLists.from_block_mask(m, g)
     sig = ModelSignature("wan21", L, H, 16, 16 * H)
-    return MaskBundle.from_skip_lists(sig, grid, [sl], [1.0], [0]), grid, sl
+    return MaskBundle.from_block_masks(sig, grid, g, [m], [1.0], [0]), grid, sl
 
 
 def test_cutoff_is_the_measured_crossover():
@@ -126,9 +126,10 @@ def _two_bucket_bundle():
     grid = TokenGrid(frames=2, height=6, width=8)
     g = BlockGeometry(grid.video_tokens, 16, 16)
     L, H = 2, 2
-    lists = [SkipLists.from_block_mask(torch.rand(L, H, g.nq, g.nk, generator=gen) < 0.3, g) for _ in range(2)]
+    masks = [torch.rand(L, H, g.nq, g.nk, generator=gen) < 0.3 for _ in range(2)]
+    lists = [SkipLists.from_block_mask(m, g) for m in masks]
     sig = ModelSignature("wan21", L, H, 16, 16 * H)
-    return MaskBundle.from_skip_lists(sig, grid, lists, [1.0, 0.5], [0, 1]), grid, lists
+    return MaskBundle.from_block_masks(sig, grid, g, masks, [1.0, 0.5], [0, 1]), grid, lists
 
 
 def test_only_the_current_buckets_skip_lists_stay_resident():

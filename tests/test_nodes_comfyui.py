@@ -18,7 +18,7 @@ from comfyui_harness import COMFY
 
 pytestmark = H.NEEDS_COMFYUI
 
-from calibatt.masks import BlockGeometry, MaskBundle, SkipLists, TokenGrid, load_bundle, save_bundle, signatures
+from calibatt.masks import BlockGeometry, MaskBundle, TokenGrid, load_bundle, save_bundle, signatures
 
 REPO = Path(__file__).resolve().parents[1]
 W, HGT, LEN = 128, 64, 9  # latent [1, 16, 3, 8, 16] -> 3 x 4 x 8 = 96 tokens
@@ -78,7 +78,7 @@ def _dense_bundle(grid=GRID, signature=SIGNATURE, block=BLOCK) -> MaskBundle:
     """Every block kept: the sparse path must then reproduce dense attention up to float rounding."""
     g = BlockGeometry(grid.video_tokens, block, block)
     full = torch.ones(signature.num_layers, signature.num_heads, g.nq, g.nk, dtype=torch.bool)
-    return MaskBundle.from_skip_lists(signature, grid, [SkipLists.from_block_mask(full, g, None)],
+    return MaskBundle.from_block_masks(signature, grid, g, [full],
                                       [1.0, 0.5], [0, 0], settings={"test": "dense"})
 
 

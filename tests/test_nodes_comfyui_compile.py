@@ -23,7 +23,7 @@ from comfyui_harness import COMFY
 
 pytestmark = H.NEEDS_COMFYUI
 
-from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, RepetitionPlan, SkipLists, TokenGrid  # noqa
+from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, RepetitionPlan, TokenGrid  # noqa
 from calibatt.masks import save_bundle  # noqa: E402
 
 W, HGT, LEN = 128, 64, 9  # latent [1, 16, 3, 8, 16] -> 3 x 4 x 8 = 96 tokens
@@ -40,7 +40,7 @@ def _bundle() -> MaskBundle:
     g = BlockGeometry(GRID.video_tokens, 16, 16)
     gen = torch.Generator().manual_seed(5)
     qi, ki = torch.arange(g.nq)[:, None], torch.arange(g.nk)[None, :]
-    buckets = []
+    buckets, plans = [], []
     for b in range(3):
         m = ((ki - qi).abs() <= b) | (torch.rand(2, 2, g.nq, g.nk, generator=gen) < 0.15)
         slot = torch.full((2, 2), -1, dtype=torch.int32)
@@ -48,8 +48,9 @@ def _bundle() -> MaskBundle:
         T = GRID.frame_tokens
         plan = RepetitionPlan(T, slot, torch.randperm(T, generator=gen)[:2][None],
                               torch.randint(0, 2, (1, T), generator=gen))
-        buckets.append(SkipLists.from_block_mask(m, g, plan))
-    return MaskBundle.from_skip_lists(SIGNATURE, GRID, buckets, SIGMAS, STEP_BUCKET)
+        buckets.append(m)
+        plans.append(plan)
+    return MaskBundle.from_block_masks(SIGNATURE, GRID, g, buckets, SIGMAS, STEP_BUCKET, repetition=plans)
 
 
 @pytest.fixture(scope="module")

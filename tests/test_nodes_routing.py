@@ -8,7 +8,7 @@ import torch
 
 from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner
-from calibatt.masks import BlockGeometry, MaskBundle, SkipLists
+from calibatt.masks import BlockGeometry, MaskBundle
 from calibatt.nodes import model_info as mi
 from calibatt.nodes.routing import CALLS_KEY, LAYER_KEY, AttentionRouter, positive_rows, schedule_steps
 from helpers_core import comfy_attention
@@ -25,9 +25,8 @@ def make_bundle(cfg, density, seed=0, block=4):
     grid = mi.grid_from_latent(layout, LATENT)
     g = BlockGeometry(grid.video_tokens, block, block)
     gen = torch.Generator().manual_seed(seed)
-    buckets = [SkipLists.from_block_mask(torch.rand(sig.num_layers, sig.num_heads, g.nq, g.nk, generator=gen)
-                                         < density, g, None) for _ in range(2)]
-    return MaskBundle.from_skip_lists(sig, grid, buckets, SIGMAS[:-1], [0, 0, 1, 1])
+    buckets = [torch.rand(sig.num_layers, sig.num_heads, g.nq, g.nk, generator=gen) < density for _ in range(2)]
+    return MaskBundle.from_block_masks(sig, grid, g, buckets, SIGMAS[:-1], [0, 0, 1, 1])
 
 
 def make_router(cfg, bundle, **runner_kw):

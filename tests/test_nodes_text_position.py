@@ -14,7 +14,7 @@ import torch
 
 from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner
-from calibatt.masks import BlockGeometry, MaskBundle, SkipLists
+from calibatt.masks import BlockGeometry, MaskBundle
 from calibatt.nodes import model_info as mi
 from calibatt.nodes.routing import (CALLS_KEY, LAYER_KEY, AttentionRouter, rope_text_position,
                                     slice_text_position)
@@ -37,7 +37,7 @@ def make_router(density=0.4, seed=0, record=None):
     gen = torch.Generator().manual_seed(seed)
     m = torch.rand(sig.num_layers, sig.num_heads, g.nq, g.nk, generator=gen) < density
     m |= torch.eye(g.nq, dtype=torch.bool)
-    bundle = MaskBundle.from_skip_lists(sig, grid, [SkipLists.from_block_mask(m, g)], SIGMAS[:-1], [0, 0])
+    bundle = MaskBundle.from_block_masks(sig, grid, g, [m], SIGMAS[:-1], [0, 0])
     runner = SparseRunner(bundle, dense_cutoff=1.0)
 
     def handler(call):

@@ -98,7 +98,8 @@ def test_reference_path(text_position, poison):
 @pytest.mark.parametrize("poison", ["v_inf", "k_nan"])
 def test_runner_routes_on_the_cpu(route, poison):
     grid, g, sl, (q, k, v), blocks = _case("start", poison)
-    bundle = MaskBundle.from_skip_lists(ModelSignature("generic", 1, H, D, H * D), grid, [sl], [1.0], [0])
+    sig = ModelSignature("generic", 1, H, D, H * D)
+    bundle = MaskBundle.from_block_masks(sig, grid, g, [sl.block_mask()], [1.0], [0])
     dens = bundle.entry_densities()[0, 0]
     cutoff = {"sparse": 1.0, "mixed": float(dens.min() + dens.max()) / 2, "dense": 0.0, "dense_step": 1.0}[route]
     runner = SparseRunner(bundle, dense_cutoff=cutoff, dense_first=1.0 if route == "dense_step" else 0.0)
@@ -149,7 +150,8 @@ def test_triton_path_interpreted(text_position, poison):
 @pytest.mark.parametrize("poison", ["v_inf", "k_nan"])
 def test_triton_path_on_the_gpu(dtype, route, poison):
     grid, g, sl, (q, k, v), blocks = _case("start", poison)
-    bundle = MaskBundle.from_skip_lists(ModelSignature("generic", 1, H, D, H * D), grid, [sl], [1.0], [0])
+    sig = ModelSignature("generic", 1, H, D, H * D)
+    bundle = MaskBundle.from_block_masks(sig, grid, g, [sl.block_mask()], [1.0], [0])
     dens = bundle.entry_densities()[0, 0]
     cutoff = 1.0 if route == "sparse" else float(dens.min() + dens.max()) / 2
     runner = SparseRunner(bundle, dense_cutoff=cutoff)

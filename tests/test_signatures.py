@@ -11,7 +11,7 @@ import torch
 
 from calibatt.calibration import CalibrationSettings
 from calibatt.calibration.stats import CalibrationStats
-from calibatt.masks import (BlockGeometry, BundleError, MaskBundle, ModelSignature, SkipLists, TokenGrid, load_bundle,
+from calibatt.masks import (BlockGeometry, BundleError, MaskBundle, ModelSignature, TokenGrid, load_bundle,
                             save_bundle, signatures)
 from calibatt.nodes import model_info as mi
 
@@ -155,7 +155,7 @@ def test_diffusers_calibrated_bundle_fits_the_same_model_in_comfyui(tiny, tmp_pa
 def _full_bundle(signature, grid, block=64):
     g = BlockGeometry(grid.video_tokens, block, block)
     mask = torch.ones(signature.num_layers, signature.num_heads, g.nq, g.nk, dtype=torch.bool)
-    return MaskBundle.from_skip_lists(signature, grid, [SkipLists.from_block_mask(mask, g)], [1.0], [0])
+    return MaskBundle.from_block_masks(signature, grid, g, [mask], [1.0], [0])
 
 
 def test_comfyui_bundle_patches_the_same_model_in_diffusers(tiny, tmp_path):

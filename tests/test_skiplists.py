@@ -78,8 +78,7 @@ def test_bundle_builds_the_same_skip_lists_in_one_chunk_or_layer_by_layer(monkey
     # Layers of very different widths, so a shared table width differs from each layer's own.
     dens = torch.tensor([0.05, 0.9, 0.4, 0.2, 1.0])[:, None, None, None]
     masks = torch.rand(5, 3, g.nq, g.nk, generator=gen) < dens
-    b = MaskBundle.from_skip_lists(ModelSignature("generic", 5, 3, 16, 48), grid,
-                                   [SkipLists.from_block_mask(masks, g)], [1.0], [0])
+    b = MaskBundle.from_block_masks(ModelSignature("generic", 5, 3, 16, 48), grid, g, [masks], [1.0], [0])
     whole = b.skip_lists(0)
     b.release()
     monkeypatch.setattr(bundle_mod, "_BUILD_ELEMENTS", 1)  # one layer per chunk

@@ -120,7 +120,7 @@ def _full_bundle(H, n, mixed):
     if mixed:  # layer 1: head 0 keeps every block (dense route), the others one block a row (sparse)
         m[1, 1:] = False
     sig = ModelSignature("hunyuan", 2, H, 16, 16 * H)
-    return MaskBundle.from_skip_lists(sig, grid, [SkipLists.from_block_mask(m, g)], [1.0], [0]), grid
+    return MaskBundle.from_block_masks(sig, grid, g, [m], [1.0], [0]), grid
 
 
 @pytest.mark.parametrize("layout", ["bhld", "bld"])
@@ -173,7 +173,7 @@ def hunyuan_router(density=1.1, seed=0):
     g = BlockGeometry(grid.video_tokens, 8, 8)
     gen = torch.Generator().manual_seed(seed)
     m = torch.rand(sig.num_layers, sig.num_heads, g.nq, g.nk, generator=gen) < density
-    bundle = MaskBundle.from_skip_lists(sig, grid, [SkipLists.from_block_mask(m, g)], SIGMAS[:-1], [0, 0])
+    bundle = MaskBundle.from_block_masks(sig, grid, g, [m], SIGMAS[:-1], [0, 0])
     runner = SparseRunner(bundle, dense_cutoff=1.0)
     router = AttentionRouter(sig, layout, HUNYUAN, handler=runner, step_hook=runner.begin_step)
     router.begin_sampling(LATENT, SIGMAS)

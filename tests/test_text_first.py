@@ -130,7 +130,7 @@ def _banded_bundle(H, grid, mixed):
     if mixed:
         m[1, 0] = True
     sig = ModelSignature("hunyuan", 2, H, 16, 16 * H)
-    return MaskBundle.from_skip_lists(sig, grid, [SkipLists.from_block_mask(m, g)], [1.0], [0])
+    return MaskBundle.from_block_masks(sig, grid, g, [m], [1.0], [0])
 
 
 @pytest.mark.parametrize("layout", ["bhld", "bld"])
