@@ -30,6 +30,7 @@ import torch
 
 from ..kernels.runner import DENSE_CUTOFF
 from ..masks.bundle import MaskBundle
+from ..masks.geometry import key_block_density
 from ..masks.skiplists import BlockGeometry
 
 STATIC_IOU = 0.7  # default stability above which a head keeps its calibrated list
@@ -125,8 +126,8 @@ class HybridPlan:
         out = []
         for b in self.buckets:
             nq, nk = b.mask.shape[-2:]
-            dyn = b.budget.clamp(max=nk).sum(-1).double() / (nq * nk)
-            out.append(torch.where(b.static, b.mask.double().mean((-1, -2)), dyn))
+            dyn = key_block_density(b.budget.clamp(max=nk).sum(-1), nq, nk)
+            out.append(torch.where(b.static, key_block_density(b.mask.sum((-1, -2)), nq, nk), dyn))
         return torch.stack(out)
 
     def static_share(self) -> float:

@@ -16,7 +16,7 @@ import torch
 
 from ..version import __version__
 from .errors import BundleError
-from .geometry import ModelSignature, TokenGrid, anchor_share
+from .geometry import ModelSignature, TokenGrid, anchor_share, key_block_density
 from .packing import pack_bits, row_bytes, row_counts
 from .sigmas import SigmaBuckets, validate_sigmas
 from .skiplists import BlockGeometry, LayerSkipList, RepetitionPlan, SkipLists, packed_to_table
@@ -208,12 +208,11 @@ class MaskBundle:
     def entry_densities(self) -> torch.Tensor:
         """[B, L, H] float64 fraction of key blocks computed, repetitive heads at their anchor share."""
         g = self.geometry
-        per_mask = self._mask_counts()[1].double() / (g.nq * g.nk)
-        dens = per_mask[self.entry_mask.long()]
-        if self.rep_anchors.shape[0]:
-            rep_share = anchor_share(g.num_tokens, self.grid.frame_tokens, self.rep_anchors.shape[1])
-            dens = torch.where(self.entry_rep >= 0, torch.full_like(dens, rep_share), dens)
-        return dens
+        totals = self._mask_counts()[1][self.entry_mask.long()]
+        if not self.rep_anchors.shape[0]:
+            return key_block_density(totals, g.nq, g.nk)
+        share = anchor_share(g.num_tokens, self.grid.frame_tokens, self.rep_anchors.shape[1])
+        return key_block_density(totals, g.nq, g.nk, self.entry_rep >= 0, share)
 
     @property
     def density(self) -> float:

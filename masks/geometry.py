@@ -182,6 +182,18 @@ def num_blocks(tokens: int, block: int) -> int:
     return int(math.ceil(tokens / block))
 
 
+def key_block_density(kept_blocks, nq: int, nk: int, repetitive=None, share: float = 0.0):
+    """The density every report and decision uses: kept key blocks (a tensor of per-head or per-entry totals, any
+    shape) over nq * nk, as float64; entries where `repetitive` (a bool tensor of the same shape) is set count at
+    `share`, their anchor rows' share (anchor_share), since only those rows are computed."""
+    import torch
+
+    dens = kept_blocks.double() / (nq * nk)
+    if repetitive is not None:
+        dens = torch.where(repetitive.to(dens.device), torch.full_like(dens, float(share)), dens)
+    return dens
+
+
 def anchor_share(num_tokens: int, frame_tokens: int, anchors_per_frame: int) -> float:
     """The key-block density a repetitive head counts as: only its anchor rows (anchors_per_frame per frame of
     frame_tokens) attend, to every key, so its work is their share of the num_tokens video rows."""

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .errors import BundleError
-from .geometry import anchor_share, num_blocks
+from .geometry import anchor_share, key_block_density, num_blocks
 from .packing import unpack_bits
 from .transfer import to_device_async
 
@@ -216,14 +216,11 @@ class LayerSkipList:
     def head_densities(self) -> torch.Tensor:
         """[H] float: fraction of key blocks computed; a repetitive head counts its anchor rows' share."""
         g = self.geometry
-        dens = self.kv_counts.sum(-1).double() / (g.nq * g.nk)
         rep = self.repetition
-        if rep is not None:
-            share = anchor_share(g.num_tokens, rep.frame_tokens, rep.anchors.shape[1])
-            for h in range(self.num_heads):
-                if int(rep.head_slot[h]) >= 0:
-                    dens[h] = share
-        return dens
+        if rep is None:
+            return key_block_density(self.kv_counts.sum(-1), g.nq, g.nk)
+        share = anchor_share(g.num_tokens, rep.frame_tokens, rep.anchors.shape[1])
+        return key_block_density(self.kv_counts.sum(-1), g.nq, g.nk, rep.head_slot >= 0, share)
 
     @property
     def density(self) -> float:
