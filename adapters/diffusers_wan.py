@@ -45,7 +45,8 @@ same checkpoint, so a bundle calibrated here patches that model in ComfyUI, and 
 Sigma: the hook must know the current sigma once per step (a host float; never read per attention call). Either
 the sampling loop says it (`hook.begin_step(sigma, step_fraction, positive_rows)` before the model call), or, for
 pipelines that do not, a forward pre-hook reads the `timestep` argument once per transformer forward
-(sigma = timestep / timestep_scale, Wan's flow-matching convention; one host read per forward).
+(sigma = timestep / timestep_scale, Wan's flow-matching convention; one host read per forward); pass
+`schedule=scheduler.sigmas` too when the patch has a dense window, so each step's place in the run is known.
 
 Batched CFG: `positive_rows` names the batch rows of the conditional prompt (calibration observes only those;
 the same masks serve every row). diffusers' own WanPipeline runs the two CFG branches as separate forwards; driven
@@ -64,6 +65,7 @@ from ..kernels.call import AttentionCall
 from ..masks.bundle import MaskBundle
 from ..masks import signatures
 from ..masks.geometry import ModelSignature, TokenGrid
+from ..masks.sigmas import SigmaSteps, schedule_fraction, schedule_steps
 
 DIFFUSERS_TESTED = "0.42.1"
 
@@ -209,11 +211,16 @@ class WanAttentionHook:
     through the same path (for timing and as the reference). If the handler has begin_step(sigma, device,
     step_fraction), it is called once per step, at the first forward of that step (when the device is known).
     check_grid(grid) is called whenever the latent's token grid changes (before any attention runs).
+    schedule: the sampler's sigmas (n + 1, ending where the run ends, as `scheduler.sigmas`; set_schedule() sets
+    it later): a step's place in the run is then found from its sigma by the rule every host uses
+    (masks.sigmas.schedule_steps), when the loop does not pass it to begin_step. needs_fraction: raise at the first
+    forward of a step whose place is unknown (a dense window cannot be honoured without it).
     """
 
     def __init__(self, transformer, handler: Optional[Callable] = None, *, signature: Optional[ModelSignature] = None,
                  vae_stride=(4, 8, 8), timestep_scale: float = 1000.0,
-                 timer: Optional[AttentionTimer] = None, check_grid: Optional[Callable] = None):
+                 timer: Optional[AttentionTimer] = None, check_grid: Optional[Callable] = None, schedule=None,
+                 needs_fraction: bool = False):
         self.transformer = transformer
         self.handler = handler
         self.signature = signature if signature is not None else wan_signature(transformer)
@@ -223,6 +230,10 @@ class WanAttentionHook:
         self._check_grid = check_grid
         self.sigma: float = 1.0
         self.step_fraction: Optional[float] = None
+        self._steps: Optional[SigmaSteps] = None
+        if schedule is not None:
+            self.set_schedule(schedule)
+        self._needs_fraction = bool(needs_fraction)
         self.positive_rows = None
         self.grid: Optional[TokenGrid] = None
         self._explicit = False
@@ -237,6 +248,14 @@ class WanAttentionHook:
         self.step_fraction = step_fraction
         self.positive_rows = None if positive_rows is None else [int(r) for r in positive_rows]
         self._explicit = True
+
+    def set_schedule(self, sample_sigmas):
+        """The sampler's sigmas for the coming run (n + 1 values, the last where the run ends)."""
+        s = sample_sigmas.tolist() if torch.is_tensor(sample_sigmas) else list(sample_sigmas)
+        if len(s) < 2:
+            raise ValueError(f"schedule: expected the sampler's n + 1 sigmas (noisiest first, ending where the run "
+                             f"ends, as scheduler.sigmas), got {len(s)} value(s)")
+        self._steps = schedule_steps(s)
 
     # ---- install / restore ------------------------------------------------------------------------------------
     def __enter__(self):
@@ -290,10 +309,17 @@ class WanAttentionHook:
             if t is not None:
                 # One host read per forward (not per attention call) for pipelines that do not call begin_step.
                 self.sigma = float(torch.as_tensor(t).reshape(-1)[0]) / self.timestep_scale
+        fraction = self.step_fraction
+        if fraction is None and self._steps is not None:
+            fraction = schedule_fraction(self._steps, self.sigma)
+        if fraction is None and self._needs_fraction:
+            raise ValueError("patch_sparse: dense_first / dense_last need each step's place in the run: pass "
+                             "schedule=scheduler.sigmas to patch_sparse (or hook.set_schedule before sampling), or "
+                             "call hook.begin_step(sigma, step_fraction) before each step")
         begin = getattr(self.handler, "begin_step", None)
         key = (self.sigma, str(hidden.device))
         if callable(begin) and key != self._begun:
-            begin(self.sigma, hidden.device, self.step_fraction)
+            begin(self.sigma, hidden.device, fraction)
             self._begun = key
         return None
 
@@ -307,13 +333,15 @@ def patch_sparse(transformer, bundle: MaskBundle, *, dense_first: float = 0.0, d
                      precision: str = "bf16", runner=None, **kw) -> WanAttentionHook:
     """Block-sparse self-attention from `bundle`. Raises masks.BundleError now if the model does not fit the
     bundle, and at the first forward if the latent's token grid does not. `precision`: as Patch Model
-    Attention's (kernels/support.py PRECISIONS; 8-bit only on a GPU that has the format)."""
+    Attention's (kernels/support.py PRECISIONS; 8-bit only on a GPU that has the format). dense_first / dense_last
+    need each step's place in the run: pass schedule=scheduler.sigmas (or call the hook's begin_step with it)."""
     from ..kernels.runner import SparseRunner
     hook_probe = WanAttentionHook(transformer, None, **kw)
     bundle.check_compatible(hook_probe.signature, None)
     runner = runner if runner is not None else SparseRunner(bundle, dense_first=dense_first, dense_last=dense_last,
                                                              precision=precision)
-    return WanAttentionHook(transformer, runner, check_grid=lambda g: bundle.check_compatible(None, g), **kw)
+    return WanAttentionHook(transformer, runner, check_grid=lambda g: bundle.check_compatible(None, g),
+                            needs_fraction=bool(runner.dense_first or runner.dense_last), **kw)
 
 
 def patch_calibrate(transformer, calibrator, **kw) -> WanAttentionHook:

@@ -37,9 +37,9 @@ from ..kernels.dense import dense_attention
 from ..kernels.block_energy import block_energy, block_row_counts
 from ..kernels.layouts import as_layout
 from ..masks.bundle import MaskBundle
-from ..masks.geometry import ModelSignature, TokenGrid, anchor_share
+from ..masks.geometry import ModelSignature, TokenGrid, anchor_share, key_block_density
 from ..masks.packing import pack_bits, row_counts
-from ..masks.sigmas import SigmaSteps, same_sigma
+from ..masks.sigmas import same_sigma, step_fraction, step_sigmas
 from .repetition import anchor_plan, decide_repetitive, repetition_scores
 from .selection import (MASS_BINS, bin_histogram, global_threshold, keep_from_bins, kept_mass, mass_bins,
                         mean_block_mass, select_blocks, share_steps, vote)
@@ -95,12 +95,7 @@ class Calibrator:
         """Give the running prompt its sigma schedule (hosts that learn it only at the first model call)."""
         if self._record is None:
             raise RuntimeError("set_schedule() outside a prompt: call begin_prompt() first")
-        s = [float(x) for x in (sample_sigmas.tolist() if torch.is_tensor(sample_sigmas) else sample_sigmas)]
-        if s and s[-1] == 0.0:
-            s = s[:-1]
-        if not s:
-            raise ValueError("sample_sigmas is empty: pass the sampler's sigma schedule (noisiest first)")
-        self._schedule = SigmaSteps(s)
+        self._schedule = step_sigmas(sample_sigmas.tolist() if torch.is_tensor(sample_sigmas) else sample_sigmas)
 
     def abort_prompt(self):
         """Forget the prompt in progress; committed statistics are untouched."""
@@ -358,7 +353,7 @@ class Calibrator:
                     mask = vote(torch.from_numpy(counts), n, s.rho)
                 packed.append(pack_bits(mask | diag))
             packed = torch.stack(packed)
-            density = row_counts(packed).sum(-1).double() / (g.nq * g.nk)  # [L, H]
+            density = key_block_density(row_counts(packed).sum(-1), g.nq, g.nk)  # [L, H]
             n = st.observed[sid].double().clamp_min(1.0)[:, None]
             rep = torch.zeros(L, H, dtype=torch.bool)
             if s.repetition:
@@ -373,7 +368,7 @@ class Calibrator:
         st = self.state()
         steps = self.step_masks()
         sigmas = [x[0] for x in steps]
-        step_t = [x[3].t_index / x[3].num_steps for x in steps]
+        step_t = [step_fraction(x[3].t_index, x[3].num_steps) for x in steps]
         step_bucket, bucket_masks, bucket_rep = share_steps([x[1] for x in steps], step_t, self.settings.share_iou,
                                                             self.settings.share_after, [x[2] for x in steps])
         del steps

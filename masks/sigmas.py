@@ -61,6 +61,28 @@ class SigmaSteps:
         return len(self.sigmas) - 1 - bisect.bisect_left(self._mid, sigma)
 
 
+def schedule_steps(sample_sigmas) -> SigmaSteps:
+    """The steps of a sampler's schedule as samplers hand it over (ComfyUI, diffusers): n + 1 sigmas, the last one
+    the sigma the run ends at (usually 0), which is never evaluated."""
+    s = [float(x) for x in sample_sigmas]
+    return SigmaSteps(s[:max(1, len(s) - 1)])
+
+
+def step_sigmas(sigmas) -> SigmaSteps:
+    """The steps of a list of step sigmas that may end with the final 0 (the calibrator takes either form)."""
+    s = [float(x) for x in sigmas]
+    if s and s[-1] == 0.0:
+        s = s[:-1]
+    if not s:
+        raise ValueError("sample_sigmas is empty: pass the sampler's sigma schedule (noisiest first)")
+    return SigmaSteps(s)
+
+
+def schedule_fraction(steps: SigmaSteps, sigma: float) -> float:
+    """step_fraction of the step `sigma` belongs to in `steps`."""
+    return step_fraction(steps.index(sigma), len(steps))
+
+
 def step_fraction(index: int, num_steps: int) -> float:
     """Where step `index` of a `num_steps`-step run starts in the schedule: 0 for the first, (n - 1) / n for the
     last (the share of the run already done)."""

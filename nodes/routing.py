@@ -27,7 +27,7 @@ from ..kernels.layouts import as_layout
 from ..kernels.ops import is_compiling
 from ..kernels.text_bias import as_text_bias
 from ..masks.geometry import ModelSignature, TokenGrid
-from ..masks.sigmas import SigmaSteps, step_fraction
+from ..masks.sigmas import SigmaSteps, schedule_fraction, schedule_steps
 from .model_info import FamilyLayout, grid_from_latent, layer_offset
 
 log = logging.getLogger("calibatt")
@@ -49,10 +49,6 @@ class StepState:
     step_fraction: Optional[float]
     positive_rows: Optional[list]
 
-
-def schedule_steps(sample_sigmas: Sequence[float]) -> SigmaSteps:
-    """The steps of a sampler's schedule: every entry but the last (the sigma the run ends at, usually 0)."""
-    return SigmaSteps(list(sample_sigmas)[:max(1, len(sample_sigmas) - 1)])
 
 
 def positive_rows(cond_or_uncond: Optional[Sequence[int]], batch: int) -> Optional[list]:
@@ -136,7 +132,7 @@ class AttentionRouter:
         _compile_helpers()
         frac = None
         if self._steps is not None:
-            frac = step_fraction(self._steps.index(sigma), len(self._steps))
+            frac = schedule_fraction(self._steps, sigma)
         self.step = StepState(float(sigma), frac, positive_rows(cond_or_uncond, batch))
         if self.step_hook is not None:
             self.step_hook(self.step.sigma, device, frac)

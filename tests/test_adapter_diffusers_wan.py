@@ -92,6 +92,31 @@ def test_sparse_actually_skips_blocks(model):
     assert (out - ref).abs().max() > 1e-2  # a diagonal-only mask changes the output
 
 
+def test_dense_window_through_the_timestep_hook_needs_and_uses_the_schedule(model):
+    """A pipeline that never calls begin_step: with dense_first the hook must know where each step sits in the
+    run. Without a schedule it refuses at the first forward (a dense window silently ignored would be a wrong
+    result); with scheduler-style sigmas it finds the step from the timestep's sigma by the hosts' rule, so the
+    first half of a 4-step run is dense (bit-identical to the unpatched model) and the second half sparse."""
+    grid = model.cfg.grid(frames=FRAMES)
+    g = BlockGeometry(grid.video_tokens, 64, 64)
+    diag_only = torch.zeros(model.cfg.layers, model.cfg.dim_heads, g.nq, g.nk, dtype=torch.bool)
+    bundle = _full_bundle(model, grid, diag_only)
+    schedule = [1.0, 0.8, 0.6, 0.4, 0.0]  # 4 steps and the end point, as scheduler.sigmas
+    x, _, ctx = _inputs(model, seed=5)
+    with pytest.raises(ValueError, match="schedule=scheduler.sigmas"):
+        with A.patch_sparse(model.transformer, bundle, dense_first=0.5, **KW):
+            _forward(model, x, torch.tensor([800.0, 800.0]), ctx)
+    outs = {}
+    for t in (800.0, 400.0):  # steps 1 (fraction 0.25: dense) and 3 (0.75: sparse)
+        tt = torch.tensor([t, t])
+        ref = _forward(model, x, tt, ctx)
+        with A.patch_sparse(model.transformer, bundle, dense_first=0.5, schedule=schedule,
+                            runner=SparseRunner(bundle, dense_first=0.5, dense_cutoff=1.0), **KW):
+            outs[t] = (_forward(model, x, tt, ctx), ref)
+    assert torch.equal(*outs[800.0])
+    assert (outs[400.0][0] - outs[400.0][1]).abs().max() > 1e-2
+
+
 def test_bundle_mismatches_are_refused(model):
     grid = model.cfg.grid(frames=FRAMES)
     bundle = _full_bundle(model, grid)

@@ -10,7 +10,8 @@ from calibatt.kernels.attention.naive import sparse_attention_reference
 from calibatt.kernels.runner import SparseRunner
 from calibatt.masks import BlockGeometry, MaskBundle
 from calibatt.nodes import model_info as mi
-from calibatt.nodes.routing import CALLS_KEY, LAYER_KEY, AttentionRouter, positive_rows, schedule_steps
+from calibatt.masks.sigmas import schedule_steps
+from calibatt.nodes.routing import CALLS_KEY, LAYER_KEY, AttentionRouter, positive_rows
 from helpers_core import comfy_attention
 
 WAN = {"image_model": "wan2.1", "model_type": "t2v", "dim": 64, "num_heads": 2, "num_layers": 3, "in_dim": 16}
