@@ -53,7 +53,9 @@ def quality_cutoff(quality: float) -> float:
 
 class SparseRunner:
     def __init__(self, bundle: MaskBundle, *, dense_first: float = 0.0, dense_last: float = 0.0,
-                 dense_cutoff: float = DENSE_CUTOFF, precision: str = "bf16"):
+                 dense_cutoff: float = DENSE_CUTOFF, precision: str = "bf16", table_builder: Optional[str] = None):
+        """table_builder: who builds the per-step skip-list tables, "triton" or "torch"; None picks Triton on CUDA and
+        torch elsewhere (tests pass "triton" to run the Triton builder under the interpreter on the CPU)."""
         if not (0.0 <= dense_first <= 1.0 and 0.0 <= dense_last <= 1.0):
             raise ValueError("dense_first and dense_last are fractions of the steps in [0, 1]")
         if not (0.0 <= dense_cutoff <= 1.0 + 1e-9):
@@ -69,6 +71,7 @@ class SparseRunner:
         self.dense_first = dense_first
         self.dense_last = dense_last
         self.dense_cutoff = dense_cutoff
+        self.table_builder = table_builder
         self._step_key = None
         self._tables: Optional[BucketTables] = None
         self._routes = None
@@ -98,7 +101,8 @@ class SparseRunner:
         above = self._densities[bucket] > self.dense_cutoff
         mixed = above.any(-1) & ~above.all(-1)
         self._tables = BucketTables(self.bundle, bucket, device, full_heads=above & mixed[:, None], health=self._health,
-                                    layers=[l for l, r in enumerate(self._routes) if r[0] != "dense"])
+                                    layers=[l for l, r in enumerate(self._routes) if r[0] != "dense"],
+                                    builder=self.table_builder)
         self._step_key = key
 
     def _layer_routes(self, bucket: int, device) -> list:

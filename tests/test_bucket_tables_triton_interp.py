@@ -97,14 +97,13 @@ def test_runner_triton_path_over_per_call_tables(monkeypatch):
     on the bundle's original skip lists; heads above it (a sparse one included, so its full-row table differs
     from its mask) equal float64 dense attention; over two buckets and back, text tokens after the video."""
     monkeypatch.setattr(BT, "RESIDENT_BYTES", 0)  # streamed: every call rebuilds the one buffer
-    monkeypatch.setattr(BucketTables, "default_builder", "triton")
     monkeypatch.setattr(SparseRunner, "_triton_ok", staticmethod(lambda q: q.dtype == torch.float16))
     n_text = 5
     bundle, grid, lists = random_bundle(21, L=4, H=3, frames=3, height=4, width=10, block_q=16, block_k=16,
                                         n_text=n_text)
     dens = bundle.entry_densities()
     cutoff = 0.5 * float(dens[0, 1, 1])  # layer 1: head 0 (all blocks) and the sparse head 1 run as full rows
-    runner = SparseRunner(bundle, dense_cutoff=cutoff)
+    runner = SparseRunner(bundle, dense_cutoff=cutoff, table_builder="triton")
     gen = torch.Generator().manual_seed(6)
     B, H, Nv, D = 2, 3, grid.video_tokens, 16
     N = Nv + n_text

@@ -43,13 +43,9 @@ class BucketTables:
     `layer(l, full=True)` (the runner's mixed layers on the Triton path: exact dense heads in the sparse launch).
     layers: the layers that will be asked for (default: all); the others' masks are not copied to the device (the
     runner leaves out layers it routes dense).
-    builder: "triton", "torch" or None (default_builder, else Triton on CUDA and torch elsewhere).
+    builder: "triton", "torch" or None (Triton on CUDA, torch elsewhere).
     mode: "streamed", "resident" or None (by RESIDENT_BYTES).
     health: the runner's record of Triton paths that failed on this GPU (kernels/support.py)."""
-
-    # Tests and the CPU smoke run of bench/memory_step.py set "triton" to run the Triton builder under Triton's
-    # interpreter on the CPU.
-    default_builder: Optional[str] = None
 
     def __init__(self, bundle, bucket: int, device, *, full_heads: Optional[torch.Tensor] = None, layers=None,
                  builder: Optional[str] = None, mode: Optional[str] = None,
@@ -93,7 +89,7 @@ class BucketTables:
         self._current = None  # streamed: (layer, full) the buffer holds now
         self._stream = None
         if builder is None:
-            builder = self.default_builder or ("triton" if device.type == "cuda" else "torch")
+            builder = "triton" if device.type == "cuda" else "torch"
         if builder not in ("triton", "torch"):
             raise ValueError(f"builder must be 'triton' or 'torch', got {builder!r}")
         self.builder = builder
