@@ -82,8 +82,7 @@ class HybridPlan:
         dens = bundle.entry_densities()
         buckets = []
         for b in range(bundle.num_buckets):
-            sl = bundle.skip_lists(b)
-            mask = sl.block_mask().clone()  # [L, H, nq, nk]
+            mask = bundle.block_masks(b)  # [L, H, nq, nk]
             inter = torch.zeros(L, H, dtype=torch.float64)
             union = torch.zeros(L, H, dtype=torch.float64)
             always = torch.zeros(L, H, g.nq, g.nk, dtype=torch.bool)

@@ -17,7 +17,7 @@ import torch
 from ..version import __version__
 from .errors import BundleError
 from .geometry import ModelSignature, TokenGrid, anchor_share, key_block_density
-from .packing import pack_bits, row_bytes, row_counts
+from .packing import pack_bits, row_bytes, row_counts, unpack_bits
 from .sigmas import SigmaBuckets, validate_sigmas
 from .skiplists import BlockGeometry, LayerSkipList, RepetitionPlan, SkipLists, packed_to_table
 from .transfer import to_device_async
@@ -243,6 +243,11 @@ class MaskBundle:
         if layers is not None:
             ids = ids[torch.as_tensor(list(layers), dtype=torch.long)]
         return self.packed_masks[ids.reshape(-1)].view(ids.shape[0], self.num_heads, *self.packed_masks.shape[1:])
+
+    def block_masks(self, bucket: int, layers=None) -> torch.Tensor:
+        """[len(layers), H, nq, nk] bool on the CPU: the same masks unpacked, for previews and tools that look at
+        blocks (no tables are built)."""
+        return unpack_bits(self.bucket_masks(bucket, layers), self.geometry.nk)
 
     def layer_widths(self, bucket: int) -> list:
         """Per layer, the longest row of any head (key blocks): the width of that layer's padded table, known on the

@@ -44,7 +44,7 @@ def head_mask(bundle: MaskBundle, layer: Optional[int] = None, head: int = 0, st
     layer = bundle.num_layers // 2 if layer is None else layer
     step = len(bundle.step_bucket) // 2 if step is None else step
     bucket = bundle.step_bucket[step]
-    return bundle.skip_lists(bucket, "cpu").layer(layer).block_mask()[head].float()  # [nq, nk]
+    return bundle.block_masks(bucket, [layer])[0, head].float()  # [nq, nk]
 
 
 def preview_images(bundle: MaskBundle, size: int = 384, layer: Optional[int] = None, head: int = 0,

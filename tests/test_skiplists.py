@@ -89,3 +89,20 @@ def test_bundle_builds_the_same_skip_lists_in_one_chunk_or_layer_by_layer(monkey
         assert torch.equal(a.kv_counts, c.kv_counts)
         W = c.kv_indices.shape[-1]
         assert torch.equal(a.kv_indices[..., :W], c.kv_indices)  # the shared width only adds padding
+
+
+def test_bundle_block_masks_are_the_written_masks_with_the_diagonal():
+    """MaskBundle.block_masks (previews, the hybrid) unpacks the stored bits: the masks as written plus the block
+    diagonal, equal to what the run-time tables hold, for every layer or a chosen few."""
+    from calibatt.masks import MaskBundle, ModelSignature, TokenGrid
+
+    grid = TokenGrid(frames=3, height=4, width=10)
+    g = BlockGeometry(grid.video_tokens, 16, 16)
+    gen = torch.Generator().manual_seed(11)
+    masks = [torch.rand(3, 2, g.nq, g.nk, generator=gen) < 0.3 for _ in range(2)]
+    b = MaskBundle.from_block_masks(ModelSignature("generic", 3, 2, 16, 32), grid, g, masks, [1.0, 0.5], [0, 1])
+    for i, m in enumerate(masks):
+        got = b.block_masks(i)
+        assert got.dtype == torch.bool and torch.equal(got, m | g.diagonal())
+        assert torch.equal(got, b.skip_lists(i).block_mask())
+        assert torch.equal(b.block_masks(i, [2, 0]), got[[2, 0]])
