@@ -57,7 +57,8 @@ from _pkg import git_commit, load_package  # noqa: E402
 
 load_package()  # before ComfyUI is importable: the package root then registers no nodes
 import _model_step_comfy as MC  # noqa: E402
-from _model_step_bundles import find_data, load_strategy, realistic_bundle  # noqa: E402
+from _data import find_sta_data, load_sta_strategy  # noqa: E402
+from _model_step_bundles import realistic_bundle  # noqa: E402
 
 # The cases in the order they run, most important first: a run cut by --budget-s keeps the head of the list. A case is
 # (model, video, kind, precision, target density); cases of one model stay together (one model build each). Densities:
@@ -226,8 +227,8 @@ class Context:
         # bf16 as the models ship; float32 on the CPU check, so the density-1 comparison is tight
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.block = TINY_BLOCK if self.tiny else BLOCK
-        self.data = find_data(args.data)
-        self.strategy = load_strategy(self.data)
+        self.data = find_sta_data(args.data)
+        self.strategy = load_sta_strategy(self.data)
         self.ck, self.ck_info = MC.comfy_kitchen_status()
         self._model = (None, None, None, None)
         self.timer = None
