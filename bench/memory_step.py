@@ -20,7 +20,8 @@ outputs (same tables, same kernel).
 GPU:  PYTHONUNBUFFERED=1 python3 bench/memory_step.py [--data PATH] [--repeats 2]
 CPU check of this script (Triton's interpreter, tiny shape, no timing worth reading):
       python3 bench/memory_step.py --tiny
-Prints one JSON to stdout; writes $OUT/memory_step.json when OUT is set.
+Prints one JSON to stdout; also writes memory_step.json into an output folder when the OUT environment variable
+names one.
 """
 
 from __future__ import annotations

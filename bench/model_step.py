@@ -25,14 +25,15 @@ of its step, d = the bundle's density.
 
 GPU (repo root as cwd; no ComfyUI install needed, only a ComfyUI tree and its few extra wheels, see
 bench/fetch_bench_wheels.sh):
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .benchwheels/*.whl
-  export PYTHONPATH=/tmp/site; mkdir -p /tmp/cu; tar xzf .benchcomfy/comfyui-0.19.3.tgz -C /tmp/cu
-  PYTHONUNBUFFERED=1 python3 bench/model_step.py --comfyui /tmp/cu/comfyui-0.19.3 --quick
-  PYTHONUNBUFFERED=1 python3 bench/model_step.py --comfyui /tmp/cu/comfyui-0.19.3 --calibration-only
+  python3 -m pip install -q --no-index --no-deps --no-compile --target <site> .benchwheels/*.whl
+  export PYTHONPATH=<site>; mkdir -p <dir>; tar xzf .benchcomfy/comfyui-0.19.3.tgz -C <dir>
+  PYTHONUNBUFFERED=1 python3 bench/model_step.py --comfyui <dir>/comfyui-0.19.3 --quick
+  PYTHONUNBUFFERED=1 python3 bench/model_step.py --comfyui <dir>/comfyui-0.19.3 --calibration-only
+where <site> and <dir> are any empty folders.
 CPU check (tiny WanModel, the package's reference path; tests/test_model_step_bench.py):
   python3 bench/model_step.py --comfyui PATH --tiny
-Writes $OUT/model_step.json (else --json PATH, else bench/results/model_step.json) after every case, so a run cut
-short still leaves its results; progress on stderr.
+Writes --json PATH, else model_step.json in the output folder the OUT environment variable names, else
+bench/results/model_step.json, after every case, so a run cut short still leaves its results; progress on stderr.
 """
 
 from __future__ import annotations
@@ -593,7 +594,8 @@ def main(argv=None):
                     "pure top-k at the bundle's density)")
     ap.add_argument("--calib-prompts", type=int, default=2)
     ap.add_argument("--calib-steps", type=int, default=3)
-    ap.add_argument("--json", default=None, help="output file (default $OUT/model_step.json)")
+    ap.add_argument("--json", default=None,
+                    help="output file (default: model_step.json in the folder OUT names, else in bench/results)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if not a.comfyui or not Path(a.comfyui, "comfy").is_dir():
