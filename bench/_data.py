@@ -1,8 +1,9 @@
 """Where the bench scripts find FastVideo's STA window file (sta_mask_strategy_hunyuan.json), and how they read it.
 
 One search order for every script, so a file put in one place serves them all: an explicit path first, else
-.benchdata/ in the checkout (the gzipped copy bench/prepare_bench_carry.sh makes for a GPU machine), else a shared
-data folder beside, inside or two levels above the checkout. Each folder may hold the file plain or gzipped.
+.benchdata/ in the checkout (the gzipped copy bench/prepare_bench_carry.sh makes for a GPU machine), else
+shared/data beside the checkout, inside it, or beside the folder that holds it. Each may hold the file plain or
+gzipped.
 """
 
 from __future__ import annotations
