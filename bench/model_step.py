@@ -165,17 +165,7 @@ def patch(model, bundle, precision, dense_cutoff):
         how = "mirror of nodes.actions.patch_model_attention with SparseRunner(" + ", ".join(
             [f"precision={precision!r}"] + [f"dense_cutoff={dense_cutoff}"] * (dense_cutoff is not None)) + ")"
     router = m.model_options["transformer_options"][OVERRIDE_KEY].router
-    # SparseRunner.end() (run at the end of every sampling run) forgets the per-layer FP8 errors of the run; keep
-    # the last run's for the JSON.
-    router.handler._fp8 = _KeptOnClear(router.handler._fp8)
-    router.handler._layer_precision = _KeptOnClear(router.handler._layer_precision)
     return m, router.handler, router, how
-
-
-class _KeptOnClear(dict):
-    def clear(self):
-        self.kept = dict(self)
-        super().clear()
 
 
 # ------------------------------------------------------------------------------------------------ one shape
@@ -305,6 +295,11 @@ def run_case(ctx, shape, kind, precision, target):
     if trace:
         import _memory_trace
         _memory_trace.record()
+    # SparseRunner.end() (run when sampling ends) forgets the run's per-layer FP8 errors and precisions: read them
+    # after each model evaluation, so the JSON gets the last evaluation's.
+    checked = {}
+    if runner is not None:
+        ctx.timer.on_record = lambda rec: checked.update(errors=runner.fp8_errors, used=runner.layer_precisions)
     t = time.time()
     try:
         with warnings.catch_warnings(record=True) as w:
@@ -315,6 +310,7 @@ def run_case(ctx, shape, kind, precision, target):
         row["error"] = f"{type(e).__name__}: {str(e)[:1000]}"
         log(f"  FAILED: {row['error']}")
     finally:
+        ctx.timer.on_record = None
         if trace:
             row["memory_at_peak"] = _memory_trace.peak_live(_memory_trace.stop_and_snapshot(),
                                                             device=torch.cuda.current_device())
@@ -325,9 +321,8 @@ def run_case(ctx, shape, kind, precision, target):
         row["warnings"] = warnings_seen
     if runner is not None:
         row["routed_calls"] = router.routed
-        errs = getattr(runner._fp8, "kept", None) or runner.fp8_errors
+        errs, used = checked.get("errors", {}), checked.get("used", {})
         row["fp8_errors"] = {str(k): round(v, 5) for k, v in sorted(errs.items())}
-        used = getattr(runner._layer_precision, "kept", None) or runner.layer_precisions
         row["layer_precisions"] = {p: sum(1 for x in used.values() if x == p) for p in sorted(set(used.values()))}
         row["triton_failures"] = [str(x) for x in runner.triton_failures]
     out = ctx.timer.first_output
