@@ -8,15 +8,11 @@ the same masks.
 
 A density is reached by two knobs, chosen so the structure stays the data's: the dense heads per layer (a share of
 0.1 by default, more only when the windows are too sparse for the target) and one scale on every window's extent
-(bisection; below 1 when the windows are denser than the target). Without the data file the same window vocabulary
-is drawn at random (labelled "synthetic" in the output).
+(bisection; below 1 when the windows are denser than the target). The data file is found by bench/_data.py;
+without it the same window vocabulary is drawn at random (labelled "synthetic" in the output).
 """
 
 from __future__ import annotations
-
-import gzip
-import json
-from pathlib import Path
 
 import torch
 
@@ -24,34 +20,9 @@ from bench_bundle_size import TILES, block_boxes, window_mask  # noqa: E402  (be
 from calibatt.masks import BlockGeometry, MaskBundle  # noqa: E402
 from calibatt.masks.packing import pack_bits  # noqa: E402
 
-HERE = Path(__file__).resolve()
-DATA_NAME = "sta_mask_strategy_hunyuan.json"
 # STA's window vocabulary from step 15 on, with its frequencies there (dense windows excluded): the synthetic
 # fallback when the data file is absent (same as bench/memory_step.py).
 SYNTH_WINDOWS = [((5, 3, 3), 20380), ((1, 6, 10), 15916), ((3, 3, 5), 7396), ((5, 1, 10), 5244), ((5, 6, 1), 1464)]
-
-
-def find_data(arg=None):
-    """The STA window file: --data, else .benchdata/ in the checkout (what the lead carries to the GPU machine, plain
-    or gzipped), else shared/data beside or inside the checkout; None -> synthetic windows."""
-    if arg:
-        return Path(arg)
-    root = HERE.parents[1]
-    for folder in (root / ".benchdata", root.parent / "shared/data", root / "shared/data",
-                   root.parents[1] / "shared/data"):
-        for name in (DATA_NAME, DATA_NAME + ".gz"):
-            if (folder / name).is_file():
-                return folder / name
-    return None
-
-
-def load_strategy(path):
-    if path is None:
-        return None
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    return json.loads(raw)
 
 
 class WindowSource:

@@ -62,7 +62,7 @@ def in_run(model, handler, caps, seeds, steps, guidance, record=False):
     timer = adapter.AttentionTimer()
     probe = Probe(handler, record)
     with adapter.WanAttentionHook(model.transformer, probe, timer=timer, **evaluate.HOOK_KW) as hook:
-        on_step = evaluate._on_step(hook, len(caps), guidance)
+        on_step = evaluate.step_callback(hook, len(caps), guidance)
         pipeline.generate(model, caps, seeds, steps=steps, guidance=guidance, on_step=on_step)  # warm-up
         torch.cuda.synchronize()
         timer.reset()

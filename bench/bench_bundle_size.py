@@ -1,11 +1,11 @@
 """Bundle size for a Wan 2.1 14B 720p, 50-step bundle with realistic mask structure.
 
-Structure source: sta_mask_strategy_hunyuan.json in the shared data folder (../shared/data beside the checkout; or --data PATH), real
-per-(step, layer, head) 3D window sizes chosen for HunyuanVideo 720p (FastVideo's Sliding Tile Attention).
-It is not Wan's and not CalibAtt's output: each window [t, h, w] (in 5 x 6 x 10 tiles of the grid) is scaled to
-Wan 720p's 21 x 45 x 80 token grid and turned into a 128 x 128 block mask (key block kept if any of its tokens
-lies inside the window around any token of the query block). Layer l of Wan uses STA layer l, head h uses STA head
-h mod 24.
+Structure source: sta_mask_strategy_hunyuan.json (--data PATH, else found as bench/_data.py says, e.g. in
+../shared/data beside the checkout), real per-(step, layer, head) 3D window sizes chosen for HunyuanVideo 720p
+(FastVideo's Sliding Tile Attention). It is not Wan's and not CalibAtt's output: each window [t, h, w] (in 5 x 6 x
+10 tiles of the grid) is scaled to Wan 720p's 21 x 45 x 80 token grid and turned into a 128 x 128 block mask (key
+block kept if any of its tokens lies inside the window around any token of the query block). Layer l of Wan uses STA
+layer l, head h uses STA head h mod 24.
 
 Variants:
 - exact: the windows as they are (many entries share a window, so dedup makes the bundle small);
@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from _pkg import load_package  # noqa: E402
+from _data import DATA_NAME, find_sta_data, load_sta_strategy  # noqa: E402  (bench/ is on sys.path)
 
 load_package()
 from calibatt.masks import BlockGeometry, MaskBundle, ModelSignature, TokenGrid, save_bundle, load_bundle  # noqa
@@ -62,7 +63,7 @@ def window_mask(boxes, window, grid):
 
 
 def build(data_path, perturb, seed=0, steps=STEPS, first=0):
-    strategy = json.loads(Path(data_path).read_text())
+    strategy = load_sta_strategy(data_path)
     geom = BlockGeometry(GRID.video_tokens, 128, 128)
     boxes = block_boxes(geom, GRID, 128)
     diag = geom.diagonal()
@@ -102,20 +103,18 @@ def build(data_path, perturb, seed=0, steps=STEPS, first=0):
 
 def main():
     ap = argparse.ArgumentParser()
-    here = Path(__file__).resolve()
-    default = next((p for p in (here.parents[1] / "shared/data", here.parents[2] / "shared/data")
-                    if (p / "sta_mask_strategy_hunyuan.json").exists()), here.parents[2] / "shared/data")
-    ap.add_argument("--data", default=str(default / "sta_mask_strategy_hunyuan.json"))
+    ap.add_argument("--data", default=None, help="the STA window file (default: found as bench/_data.py says)")
     ap.add_argument("--perturb", type=float, nargs="*", default=[0.0, 0.002, 0.01])
     ap.add_argument("--steps", type=int, default=STEPS,
                     help="steps to build (the perturbed variant holds every distinct mask in memory: 44 KB each)")
     ap.add_argument("--first-step", type=int, default=0, help="start at this STA step (0-14 are all dense)")
     ap.add_argument("--out")
     args = ap.parse_args()
-    if not Path(args.data).is_file():
-        sys.exit(f"bench_bundle_size: {args.data} not found. It is sta_mask_strategy_hunyuan.json from the shared data "
-                 "folder: put that folder's parent beside the checkout as ../shared (make bench-size SHARED=DIR for "
-                 "another place), or pass --data PATH")
+    args.data = find_sta_data(args.data)
+    if args.data is None or not args.data.is_file():
+        sys.exit(f"bench_bundle_size: {args.data or DATA_NAME} not found. It is sta_mask_strategy_hunyuan.json "
+                 "from the shared data folder: put that folder's parent beside the checkout as ../shared "
+                 "(make bench-size SHARED=DIR for another place), or pass --data PATH")
     rows = []
     g = BlockGeometry(GRID.video_tokens, 128, 128)
     raw_mask = g.nq * ((g.nk + 7) // 8)

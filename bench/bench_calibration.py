@@ -7,7 +7,7 @@ times whole steps (synchronised at step ends; each step after the first also mov
 the host). The work after the last step (its host copy, the prompt's commit, the vote into a bundle) is timed
 separately: in real use the commit runs on a worker thread during the next prompt.
 
-GPU (the lead runs this):  python3 bench/bench_calibration.py --json bench/bench_calibration.json [--row-stride 4]
+GPU:                        python3 bench/bench_calibration.py --json bench/bench_calibration.json [--row-stride 4]
 CPU smoke run (tiny):       .venv/bin/python bench/bench_calibration.py --tiny
 Selection quality vs stats_row_stride (CPU, planted structure, tests/synthetic.py):
                             .venv/bin/python bench/bench_calibration.py --quality [--json q.json]

@@ -1,6 +1,6 @@
 """Device benchmark and real-shape check of the Triton kernels (block-sparse attention, block-energy statistics).
 
-One run does everything (the device lease is short):
+One run does everything:
   1. correctness at Wan shapes (480p 32,760 and 720p 75,600 tokens, 40 heads, D=128): random masks incl. density
      1.0 and a single block per row, partial last block, trailing text, a repetition plan, batch 2, both layouts,
      fp16 and bf16; against the plain-PyTorch reference (all rows) or an independent float32 masked softmax on
@@ -13,7 +13,8 @@ One run does everything (the device lease is short):
   5. the density cutoff above which dense (cuDNN) is faster than our kernel.
 
 Usage (device): PYTHONUNBUFFERED=1 python3 bench/bench_kernels.py [--quick] [--skip-flex] [--sweep-only]
-Writes $OUT/bench_kernels.json and $OUT/bench_kernels.log when OUT is set.
+Writes bench_kernels.json and bench_kernels.log into an output folder when the OUT environment variable names
+one.
 """
 
 from __future__ import annotations

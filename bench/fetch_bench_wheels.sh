@@ -4,7 +4,8 @@
 # `import comfy.model_management, comfy.ldm.wan.model, comfy.model_patcher, comfy.samplers` of ComfyUI 0.19.3 needs,
 # plus comfy-kitchen for the Sol-Attn peer. comfy-kitchen's wheel (68 MB) is rewritten without backends/hip (the
 # ROCm build, 30 MB, never loaded under a CUDA torch); backends/ascend stays (the package imports it at load).
-# The lead carries the folder (git-ignored) with the run; everything carried must stay under 64 MiB in all.
+# The folder (git-ignored) goes to the GPU machine with the checkout; bench/prepare_bench_carry.sh prints what they
+# weigh together.
 # Usage (repo root): bash bench/fetch_bench_wheels.sh [python]
 set -euo pipefail
 PY=${1:-python3}

@@ -216,7 +216,7 @@ def calibrate_grid(model, grid, caps, seeds, *, steps, guidance, block, frames, 
             cap, seed = prompt
             cal.set_schedule(sched)
             pipeline.generate(model, [cap], [seed], steps=steps, guidance=guidance,
-                              on_step=evaluate._on_step(hook, 1, guidance), frames=frames)
+                              on_step=evaluate.step_callback(hook, 1, guidance), frames=frames)
         bundles = calibrate(run_prompt, list(zip(caps, seeds)), fan, keys=[f"A{i}" for i in range(len(caps))])
     return cals, bundles
 
@@ -417,7 +417,7 @@ def main(argv=None):
         probe = ErrorProbe(probe_methods, steps_probed, L)
         with WanAttentionHook(model.transformer, probe, **evaluate.HOOK_KW) as hook:
             pipeline.generate(model, caps_b[:1], seeds_b[:1], steps=a.steps, guidance=a.guidance,
-                              on_step=evaluate._on_step(hook, 1, a.guidance), frames=a.frames)
+                              on_step=evaluate.step_callback(hook, 1, a.guidance), frames=a.frames)
         errs = probe.errors()
         for r in rows:
             e = errs.get(f"{r['method']} @ {r['target_density']}")

@@ -2,9 +2,9 @@
 tables (kernels/tables/__init__.py) against the previous scheme (every layer's table built when a bucket begins, the
 last two buckets kept, mixed layers' full-head copies kept), with cuDNN dense beside them.
 
-Shape: batch 2 (CFG), 40 heads x 128, 75,600 tokens (21 x 45 x 80 latent), 40 layers, 128-token blocks, bf16,
-(B, L, H*D) calls as ComfyUI makes them, q/k/v shared by the layers (the masks differ). Masks: real per-head
-window sizes (FastVideo's Sliding Tile Attention windows for HunyuanVideo 720p, ../shared/data; not Wan's, not
+Shape: batch 2 (CFG), 40 heads x 128, 75,600 tokens (21 x 45 x 80 latent), 40 layers, 128-token blocks, bf16, (B, L,
+H*D) calls as ComfyUI makes them, q/k/v shared by the layers (the masks differ). Masks: real per-head window sizes
+(FastVideo's Sliding Tile Attention windows for HunyuanVideo 720p, found as bench/_data.py says; not Wan's, not
 CalibAtt's) mapped to Wan 720p as bench/bench_bundle_size.py does, "[5, 6, 10]" (the full grid) as dense, plus a
 share of dense heads per layer (--dense-heads) so most layers are mixed, as calibrated bundles have. Without the
 data file the same window vocabulary is drawn at random (labelled "synthetic" in the output).
@@ -20,7 +20,8 @@ outputs (same tables, same kernel).
 GPU:  PYTHONUNBUFFERED=1 python3 bench/memory_step.py [--data PATH] [--repeats 2]
 CPU check of this script (Triton's interpreter, tiny shape, no timing worth reading):
       python3 bench/memory_step.py --tiny
-Prints one JSON to stdout; writes $OUT/memory_step.json when OUT is set.
+Prints one JSON to stdout; also writes memory_step.json into an output folder when the OUT environment variable
+names one.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ sys.path.insert(0, str(HERE.parent))
 from _pkg import git_commit, load_package  # noqa: E402
 
 load_package()
+from _data import find_sta_data, load_sta_strategy  # noqa: E402
 from bench_bundle_size import TILES, block_boxes, window_mask  # noqa: E402
 from calibatt.kernels import tables as BT  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
@@ -65,15 +67,6 @@ SYNTH_WINDOWS = [((5, 3, 3), 20380), ((1, 6, 10), 15916), ((3, 3, 5), 7396), ((5
 # ---------------------------------------------------------------------------------------------------------------
 # the bundle
 # ---------------------------------------------------------------------------------------------------------------
-def find_data(arg):
-    if arg:
-        return Path(arg)
-    for p in (HERE.parents[1] / "shared/data", HERE.parents[2] / "shared/data", HERE.parents[1] / ".benchdata"):
-        if (p / "sta_mask_strategy_hunyuan.json").exists():
-            return p / "sta_mask_strategy_hunyuan.json"
-    return None
-
-
 def build_bundle(grid, L, H, block, sta_steps, dense_share, data_path, seed, head_dim=128):
     """Bucket 0: STA step 0 (all windows dense); buckets 1.. : the given STA steps, plus round(dense_share * H)
     random dense heads per layer. Layer l takes STA layer l (mod 60), head h STA head h mod 24."""
@@ -81,7 +74,7 @@ def build_bundle(grid, L, H, block, sta_steps, dense_share, data_path, seed, hea
     boxes = block_boxes(g, grid, block)
     diag = g.diagonal()
     gen = torch.Generator().manual_seed(seed)
-    strategy = json.loads(Path(data_path).read_text()) if data_path else None
+    strategy = load_sta_strategy(data_path)
     cache, packed, ids = {}, [], {}
     steps = [0] + list(sta_steps)
     entry = torch.empty(len(steps), L, H, dtype=torch.int32)
@@ -315,7 +308,7 @@ def main(argv=None):
     else:
         grid, L, H, D, B, block, dtype, dev = TokenGrid(21, 45, 80), 40, 40, 128, 2, 128, torch.bfloat16, "cuda"
     clock = Clock(cuda)
-    data = find_data(a.data)
+    data = find_sta_data(a.data)
     sta_steps = [int(x) for x in a.sta_steps.split(",")]
     bundle = build_bundle(grid, L, H, block, sta_steps, a.dense_heads, data, a.seed, head_dim=D)
     g = bundle.geometry

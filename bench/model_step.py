@@ -25,14 +25,15 @@ of its step, d = the bundle's density.
 
 GPU (repo root as cwd; no ComfyUI install needed, only a ComfyUI tree and its few extra wheels, see
 bench/fetch_bench_wheels.sh):
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .benchwheels/*.whl
-  export PYTHONPATH=/tmp/site; mkdir -p /tmp/cu; tar xzf .benchcomfy/comfyui-0.19.3.tgz -C /tmp/cu
-  PYTHONUNBUFFERED=1 python3 bench/model_step.py --comfyui /tmp/cu/comfyui-0.19.3 --quick
-  PYTHONUNBUFFERED=1 python3 bench/model_step.py --comfyui /tmp/cu/comfyui-0.19.3 --calibration-only
+  python3 -m pip install -q --no-index --no-deps --no-compile --target <site> .benchwheels/*.whl
+  export PYTHONPATH=<site>; mkdir -p <dir>; tar xzf .benchcomfy/comfyui-0.19.3.tgz -C <dir>
+  PYTHONUNBUFFERED=1 python3 bench/model_step.py --comfyui <dir>/comfyui-0.19.3 --quick
+  PYTHONUNBUFFERED=1 python3 bench/model_step.py --comfyui <dir>/comfyui-0.19.3 --calibration-only
+where <site> and <dir> are any empty folders.
 CPU check (tiny WanModel, the package's reference path; tests/test_model_step_bench.py):
   python3 bench/model_step.py --comfyui PATH --tiny
-Writes $OUT/model_step.json (else --json PATH, else bench/results/model_step.json) after every case, so a run cut
-short still leaves its results; progress on stderr.
+Writes --json PATH, else model_step.json in the output folder the OUT environment variable names, else
+bench/results/model_step.json, after every case, so a run cut short still leaves its results; progress on stderr.
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ from _pkg import git_commit, load_package  # noqa: E402
 
 load_package()  # before ComfyUI is importable: the package root then registers no nodes
 import _model_step_comfy as MC  # noqa: E402
-from _model_step_bundles import find_data, load_strategy, realistic_bundle  # noqa: E402
+from _data import find_sta_data, load_sta_strategy  # noqa: E402
+from _model_step_bundles import realistic_bundle  # noqa: E402
 
 # The cases in the order they run, most important first: a run cut by --budget-s keeps the head of the list. A case is
 # (model, video, kind, precision, target density); cases of one model stay together (one model build each). Densities:
@@ -163,17 +165,7 @@ def patch(model, bundle, precision, dense_cutoff):
         how = "mirror of nodes.actions.patch_model_attention with SparseRunner(" + ", ".join(
             [f"precision={precision!r}"] + [f"dense_cutoff={dense_cutoff}"] * (dense_cutoff is not None)) + ")"
     router = m.model_options["transformer_options"][OVERRIDE_KEY].router
-    # SparseRunner.end() (run at the end of every sampling run) forgets the per-layer FP8 errors of the run; keep
-    # the last run's for the JSON.
-    router.handler._fp8 = _KeptOnClear(router.handler._fp8)
-    router.handler._layer_precision = _KeptOnClear(router.handler._layer_precision)
     return m, router.handler, router, how
-
-
-class _KeptOnClear(dict):
-    def clear(self):
-        self.kept = dict(self)
-        super().clear()
 
 
 # ------------------------------------------------------------------------------------------------ one shape
@@ -226,8 +218,8 @@ class Context:
         # bf16 as the models ship; float32 on the CPU check, so the density-1 comparison is tight
         self.dtype = torch.bfloat16 if self.cuda else torch.float32
         self.block = TINY_BLOCK if self.tiny else BLOCK
-        self.data = find_data(args.data)
-        self.strategy = load_strategy(self.data)
+        self.data = find_sta_data(args.data)
+        self.strategy = load_sta_strategy(self.data)
         self.ck, self.ck_info = MC.comfy_kitchen_status()
         self._model = (None, None, None, None)
         self.timer = None
@@ -303,6 +295,11 @@ def run_case(ctx, shape, kind, precision, target):
     if trace:
         import _memory_trace
         _memory_trace.record()
+    # SparseRunner.end() (run when sampling ends) forgets the run's per-layer FP8 errors and precisions: read them
+    # after each model evaluation, so the JSON gets the last evaluation's.
+    checked = {}
+    if runner is not None:
+        ctx.timer.on_record = lambda rec: checked.update(errors=runner.fp8_errors, used=runner.layer_precisions)
     t = time.time()
     try:
         with warnings.catch_warnings(record=True) as w:
@@ -313,6 +310,7 @@ def run_case(ctx, shape, kind, precision, target):
         row["error"] = f"{type(e).__name__}: {str(e)[:1000]}"
         log(f"  FAILED: {row['error']}")
     finally:
+        ctx.timer.on_record = None
         if trace:
             row["memory_at_peak"] = _memory_trace.peak_live(_memory_trace.stop_and_snapshot(),
                                                             device=torch.cuda.current_device())
@@ -323,9 +321,8 @@ def run_case(ctx, shape, kind, precision, target):
         row["warnings"] = warnings_seen
     if runner is not None:
         row["routed_calls"] = router.routed
-        errs = getattr(runner._fp8, "kept", None) or runner.fp8_errors
+        errs, used = checked.get("errors", {}), checked.get("used", {})
         row["fp8_errors"] = {str(k): round(v, 5) for k, v in sorted(errs.items())}
-        used = getattr(runner._layer_precision, "kept", None) or runner.layer_precisions
         row["layer_precisions"] = {p: sum(1 for x in used.values() if x == p) for p in sorted(set(used.values()))}
         row["triton_failures"] = [str(x) for x in runner.triton_failures]
     out = ctx.timer.first_output
@@ -592,7 +589,8 @@ def main(argv=None):
                     "pure top-k at the bundle's density)")
     ap.add_argument("--calib-prompts", type=int, default=2)
     ap.add_argument("--calib-steps", type=int, default=3)
-    ap.add_argument("--json", default=None, help="output file (default $OUT/model_step.json)")
+    ap.add_argument("--json", default=None,
+                    help="output file (default: model_step.json in the folder OUT names, else in bench/results)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
     if not a.comfyui or not Path(a.comfyui, "comfy").is_dir():

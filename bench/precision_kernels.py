@@ -13,7 +13,7 @@ Sections (each a JSON row; the run stops starting new sections after --budget-s)
      shapes, rel error of fp8 / fp8-qk against float32 reference attention on the same skip list.
 Usage (device): PYTHONUNBUFFERED=1 python3 bench/precision_kernels.py [--budget-s 420]
 CPU check of the script: python3 bench/precision_kernels.py --smoke (interpreter, tiny shapes, no timing).
-Writes $OUT/precision_kernels.json when OUT is set.
+Writes precision_kernels.json into an output folder when the OUT environment variable names one.
 """
 
 from __future__ import annotations

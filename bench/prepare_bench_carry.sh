@@ -5,7 +5,7 @@
 #   .benchcomfy/comfyui-0.19.3.tgz  the ComfyUI 0.19.3 tree from the shared archive, unmodified files, without what
 #                  the bench never reads: comfy/ and the top-level modules it imports (folder_paths, comfyui_version,
 #                  node_helpers) plus LICENSE, minus the tokenizer vocabularies (no text encoder is built). 0.7 MB
-#                  instead of 6.4; same top folder, so `tar xzf ... -C /tmp/cu` gives /tmp/cu/comfyui-0.19.3;
+#                  instead of 6.4; same top folder, so `tar xzf ... -C <dir>` gives <dir>/comfyui-0.19.3;
 #   .benchdata/    the STA window file, gzipped (0.2 MB instead of 4.1; model_step.py reads either).
 # Usage (repo root): bash bench/prepare_bench_carry.sh [shared folder, default ../shared or ../../shared] [python]
 set -euo pipefail

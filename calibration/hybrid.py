@@ -16,8 +16,8 @@ Heads the sparse runner would run dense (density above its cutoff) stay static a
 The routing is device-side tensor work (pooling, one sort, a compare with the per-row budget, a scatter): nothing
 is read back to the host per call. `hybrid_attention` then computes attention restricted to the block mask, one
 mask per batch row and head, through SDPA with a token mask: a reference for tests and CPU benchmarks, O(N^2)
-memory per call. What the lead decides for the product (a bundle format bump recording the classification and
-budgets, the kernel taking per-call rows for dynamic heads in the same launch) is not done here.
+memory per call. Not done here: a bundle format bump recording the classification and budgets, and the kernel
+taking per-call rows for dynamic heads in the same launch.
 """
 
 from __future__ import annotations

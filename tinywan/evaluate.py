@@ -18,7 +18,9 @@ from . import pipeline
 HOOK_KW = {"vae_stride": (1, 1, 1)}  # pixel space: the "VAE" is the identity
 
 
-def _on_step(hook, batch: int, guidance: float):
+def step_callback(hook, batch: int, guidance: float):
+    """pipeline.generate's on_step for `batch` prompts sampled at `guidance`: starts each step on `hook` (a runner or
+    calibrator) with the step's sigma, its fraction of the run and the batch rows of the conditional prompts."""
     rows = pipeline.positive_rows_for(2 * batch if guidance != 1.0 else batch, guidance)
 
     def on_step(i, sigma, n):
@@ -50,7 +52,7 @@ def run_calibration(model, cal: Calibrator, captions, *, steps: int, seeds=None,
             cap, seed = prompt
             calibrator.set_schedule(sched)
             pipeline.generate(model, [cap], [seed], steps=steps, guidance=guidance,
-                              on_step=_on_step(hook, 1, guidance), progress=progress, frames=frames)
+                              on_step=step_callback(hook, 1, guidance), progress=progress, frames=frames)
         return calibration.calibrate(run_prompt, list(zip(captions, seeds)), cal, stats_path=stats_path)
 
 
@@ -74,10 +76,10 @@ def generate(model, captions, seeds, *, steps: int, guidance: float = 4.0, mode:
             # meets, e.g. the repetition launch) compiles here, not inside the timed run.
             hook.timer = None
             pipeline.generate(model, captions, seeds, steps=steps, guidance=guidance,
-                              on_step=_on_step(hook, len(captions), guidance), frames=frames)
+                              on_step=step_callback(hook, len(captions), guidance), frames=frames)
             hook.timer = timer
         clips = pipeline.generate(model, captions, seeds, steps=steps, guidance=guidance,
-                                  on_step=_on_step(hook, len(captions), guidance), progress=progress,
+                                  on_step=step_callback(hook, len(captions), guidance), progress=progress,
                                   frames=frames)
     return clips, timer.seconds, timer.calls
 
