@@ -374,13 +374,13 @@ class Calibrator:
         del steps
         # Every repetitive head of a calibration shares its one anchor plan (row 0).
         slots = [None if r is None else torch.where(r, 0, -1).to(torch.int32) for r in bucket_rep]
-        A, C, k = self.settings.eps_params()
+        # The settings once, as given (preset, A, C, k, rho, gamma, seed, sampler, ...); beside them only what the run
+        # produced. "anchors" is the anchor rows of the whole grid (calibration.anchors is per frame), "steps" the
+        # calibrated sigmas (calibration.steps is the schedule length). Bundles written before this also carry eps,
+        # rho, gamma, seed, sampler and share_iou here, copies of the calibration record; readers take either.
         settings = {
             "calibration": self.settings.to_dict(),
-            "eps": {"A": A, "C": C, "k": k, "preset": self.settings.preset},
-            "rho": self.settings.rho, "gamma": self.settings.gamma, "anchors": int(self.anchors.numel()),
-            "prompts": st.num_prompts, "seed": self.settings.seed, "steps": len(sigmas),
-            "sampler": self.settings.sampler, "share_iou": self.settings.share_iou,
+            "anchors": int(self.anchors.numel()), "prompts": st.num_prompts, "steps": len(sigmas),
             "eps_per_step": [round(st.steps[i].eps, 6) for i in st.step_order()],
             "repetitive_entries": int(sum(int(r.sum()) for r in bucket_rep)),
         }

@@ -52,20 +52,6 @@ def select_blocks(mass: torch.Tensor, eps: float, text_share: torch.Tensor | Non
     return keep
 
 
-def select_blocks_global(masses, eps: float, texts=None):
-    """One mass threshold over many calls (the layers of one step): masses a list of [..., nq, nk] mean row mass per
-    video key block, texts the matching [..., nq] text shares (default 1 - row sum). Returns the keep masks, the
-    kept rows' coverage reaching eps on average over every row of every call (all of them kept if it cannot).
-    The exact binned form of what the Calibrator does incrementally with mass_bins / bin_histogram /
-    global_threshold / keep_from_bins."""
-    texts = [(1.0 - m.sum(-1)).clamp(0.0, 1.0) for m in masses] if texts is None else list(texts)
-    bins = [mass_bins(m) for m in masses]
-    hist = sum(bin_histogram(m, b).reshape(-1, MASS_BINS).sum(0) for m, b in zip(masses, bins))
-    rows = sum(t.numel() for t in texts)
-    thr = global_threshold(hist, sum(t.sum() for t in texts), rows, eps)
-    return [keep_from_bins(b, thr) for b in bins]
-
-
 # Log2 bins of block mass: bin 0 holds everything below 2^-MASS_BINS_OCTAVES (and exact zeros), bin 255 reaches 1.
 MASS_BINS = 256
 MASS_BINS_PER_OCTAVE = 8

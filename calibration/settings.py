@@ -29,8 +29,9 @@ EPS_PRESETS = {
 }
 
 
-# The preset of an eps schedule given as its three numbers (A, C and k all set): what the Calibrate node's "custom"
-# and an "A:C:k" command-line value both mean, recorded in the bundle as given.
+# The recorded preset of any eps schedule that is not exactly a named preset's (A, C, k): what the Calibrate node's
+# "custom", an "A:C:k" command-line value and a preset with some of A, C, k overridden all become, so a bundle's
+# reader never sees a preset name beside numbers that are not that preset's.
 CUSTOM = "custom"
 
 
@@ -63,10 +64,12 @@ STATS_ROW_STRIDE_DEFAULT = 4
 
 @dataclass
 class CalibrationSettings:
+    # After __post_init__ A, C and k are always the schedule's numbers and preset names it: the EPS_PRESETS name
+    # whose (A, C, k) they are exactly, else CUSTOM. One schedule, one spelling, whichever way it was given.
     preset: str = "balanced"  # a name in EPS_PRESETS, or CUSTOM with A, C and k all given
-    A: Optional[float] = None  # overrides the preset's A (eps after many steps)
-    C: Optional[float] = None  # overrides the preset's C (eps at t = 0)
-    k: Optional[float] = None  # overrides the preset's decay rate
+    A: Optional[float] = None  # eps after many steps; None: the preset's
+    C: Optional[float] = None  # eps at t = 0; None: the preset's
+    k: Optional[float] = None  # decay rate; None: the preset's
     rho: float = 0.5  # keep a block if at least this share of the prompts kept it
     gamma: float = 0.87  # row similarity (1 - relative output distance to its anchor) that counts as "repeated"
     anchors: int = 5  # anchor rows per frame for repetitive heads
@@ -86,10 +89,6 @@ class CalibrationSettings:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        if self.preset in EPS_PRESETS and None not in (self.A, self.C, self.k):
-            # A, C and k all given: the schedule is theirs, the named preset contributes nothing; recording the name
-            # would tell a bundle's reader the wrong schedule family.
-            self.preset = CUSTOM
         if self.preset not in EPS_PRESETS and self.preset != CUSTOM:
             raise ValueError(f"CalibrationSettings.preset must be one of {sorted(EPS_PRESETS)} or {CUSTOM!r} (with A, "
                              f"C and k), got {self.preset!r}")
@@ -97,12 +96,15 @@ class CalibrationSettings:
             missing = [n for n in ("A", "C", "k") if getattr(self, n) is None]
             raise ValueError(f"CalibrationSettings: preset {CUSTOM!r} is the eps schedule given by A, C and k; "
                              f"{', '.join(missing)} not set (e.g. A=0.84, C=0.99, k=16)")
-        A, C, k = self.eps_params()
+        given = EPS_PRESETS.get(self.preset, (None, None, None))
+        A, C, k = (float(v if v is not None else g) for v, g in zip((self.A, self.C, self.k), given))
         if not (0.0 < A <= C <= 1.0):
             raise ValueError(f"CalibrationSettings: eps needs 0 < A <= C <= 1, got A={A}, C={C}; "
                              "set A below C (e.g. A=0.84, C=0.99)")
         if not (math.isfinite(k) and k >= 0):
             raise ValueError(f"CalibrationSettings.k must be a finite number >= 0, got {k}")
+        self.A, self.C, self.k = A, C, k
+        self.preset = next((name for name, abk in EPS_PRESETS.items() if abk == (A, C, k)), CUSTOM)
         if not (0.0 < self.rho <= 1.0):
             raise ValueError(f"CalibrationSettings.rho must be in (0, 1], got {self.rho}")
         if not (0.0 < self.gamma <= 1.0):
@@ -125,9 +127,7 @@ class CalibrationSettings:
             raise ValueError(f"CalibrationSettings.steps must be positive or None, got {self.steps}")
 
     def eps_params(self):
-        A0, C0, k0 = EPS_PRESETS[self.preset] if self.preset != CUSTOM else (None, None, None)
-        return (float(self.A if self.A is not None else A0), float(self.C if self.C is not None else C0),
-                float(self.k if self.k is not None else k0))
+        return self.A, self.C, self.k
 
     def eps(self, t_index: int, num_steps: int) -> float:
         """Mass to keep at step t_index (0 = noisiest) of a num_steps schedule."""

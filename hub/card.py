@@ -47,11 +47,24 @@ def card_metadata(bundle, sha256: str, size: int, file_name: str, reference=None
         "density": round(float(bundle.density), 4),
         "densities_per_step": [round(d, 4) for d in bundle.step_densities()],
         "prompts": settings.get("prompts"),
-        "calibration": {k: v for k, v in settings.items() if k != "eps_per_step"},
+        "calibration": _calibration_facts(settings),
     }
     if reference is not None:
         meta["reference"] = reference
     return meta
+
+
+def _calibration_facts(settings: dict) -> dict:
+    """The card's calibration block, the same for every bundle: the bundle's record (minus the per-step eps) plus
+    eps, rho, gamma, seed, sampler and share_iou at its top level. Bundles now record those once, in
+    settings["calibration"]; older ones also copied them to the top level, and their copies are kept as written."""
+    cal = settings.get("calibration")
+    cal = cal if isinstance(cal, dict) else {}
+    out = {k: v for k, v in settings.items() if k != "eps_per_step"}
+    out.setdefault("eps", {k: cal.get(k) for k in ("A", "C", "k", "preset")})
+    for key in ("rho", "gamma", "seed", "sampler", "share_iou"):
+        out.setdefault(key, cal.get(key))
+    return out
 
 
 def _body(meta: dict, title: str) -> str:

@@ -32,7 +32,6 @@ MAX_LAYER_BLOCKS = 1 << 28
 MAX_STEPS = 4096
 SIGMAS_PER_STEP = 2
 MAX_ENTRIES = 1 << 20  # (bucket, layer, head) entries; Wan 14B at 50 steps has 80,000
-MAX_UNIQUE = MAX_ENTRIES
 MAX_ANCHORS = 256  # repetition anchors per frame
 MAX_FRAME_TOKENS = 1 << 20
 MAX_GRID_SIDE = 1 << 16  # frames, height or width in tokens

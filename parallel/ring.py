@@ -137,9 +137,6 @@ class RingPlan:
                 computed[i, j] = bool(hit.any()) or has_text(i * S, (i + 1) * S) or has_text(j * S, (j + 1) * S)
         return cls(world_size, S, computed, pairs)
 
-    def step_computed(self, rank: int, step: int) -> bool:
-        return bool(self.computed[rank, (rank - step) % self.world_size])
-
 
 def shard_length(seq_len: int, world_size: int) -> int:
     if seq_len % world_size:

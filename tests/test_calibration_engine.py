@@ -271,10 +271,14 @@ def test_end_to_end_calibrate_finish_save_load_run(tmp_path, bundle4, cal4):
     assert loaded.content_hash() == bundle4.content_hash()
     assert loaded.calibrated_sigmas == SIGMAS
     s = loaded.settings
-    assert s["prompts"] == 4 and s["rho"] == 0.5 and s["gamma"] == 0.87 and s["steps"] == 5
-    assert s["eps"] == {"A": 0.85, "C": 0.97, "k": 4.0, "preset": "custom"}  # A, C and k all given
+    assert s["prompts"] == 4 and s["steps"] == 5
+    # the settings recorded once, as given: A, C and k all given are the schedule, its preset "custom"
+    assert s["calibration"] == cal4.settings.to_dict()
+    c = s["calibration"]
+    assert (c["rho"], c["gamma"], c["seed"]) == (0.5, 0.87, 0)
+    assert (c["A"], c["C"], c["k"], c["preset"]) == (0.85, 0.97, 4.0, "custom")
+    assert not {"eps", "rho", "gamma", "seed", "sampler", "share_iou"} & set(s)  # no second copy beside it
     assert s["eps_per_step"][0] == pytest.approx(0.97)
-    assert s["calibration"]["seed"] == 0
     loaded.check_compatible(SIG, GRID)
     runner = SparseRunner(loaded)
     for sigma in (12.0, 2.0, 0.05):  # any sampler's sigmas map to a bucket

@@ -5,14 +5,29 @@ import pytest
 import torch
 
 from calibatt.calibration import CalibrationSettings, Calibrator
-from calibatt.calibration.selection import (MASS_BINS_PER_OCTAVE, kept_mass, mass_bins, mean_block_mass,
-                                            select_blocks, select_blocks_global)
+from calibatt.calibration.selection import (MASS_BINS, MASS_BINS_PER_OCTAVE, bin_histogram, global_threshold,
+                                            keep_from_bins, kept_mass, mass_bins, mean_block_mass, select_blocks)
 from calibatt.kernels.block_energy import block_energy
 from calibatt.kernels.call import AttentionCall
 from calibatt.masks import ModelSignature, TokenGrid
 from synthetic import planted_layer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def select_blocks_global(masses, eps: float, texts=None):
+    """One mass threshold over many calls (the layers of one step): masses a list of [..., nq, nk] mean row mass per
+    video key block, texts the matching [..., nq] text shares (default 1 - row sum). Returns the keep masks, the
+    kept rows' coverage reaching eps on average over every row of every call (all of them kept if it cannot).
+    The exact binned form of what the Calibrator does incrementally with mass_bins / bin_histogram /
+    global_threshold / keep_from_bins, all at once: the oracle its step-by-step selection is checked against."""
+    texts = [(1.0 - m.sum(-1)).clamp(0.0, 1.0) for m in masses] if texts is None else list(texts)
+    bins = [mass_bins(m) for m in masses]
+    hist = sum(bin_histogram(m, b).reshape(-1, MASS_BINS).sum(0) for m, b in zip(masses, bins))
+    rows = sum(t.numel() for t in texts)
+    thr = global_threshold(hist, sum(t.sum() for t in texts), rows, eps)
+    return [keep_from_bins(b, thr) for b in bins]
+
 
 GRID = TokenGrid(4, 8, 8)
 KINDS = [["local", "stripes", "repeat", "global"], ["global", "repeat", "local", "stripes"]]

@@ -36,10 +36,19 @@ def test_eps_schedule_presets_and_overrides():
     assert eps_spec("fast") == {"preset": "fast"}
     with pytest.raises(ValueError, match="k not set"):
         CalibrationSettings(preset="custom", A=0.7, C=0.95)
-    # A, C and k all given under a named preset: the schedule is theirs, and so is the recorded preset
-    assert s.preset == "custom" and CalibrationSettings(preset="fast", A=0.7, C=0.95, k=8.0).preset == "custom"
+    # One spelling per schedule: the recorded preset is a name only when A, C and k are exactly its values, and any
+    # override, all three or one, records "custom" with the schedule's actual numbers (a partial override used to
+    # keep the preset's name beside an A that was not the preset's).
+    assert CalibrationSettings(preset="fast", A=0.7, C=0.95, k=8.0).preset == "custom"
     part = CalibrationSettings(preset="fast", A=0.7)  # one override: the preset still gives C and k
-    assert part.preset == "fast" and part.eps_params() == (0.7,) + EPS_PRESETS["fast"][1:]
+    assert (part.preset, part.eps_params()) == ("custom", (0.7,) + EPS_PRESETS["fast"][1:])
+    assert part.to_dict()["preset"] == "custom" and (part.A, part.C, part.k) == part.eps_params()
+    assert CalibrationSettings.from_dict(part.to_dict()) == part
+    # the numbers of a preset, however given, are that preset
+    assert s.preset == "distilled" and CalibrationSettings(**eps_spec("0.84:0.99:16")).preset == "balanced"
+    assert CalibrationSettings(preset="fast", A=EPS_PRESETS["fast"][0]) == CalibrationSettings(preset="fast")
+    named = CalibrationSettings(preset="quality")
+    assert (named.A, named.C, named.k) == EPS_PRESETS["quality"]  # recorded with its numbers
 
 
 @pytest.mark.parametrize("bad", [dict(A=0.99, C=0.9), dict(rho=0.0), dict(gamma=1.5), dict(anchors=0),

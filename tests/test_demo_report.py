@@ -12,6 +12,7 @@ pytest.importorskip("diffusers", reason="the demo runs the tiny diffusers Wan mo
                                         "(make setup) to run it")
 
 from calibatt.masks import load_bundle  # noqa: E402
+from calibatt.tinywan import evaluate  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,14 +32,17 @@ def test_demo_report_at_reduced_size(tmp_path, capsys):
     assert on_disk["psnr_db"] == report["psnr_db"]
     for key in ("density", "attention_speedup", "psnr_db", "device", "ssim", "seconds", "bundle"):
         assert key in on_disk, key
-    assert 0.0 < on_disk["density"] <= 1.0
+    bundle = load_bundle(tmp_path / "tinywan_bundle.safetensors")
+    # the reported density is the saved bundle's over the run's 2 steps; eps 0.995 then 0.95 leaves blocks out
+    assert on_disk["density"] == round(evaluate.sampled_density(bundle, 2), 4)
+    assert on_disk["bundle"]["stored_density"] <= on_disk["density"] < 1
     assert math.isfinite(on_disk["attention_speedup"]) and on_disk["attention_speedup"] > 0
     assert len(on_disk["psnr_db"]) == 2
-    assert all(math.isfinite(v) and v > 5 for v in on_disk["psnr_db"].values())
-    assert all(-1.0 <= v <= 1.0 for v in on_disk["ssim"].values())
+    # the demo's default eps (0.95:0.995:12) is chosen to pass 30 dB; measured here 40 and 53 dB, SSIM >= 0.998
+    assert all(math.isfinite(v) and v > 30 for v in on_disk["psnr_db"].values()), on_disk["psnr_db"]
+    assert all(0.95 < v <= 1.0 for v in on_disk["ssim"].values()), on_disk["ssim"]
     assert on_disk["device"].startswith("cpu")
     assert set(on_disk["held_out_prompts"]).isdisjoint(on_disk["calibration_prompts"])
-    bundle = load_bundle(tmp_path / "tinywan_bundle.safetensors")
     assert bundle.grid.frames == 2 and bundle.signature.family == "wan21"
     assert bundle.signature.extra["in_channels"] == 3 and bundle.signature.extra["patch"] == "2x2x2"
     png = tmp_path / "comparison.png"

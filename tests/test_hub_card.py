@@ -37,6 +37,32 @@ def bundle_file(tmp_path):
     return path
 
 
+def test_card_reads_the_calibration_record_of_either_layout(bundle_file, tmp_path):
+    """Bundles record the settings once, in settings["calibration"]; the fixture's bundle has the older layout, which
+    copied eps, rho, gamma, seed and sampler to the top level. Both give the same card facts."""
+    from calibatt.calibration import CalibrationSettings
+
+    old = load_bundle(bundle_file)
+    new = load_bundle(bundle_file)
+    g = new.geometry
+    cal = CalibrationSettings(preset="balanced", seed=3, sampler="uni_pc", block_q=g.block_q,
+                              block_k=g.block_k).to_dict()
+    new.settings = {"calibration": cal, "anchors": 5, "prompts": 16, "steps": 4,
+                    "eps_per_step": old.settings["eps_per_step"]}
+    path = tmp_path / "new" / bundle_file.name
+    path.parent.mkdir()
+    save_bundle(new, path)
+    cards = []
+    for p in (bundle_file, path):
+        readme, meta, _ = write_card(p)
+        c = meta["calibration"]
+        assert c["eps"] == {"A": 0.84, "C": 0.99, "k": 16.0, "preset": "balanced"}, c["eps"]
+        assert (c["rho"], c["gamma"], c["seed"], c["sampler"], c["anchors"]) == (0.5, 0.87, 3, "uni_pc", 5)
+        text = readme.read_text()
+        cards.append(text[text.index("## Calibration"):text.index("- made with")])
+    assert cards[0] == cards[1], cards
+
+
 def test_card_carries_the_metadata_block(bundle_file):
     from huggingface_hub import ModelCard
 

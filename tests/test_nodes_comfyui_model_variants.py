@@ -355,7 +355,8 @@ def test_distilled_preset_calibrates_a_four_step_cfg1_schedule(comfy):
     _calibrate(p, "cal_distilled", _lora(p, "d", ["unet", 0]), steps=4, cfg=1.0, preset="distilled")
     F.run_logged(comfy, p, timeout=600)
     b = _bundle(comfy, "cal_distilled")
-    assert b.settings["eps"] == DISTILLED_EPS, b.settings["eps"]
+    eps = {key: b.settings["calibration"][key] for key in DISTILLED_EPS}
+    assert eps == DISTILLED_EPS, eps
     assert len(b.calibrated_sigmas) == 4 and b.settings["prompts"] == 2
     schedule = [round(0.763 + 0.1 * math.exp(-5.64 * t / 4), 6) for t in range(4)]
     assert b.settings["eps_per_step"] == pytest.approx(schedule, abs=1e-6), b.settings["eps_per_step"]
