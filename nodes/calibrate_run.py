@@ -16,7 +16,7 @@ import comfy.model_management
 import comfy.sample
 import comfy.utils
 
-from ..masks import BundleError, save_bundle
+from ..masks import BundleError
 from ..masks.atomic import check_writable
 from ..masks.bundle_limits import check_calibration_fits, estimated_file_bytes
 from . import paths
@@ -82,10 +82,9 @@ def calibrate_sparse_attention(model, *, prompts: str, width: int, height: int, 
     try:
         # Prompt keys by position: conditionings have no stable text form, and this run resumes nothing.
         bundle = calibrate(run_prompt, range(len(pairs)), calibrator, keys=[f"prompt {i}" for i in range(len(pairs))],
-                           progress=after_prompt)
+                           progress=after_prompt, bundle_path=out_path)
     finally:
         calibrator.close()
-    save_bundle(bundle, out_path)
     bundle.path = out_path
     log.info("Calibrate Sparse Attention: wrote %s (%s)", out_path, bundle.summary())
     return bundle, preview_images(bundle), bundle.summary()

@@ -21,6 +21,7 @@ from triton_interp import interpreted_kernels  # noqa: E402
 TA, TS = interpreted_kernels()
 
 import calibatt.kernels.tables.triton_build as TT  # noqa: E402
+from calibatt.kernels.tables.naive import packed_to_table  # noqa: E402
 from calibatt.kernels import tables as BT  # noqa: E402
 from calibatt.kernels.tables import BucketTables  # noqa: E402
 from calibatt.kernels.call import AttentionCall  # noqa: E402
@@ -59,6 +60,8 @@ def test_triton_builder_writes_the_argsort_tables(H, nq, nk, density, extra, wit
     TT.packed_to_table_triton(pack_bits(mask).contiguous(), nk, idx, cnt,
                               None if full is None else full.to(torch.uint8))
     assert torch.equal(idx, want) and torch.equal(cnt, want_c)
+    naive, naive_c = packed_to_table(pack_bits(mask), nk, W, full)  # the reference beside the Triton builder
+    assert torch.equal(idx, naive) and torch.equal(cnt, naive_c)
 
 
 def test_triton_builder_int32_indices_past_32767_key_blocks():

@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from ...masks.skiplists import LayerSkipList, index_dtype, packed_to_table, row_tables
+from ...masks.skiplists import LayerSkipList, index_dtype, row_tables
+from .naive import packed_to_table
 from ...masks.transfer import canonical_device, to_device_async
 from ..support import KernelHealth
 
