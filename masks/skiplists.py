@@ -202,13 +202,6 @@ class LayerSkipList:
                              self.kv_counts.to(device, non_blocking=non_blocking), rep,
                              row_tables(self.geometry, self.num_heads, rep, device))
 
-    def row_tables(self, device) -> RowTables:
-        """This list's RowTables on `device`: the ones built with it, else made now (the list's tables are on
-        another device: the kernel then moves them too)."""
-        if self.rows is not None and self.rows.device == str(torch.device(device)):
-            return self.rows
-        return row_tables(self.geometry, self.num_heads, self.repetition, device)
-
     def block_mask(self) -> torch.Tensor:
         """[H, nq, nk] bool."""
         return _table_to_mask(self.kv_indices, self.kv_counts, self.geometry.nk)

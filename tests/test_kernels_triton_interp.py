@@ -26,6 +26,7 @@ from calibatt.kernels.support import KernelUnsupported  # noqa: E402
 from calibatt.kernels.block_energy import block_energy  # noqa: E402
 from calibatt.kernels.block_energy.naive import block_energy_reference  # noqa: E402
 from calibatt.masks import BlockGeometry, RepetitionPlan, SkipLists  # noqa: E402
+from calibatt.masks.skiplists import LayerSkipList  # noqa: E402
 from helpers_core import rel, token_mask  # noqa: E402
 
 
@@ -201,3 +202,14 @@ def test_mask_block_iterated_as_smaller_tiles(blocks, tma, group):
                                           attn_mask=token_mask(layer, n, n_text)[None])
     assert rel(oh, want) < 3e-3
     assert rel(e, block_energy_reference(qh.float(), kh.float(), g)) < 1e-4
+
+
+def test_skip_list_on_another_device_is_refused_not_copied_per_call():
+    """The kernel never copies a skip list per call: a list whose tables sit on another device than q is an error
+    that says how to move it once (a CPU stand-in for "another device": the list's tensors on the meta device)."""
+    g = BlockGeometry(64, 16, 16)
+    layer = SkipLists.from_block_mask(torch.ones(1, 2, g.nq, g.nk, dtype=torch.bool), g).layer(0)
+    moved = LayerSkipList(g, layer.kv_indices.to("meta"), layer.kv_counts.to("meta"))
+    q = torch.randn(1, 2, 64, 16, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"LayerSkipList.to\(device\)"):
+        TA.sparse_attention_triton(q, q, q, moved)

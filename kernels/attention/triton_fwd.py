@@ -283,14 +283,17 @@ def sparse_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
         out = to_bhld(out, layout, heads)
         if out.stride(-1) != 1:
             raise ValueError("out must have a unit stride along head_dim")
-    rows = skip.row_tables(dev)
+    if skip.kv_indices.device != dev or skip.rows.skip_rows.device != dev:
+        # A copy here would be a host-to-device transfer (and, for a repetition plan, a read-back) on every call.
+        raise ValueError(f"the skip list's tables are on {skip.kv_indices.device}, the call's tensors on {dev}: move "
+                         f"the list to the device once with LayerSkipList.to(device) (the runner's tables already "
+                         f"live there)")
+    rows = skip.rows
     skip_rows = rows.skip_rows
     if skip_heads is not None:
         skip_rows = torch.where(skip_heads.to(dev), torch.full_like(skip_rows, N + 1), skip_rows)
 
     idx, cnt = skip.kv_indices, skip.kv_counts
-    if idx.device != dev:
-        idx, cnt = idx.to(dev), cnt.to(dev)
     if cnt.stride(-1) != 1:
         cnt = cnt.contiguous()
     if idx.stride(-1) != 1:
