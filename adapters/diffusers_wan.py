@@ -341,7 +341,8 @@ def patch_sparse(transformer, bundle: MaskBundle, *, dense_first: float = 0.0, d
     runner = runner if runner is not None else SparseRunner(bundle, dense_first=dense_first, dense_last=dense_last,
                                                              precision=precision)
     return WanAttentionHook(transformer, runner, check_grid=lambda g: bundle.check_compatible(None, g),
-                            needs_fraction=bool(runner.dense_first or runner.dense_last), **kw)
+                            needs_fraction=bool(getattr(runner, "dense_first", 0) or getattr(runner, "dense_last", 0)),
+                            **kw)
 
 
 def patch_calibrate(transformer, calibrator, **kw) -> WanAttentionHook:
