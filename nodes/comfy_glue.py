@@ -193,14 +193,11 @@ def install(model, router: AttentionRouter, cfg: dict, *, on_begin: Callable = N
 
     existing = to.get("patches_replace", {}).get("dit", {})
     keys = block_keys(router.layout, cfg)
-    names = [name for name, _, _ in keys]
+    # The first single block (HunyuanVideo's): the double block before it keeps the hand-off, it releases it.
+    first_single = next((n for n, (name, _, _) in enumerate(keys) if n and name == "single_block"), None)
     hand_off = _HandOff()
     for n, (block_name, index, layer) in enumerate(keys):
-        role = None
-        if "single_block" in names and block_name == "double_block" and names[n + 1] == "single_block":
-            role = "keep"
-        elif block_name == "single_block" and n > 0 and names[n - 1] == "double_block":
-            role = "release"
+        role = None if first_single is None else {first_single - 1: "keep", first_single: "release"}.get(n)
         m.set_model_patch_replace(_LayerTag(layer, existing.get((block_name, index)), router, hand_off, role), "dit",
                                   block_name, index)
 

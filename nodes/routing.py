@@ -50,7 +50,6 @@ class StepState:
     positive_rows: Optional[list]
 
 
-
 def positive_rows(cond_or_uncond: Optional[Sequence[int]], batch: int) -> Optional[list]:
     """Batch rows of the positive prompt: ComfyUI concatenates equal chunks, one per entry (0 = positive)."""
     if not cond_or_uncond:

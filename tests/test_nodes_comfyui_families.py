@@ -489,6 +489,27 @@ def test_hunyuan_sparse_attention_is_the_reference_on_the_true_video_tokens(huny
     assert min(wrong) > 1e-3, wrong  # the check sees masks on the wrong tokens
 
 
+def _with_block_patch(model, layout, patch_for):
+    """A clone of `model` with patch_for(block_name, index) installed as every block's "dit" patch: another node's
+    block patch, there before ours."""
+    from calibatt.nodes.comfy_glue import block_keys, describe_model
+
+    other = model.clone()
+    for name, index, _ in block_keys(layout, describe_model(model)):
+        other.set_model_patch_replace(patch_for(name, index), "dit", name, index)
+    return other
+
+
+def _unpadded_inputs(latent_shape):
+    """(positive, negative, latent, noise) of an in-process HunyuanVideo run with unpadded prompts (ComfyUI's text
+    encoders drop an all-ones mask, so they carry none)."""
+    pos, neg = _prompt(64, TEXT, 768, 1), _prompt(64, TEXT, 768, 2)
+    for c in (pos, neg):
+        del c[0][1]["attention_mask"]
+    latent = torch.zeros(latent_shape)
+    return pos, neg, latent, torch.randn(latent_shape, generator=torch.Generator().manual_seed(1))
+
+
 def test_block_patches_already_there_stay_chained(hunyuan_sd):
     """A "dit" block patch another node installed before ours keeps running (ours wraps it, then hands it the
     block), on every block of every evaluation, and the text position is still read from the host: the output is
@@ -496,7 +517,6 @@ def test_block_patches_already_there_stay_chained(hunyuan_sd):
     F.import_comfy()
     import comfy.sample
     from calibatt.nodes.actions import patch_model_attention
-    from calibatt.nodes.comfy_glue import block_keys, describe_model
 
     model = F.load_model(hunyuan_sd)
     latent_shape = [1, 16, 3, 8, 16]
@@ -510,14 +530,8 @@ def test_block_patches_already_there_stay_chained(hunyuan_sd):
             return extra["original_block"](args)
         return patch
 
-    other = model.clone()
-    for name, index, _ in block_keys(layout, describe_model(model)):
-        other.set_model_patch_replace(other_patch(name, index), "dit", name, index)
-    pos, neg = _prompt(64, TEXT, 768, 1), _prompt(64, TEXT, 768, 2)
-    for c in (pos, neg):
-        del c[0][1]["attention_mask"]
-    latent = torch.zeros(latent_shape)
-    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(1))
+    other = _with_block_patch(model, layout, other_patch)
+    pos, neg, latent, noise = _unpadded_inputs(latent_shape)
     out = {}
     for key, base in (("alone", model), ("chained", other)):
         patched = patch_model_attention(base, bundle)
@@ -571,7 +585,6 @@ def test_last_double_block_output_is_freed_before_the_single_blocks(hunyuan_sd):
     F.import_comfy()
     import comfy.sample
     from calibatt.nodes.actions import patch_model_attention
-    from calibatt.nodes.comfy_glue import block_keys, describe_model
 
     model = F.load_model(hunyuan_sd)
     latent_shape = [1, 16, 3, 8, 16]
@@ -591,14 +604,8 @@ def test_last_double_block_output_is_freed_before_the_single_blocks(hunyuan_sd):
     def plain_patch(args, extra):
         return extra["original_block"](args)
 
-    control = model.clone()
-    for name, index, _ in block_keys(layout, describe_model(model)):
-        control.set_model_patch_replace(plain_patch, "dit", name, index)
-    pos, neg = _prompt(64, TEXT, 768, 1), _prompt(64, TEXT, 768, 2)
-    for c in (pos, neg):
-        del c[0][1]["attention_mask"]
-    latent = torch.zeros(latent_shape)
-    noise = torch.randn(latent_shape, generator=torch.Generator().manual_seed(1))
+    control = _with_block_patch(model, layout, lambda name, index: plain_patch)
+    pos, neg, latent, noise = _unpadded_inputs(latent_shape)
     seen = {}
     try:
         for key, m in (("control", control), ("ours", patch_model_attention(model, bundle)),
