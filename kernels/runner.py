@@ -51,6 +51,11 @@ def quality_cutoff(quality: float) -> float:
     return min(DENSE_CUTOFF, 1.0 - q)
 
 
+# The 8-bit check compares a layer with bf16 this many bytes of output at a time (a few heads): at Wan 14B 720p one
+# head of a CFG batch is 39 MB, so the check holds about that on top of the layer's own output.
+CHECK_BYTES = 64 << 20
+
+
 class SparseRunner:
     def __init__(self, bundle: MaskBundle, *, dense_first: float = 0.0, dense_last: float = 0.0,
                  dense_cutoff: float = DENSE_CUTOFF, precision: str = "bf16", table_builder: Optional[str] = None):
@@ -68,6 +73,7 @@ class SparseRunner:
         self._fp8 = {}  # layer -> its relative error in FP8 against bf16, measured on its first call of the run
         self._layer_precision = {}  # layer -> the precision it runs in this run, decided on its first call
         self._fallbacks_said = set()  # (requested, used) precisions already warned about this run
+        self.check_bytes = CHECK_BYTES  # bf16 output per chunk of heads in the 8-bit check (_error_vs_bf16)
         self.dense_first = dense_first
         self.dense_last = dense_last
         self.dense_cutoff = dense_cutoff
@@ -258,13 +264,13 @@ class SparseRunner:
             return sparse_attention_triton(q, k, v, layer, **kw)
         if call.layer in self._layer_precision:
             return out
-        exact = sparse_attention_triton(q, k, v, layer, **kw)
-        err = _relative_error(out, exact)
+        err = _error_vs_bf16(out, q, k, v, layer, kw, self.check_bytes)
         tried = [(precision, err)]
         if not err <= FP8_ERROR_BOUND and precision in QK_ONLY:  # NaN included
             precision = QK_ONLY[precision]
+            del out  # one whole-layer output at a time
             out = sparse_attention_triton(q, k, v, layer, precision=precision, **kw)
-            err = _relative_error(out, exact)
+            err = _error_vs_bf16(out, q, k, v, layer, kw, self.check_bytes)
             tried.append((precision, err))
         ok = err <= FP8_ERROR_BOUND
         self._fp8[call.layer] = err
@@ -278,7 +284,10 @@ class SparseRunner:
             warnings.warn(f"calibatt: layer {call.layer} is {steps} (relative) from bf16, bound {FP8_ERROR_BOUND}; "
                           f"it runs {used} from now on (other layers that do the same are not reported again "
                           f"this run)", RuntimeWarning)
-        return out if ok else exact
+        if ok:
+            return out
+        del out
+        return sparse_attention_triton(q, k, v, layer, **kw)
 
     @property
     def fp8_errors(self) -> dict:
@@ -312,5 +321,25 @@ class SparseRunner:
                                                    video_start=call.video_start))
 
 
-def _relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
-    return float((out.float() - exact.float()).norm() / exact.float().norm().clamp_min(1e-30))
+def _error_vs_bf16(out: torch.Tensor, q, k, v, layer, kw: dict, chunk_bytes: int) -> float:
+    """Relative L2 error of an 8-bit layer output (B, H, N, D) against the same layer in bf16, computed a few heads
+    at a time: a whole second output plus float32 copies of both was 8.7 GB at Wan 14B 720p (30 % of the weights,
+    the first step of an fp8 run; docs/BENCHMARKS.md "Model-scale step"). A chunk of heads is at most chunk_bytes
+    of bf16 output (one head if a head is more) and the check holds three times that at its peak: the chunk's bf16
+    output and its float32 copy. One host read at the end."""
+    from .attention.triton_fwd import sparse_attention_triton
+    B, H, N, D = out.shape
+    per_head = B * N * D * out.element_size()
+    step = max(1, min(H, chunk_bytes // max(1, per_head)))
+    num = den = None
+    for h0 in range(0, H, step):
+        h1 = min(H, h0 + step)
+        exact = sparse_attention_triton(q[:, h0:h1], k[:, h0:h1], v[:, h0:h1], layer.head_range(h0, h1), **kw)
+        e = exact.float()
+        del exact
+        n = torch.linalg.vector_norm(e).square()
+        d = torch.linalg.vector_norm(e.sub_(out[:, h0:h1])).square()  # in place: no third chunk-sized buffer
+        del e
+        num = d if num is None else num + d
+        den = n if den is None else den + n
+    return float(num.sqrt() / den.sqrt().clamp_min(1e-30))

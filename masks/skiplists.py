@@ -219,6 +219,19 @@ class LayerSkipList:
     def density(self) -> float:
         return float(self.head_densities().mean())
 
+    def head_range(self, start: int, stop: int) -> "LayerSkipList":
+        """Heads start..stop-1 as a list of their own (the kernel then takes those heads' q, k, v): the runner's FP8
+        check compares a few heads at a time, so it never holds a second whole-layer output. Which heads repeat is
+        read from the plan's host copy where it has one (no host sync)."""
+        rep = self.repetition
+        if rep is not None:
+            host = rep.on_host() if rep.host is not None or rep.head_slot.device.type == "cpu" else None
+            rep = LayerRepetition(rep.frame_tokens, rep.head_slot[start:stop], rep.anchors, rep.row_anchor,
+                                  None if host is None or host is rep else
+                                  LayerRepetition(host.frame_tokens, host.head_slot[start:stop], host.anchors,
+                                                  host.row_anchor))
+        return LayerSkipList(self.geometry, self.kv_indices[start:stop], self.kv_counts[start:stop], rep)
+
     def with_full_heads(self, heads: torch.Tensor) -> "LayerSkipList":
         """A copy in which the heads marked in `heads` ([H] bool, on this list's device) list every key block and are
         not repetitive: exact dense attention for them through the same kernel launch. Device ops only."""

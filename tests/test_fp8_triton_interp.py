@@ -104,6 +104,37 @@ def test_runner_checks_each_fp8_layer_once_against_bf16(monkeypatch):
     assert runner.fp8_errors == {}  # a new run checks again
 
 
+def test_runner_checks_fp8_a_few_heads_at_a_time(monkeypatch):
+    """The check against bf16 never computes a second whole-layer output (at Wan 14B 720p that and float copies
+    were 8.7 GB): with a chunk of one head's bytes every bf16 call of the check covers one head, the repetitive head
+    included, and the error is the whole layer's all the same."""
+    from calibatt.kernels.attention import triton_fwd
+    real = triton_fwd.sparse_attention_triton
+    heads_seen = []
+
+    def recording(q, k, v, layer, precision="bf16", **kw):
+        if precision == "bf16":
+            heads_seen.append(q.shape[1])
+        return real(q, k, v, layer, precision=precision, **kw)
+    monkeypatch.setattr(triton_fwd, "sparse_attention_triton", recording)
+    runner, grid, q, k, v = _runner_case(monkeypatch, "fp8")
+    whole, _, _, _, _ = _runner_case(monkeypatch, "fp8")
+    bf16, _, _, _, _ = _runner_case(monkeypatch, "bf16")
+    assert bool((runner.bundle.entry_rep[:, 0] >= 0).any())  # layer 0 has a repetitive head: the chunks split its plan
+    runner.check_bytes = 1  # one head per chunk
+    whole.check_bytes = 1 << 40  # every head at once
+    call = AttentionCall(q, k, v, "bhld", 3, 0, 1.0, grid, scale=32 ** -0.5)
+    out = runner(call)
+    assert heads_seen == [1, 1, 1]
+    heads_seen.clear()
+    whole(call)
+    assert heads_seen == [3]
+    exact = bf16(call)
+    assert runner.layer_precisions == {0: "fp8"}
+    assert runner.fp8_errors[0] == pytest.approx(rel(out, exact), rel=1e-4)
+    assert runner.fp8_errors[0] == pytest.approx(whole.fp8_errors[0], rel=1e-4)
+
+
 def test_runner_runs_a_layer_over_the_bound_in_bf16(monkeypatch):
     runner, grid, q, k, v = _runner_case(monkeypatch, "fp8")
     bf16, _, _, _, _ = _runner_case(monkeypatch, "bf16")

@@ -291,3 +291,39 @@ def test_8_bit_real_shape_within_its_bound(precision, layout, n_text, rep, D):
     bf16 = sparse_attention_triton(q, k, v, layer, layout=layout, heads=H)
     err = rel(out, ref)
     assert err < _PRECISION_LIMIT[precision] * FP8_ERROR_BOUND and err > 2 * rel(bf16, ref), (err, rel(bf16, ref))
+
+
+def test_fp8_check_memory_is_a_few_heads():
+    """The runner's 8-bit check against bf16 (a layer's first call of a run) adds at most about one chunk of heads
+    of output on top of a steady 8-bit call: before it was chunked it held a second whole output and float32
+    copies of both (+8.7 GB at Wan 14B 720p's first fp8 step, docs/BENCHMARKS.md "Model-scale step")."""
+    from calibatt.kernels.call import AttentionCall
+    from calibatt.kernels.runner import SparseRunner
+    from calibatt.kernels.support import precision_capability
+    from calibatt.masks import MaskBundle, ModelSignature, TokenGrid
+    if torch.cuda.get_device_capability() < precision_capability("fp8-qk"):
+        pytest.skip("fp8 needs CUDA capability 8.9+")
+    H, D, B = 12, 128, 2
+    grid = TokenGrid(frames=21, height=30, width=52)  # Wan 480p: 32,760 tokens
+    g = BlockGeometry(grid.video_tokens, 128, 128)
+    gen = torch.Generator().manual_seed(0)
+    m = torch.rand(1, H, g.nq, g.nk, generator=gen) < 0.35
+    bundle = MaskBundle.from_block_masks(ModelSignature("wan21", 1, H, D, D * H), grid, g, [m], [1.0], [0])
+    q, k, v = (torch.randn(B, H, grid.video_tokens, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    call = AttentionCall(q, k, v, "bhld", H, 0, 1.0, grid)
+    peaks = []
+    runner = SparseRunner(bundle, dense_cutoff=1.0, precision="fp8-qk")
+    head_out = B * grid.video_tokens * D * 2  # one head's bf16 output
+    runner.check_bytes = head_out  # one head a chunk: the bound below is then well under one whole output
+    for _ in range(2):  # the first call checks against bf16, the second runs as every later call does
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = runner(call)
+        torch.cuda.synchronize()
+        peaks.append(torch.cuda.max_memory_allocated() - base)
+        del out
+    assert runner.layer_precisions == {0: "fp8-qk"}
+    # the chunk's bf16 output and its float32 copy (3 heads' bf16 bytes) plus slack; a second whole output was 12
+    assert peaks[0] - peaks[1] <= 3 * head_out + (8 << 20), (peaks, head_out)
+
